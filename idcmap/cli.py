@@ -1,0 +1,144 @@
+"""The `idcmap` command: parses options and calls the library. Errors become one line, exit 2."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import IdcmapError
+from .loader import DEFAULT_MAX_MOSAIC_PIXELS
+from .models import DEFAULT_MODEL, REGISTRY
+
+log = logging.getLogger("idcmap")
+
+MODEL_CHOICE = click.Choice(sorted(REGISTRY))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="idcmap")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+    """Reassemble IDC patch folders into slides, score every patch, and map the cancer."""
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="idcmap: %(levelname)s: %(message)s")
+    ctx.obj = {"quiet": quiet}
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+              help="Output folder; each patient gets out/<patient>/.")
+@click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help="Model from the registry.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="Weights file (default: weights/<model>.pt shipped with idcmap).")
+@click.option("--device", default="auto", show_default=True, help="auto (GPU if present), cpu or cuda.")
+@click.option("--batch-size", type=int, default=None, help="Patches per batch [default: 128 on CPU, 1024 on GPU].")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="IDC probability threshold [default: the model's, fitted on validation patients].")
+@click.option("--min-region", "min_region_cells", type=click.IntRange(0), default=None,
+              help="Drop predicted regions smaller than this many patches [default: the model's].")
+@click.option("--max-hole", "max_hole_cells", type=click.IntRange(0), default=None,
+              help="Fill holes of at most this many patches in predicted regions [default: the model's].")
+@click.option("--max-mosaic-pixels", type=click.IntRange(1), default=DEFAULT_MAX_MOSAIC_PIXELS, show_default=True,
+              help="Refuse a slide whose mosaic would exceed this many pixels.")
+@click.option("--resume", is_flag=True, help="Skip patients whose outputs are complete and valid.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-patient summary as JSON on stdout.")
+@click.pass_obj
+def render(obj: dict, folder: Path, out: Path, model: str, weights: Path | None, device: str,
+           batch_size: int | None, threshold: float | None, min_region_cells: int | None,
+           max_hole_cells: int | None, max_mosaic_pixels: int, resume: bool, as_json: bool) -> None:
+    """Render FOLDER (one patient folder, or a folder of patient folders) into OUT.
+
+    Per patient: mosaic.png, overlay.png, probabilities.csv, probabilities.npy, regions.geojson
+    and summary.json; across patients: OUT/summary.csv. Exit status 1 if any patient failed.
+    """
+    from .pipeline import RenderOptions, render_folder
+
+    options = RenderOptions(model=model, weights=weights, device=device, batch_size=batch_size,
+                            threshold=threshold, min_region_cells=min_region_cells,
+                            max_hole_cells=max_hole_cells, max_mosaic_pixels=max_mosaic_pixels,
+                            resume=resume, progress=not obj["quiet"])
+    rows = render_folder(folder, out, options)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not obj["quiet"]:
+        click.echo(f"{len(rows) - len(failed)} of {len(rows)} patients rendered into {out}", err=True)
+    if failed:
+        for row in failed:
+            click.echo(f"idcmap: failed: {row['patient']}: {row['error']}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help="Model to train.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Weights file to write (.pt); its card (.json) and split (.split.json) go beside it.")
+@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reuse a split JSON instead of drawing one (80/20 by patient, 10% of train for val).")
+@click.option("--epochs", type=click.IntRange(1), default=14, show_default=True)
+@click.option("--batch-patches", type=click.IntRange(8), default=256, show_default=True,
+              help="Patches per training batch (whole grid windows are kept together).")
+@click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
+              help="Stop after this many epochs without a better validation AUC.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (bf16 autocast on cuda).")
+@click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
+def train(data_root: Path, model: str, out: Path, split_file: Path | None, epochs: int, batch_patches: int,
+          learning_rate: float, patience: int, seed: int, device: str, resume: bool) -> None:
+    """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
+    from .training import TrainConfig, train as run_training
+
+    config = TrainConfig(epochs=epochs, batch_patches=batch_patches, learning_rate=learning_rate,
+                         patience=patience, seed=seed, device=device)
+    card = run_training(data_root, model, out, config, split_file=split_file, resume=resume)
+    click.echo(json.dumps({"weights": str(out), "calibration": card["calibration"],
+                           "best_val_auc": card["training"]["best_val_auc"]}, indent=2))
+
+
+@cli.command()
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "models", type=MODEL_CHOICE, multiple=True,
+              help="Model(s) to evaluate side by side [default: every model with shipped weights].")
+@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Split JSON [default: the one shipped beside the first model's weights].")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
+              help="Folder for metrics.json and the figures.")
+@click.option("--device", default="auto", show_default=True)
+def evaluate(data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str) -> None:
+    """Evaluate models on the test patients of DATA_ROOT: patch and slide metrics, figures."""
+    from .evaluation import evaluate_models
+
+    report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device)
+    click.echo(json.dumps(report["summary"], indent=2))
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning idcmap errors and Ctrl-C into one line and an exit status."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("idcmap: aborted", err=True)
+        sys.exit(130)
+    except IdcmapError as err:
+        click.echo(f"idcmap: error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("idcmap: interrupted; finished files are complete, unfinished ones were not written", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

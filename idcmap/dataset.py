@@ -1,0 +1,73 @@
+"""A data set of patient folders, and its split by patient into train/validation/test."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import SplitError
+from .export import atomic_write_text
+from .loader import Slide, find_patient_folders, load_slide
+
+SPLIT_SETS = ("train", "val", "test")
+
+
+def patient_ids(root: str | Path) -> dict[str, Path]:
+    """Patient folders below `root`, keyed by their path relative to it (e.g. `patients/8864`)."""
+    root = Path(root)
+    return {folder.relative_to(root).as_posix() or folder.name: folder for folder in find_patient_folders(root)}
+
+
+def make_split(ids: list[str], seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1) -> dict:
+    """Split patient ids by patient, never by patch, stratified by their parent folder.
+
+    Each group (e.g. `patients/`, `sparse/`) gives round(test_fraction * n) patients to test,
+    and round(val_fraction * the rest) (at least one when the group has three or more) to val.
+    """
+    if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1:
+        raise SplitError(f"fractions must lie in (0, 1): test {test_fraction}, val {val_fraction}")
+    rng = np.random.default_rng(seed)
+    split: dict[str, list[str]] = {name: [] for name in SPLIT_SETS}
+    groups: dict[str, list[str]] = {}
+    for pid in sorted(ids):
+        groups.setdefault(pid.rpartition("/")[0], []).append(pid)
+    for members in groups.values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        n_test = round(test_fraction * len(members))
+        rest = members[n_test:]
+        n_val = max(round(val_fraction * len(rest)), 1 if len(members) >= 3 and val_fraction > 0 else 0)
+        split["test"] += members[:n_test]
+        split["val"] += rest[:n_val]
+        split["train"] += rest[n_val:]
+    return {"seed": seed, "test_fraction": test_fraction, "val_fraction": val_fraction,
+            **{name: sorted(split[name]) for name in SPLIT_SETS}}
+
+
+def save_split(split: dict, path: Path) -> None:
+    """Write a split as JSON, atomically."""
+    atomic_write_text(path, json.dumps(split, indent=1) + "\n")
+
+
+def load_split(path: str | Path, available: dict[str, Path]) -> dict:
+    """Read a split file; every set disjoint, every patient present under the data root."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+        sets = {name: set(split[name]) for name in SPLIT_SETS}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SplitError(f"{path}: not a split file with train/val/test lists ({err})") from err
+    for a in SPLIT_SETS:
+        for b in SPLIT_SETS:
+            if a < b and sets[a] & sets[b]:
+                raise SplitError(f"{path}: patients in both {a} and {b}: {sorted(sets[a] & sets[b])[:5]}")
+    missing = sorted(set().union(*sets.values()) - set(available))
+    if missing:
+        raise SplitError(f"{path}: {len(missing)} patients not found under the data root, e.g. {missing[:3]}")
+    return split
+
+
+def load_slides(ids: list[str], folders: dict[str, Path], desc: str) -> list[Slide]:
+    """Load the named patients' slides, with a progress bar."""
+    return [load_slide(folders[pid]) for pid in tqdm(ids, desc=desc, unit="patient")]

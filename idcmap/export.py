@@ -1,0 +1,85 @@
+"""Files other tools read, each written atomically: a temp file beside the target, then a rename."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from .errors import OutputError
+
+SUMMARY_FIELDS = [
+    "patient", "status", "error", "patches", "skipped_files", "tissue_area_px",
+    "predicted_idc_area_fraction", "labelled_idc_area_fraction", "dice", "threshold",
+    "min_region_cells", "max_hole_cells", "model", "weights_sha256",
+]
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write here ({err.strerror}); choose a writable -o folder") from err
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as err:
+        raise OutputError(f"{path}: writing failed ({err.strerror}); nothing was left half-written") from err
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """Write pretty JSON atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:
+    """Write a CSV with a header row atomically (values as given; None becomes empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 array as PNG atomically."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> None:
+    """Write a numpy array (.npy) atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,264 @@
+"""Networks, the registry that names them, and loading/saving of shipped weights.
+
+Every model maps a batch of patches to (features, patch logit). A slide-aware model adds a
+`ContextHead` that refines each patch's logit from the features of its grid neighbours.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import WeightsError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_MODEL = "cancernet-context"
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise 3x3 then pointwise 1x1 convolution (Keras' SeparableConv2D)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+            nn.Conv2d(cin, cout, 1),
+        )
+
+
+def _sep_block(cin: int, cout: int, repeats: int, dropout: float) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(repeats):
+        layers += [SeparableConv2d(cin if i == 0 else cout, cout), nn.ReLU(inplace=True), nn.BatchNorm2d(cout)]
+    return layers + [nn.MaxPool2d(2), nn.Dropout(dropout)]
+
+
+class CancerNet(nn.Module):
+    """The tutorials' CancerNet (separable convolutions 32, 64x2, 128x3; dense 256) for 50x50 RGB."""
+
+    feature_dim = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            *_sep_block(3, 32, 1, 0.25),
+            *_sep_block(32, 64, 2, 0.25),
+            *_sep_block(64, 128, 3, 0.25),
+            nn.Flatten(),
+            nn.Linear(128 * 6 * 6, self.feature_dim),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(self.feature_dim),
+        )
+        self.dropout = nn.Dropout(0.5)
+        self.classifier = nn.Linear(self.feature_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(x)
+        return features, self.classifier(self.dropout(features)).squeeze(1)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18, its stem adapted to 50x50 input (3x3 conv, no max-pool)."""
+
+    feature_dim = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = torchvision.models.resnet18(weights=None, num_classes=1)
+        net.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        self.trunk = net
+        self.classifier = nn.Linear(self.feature_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(x)
+        return features, self.classifier(features).squeeze(1)
+
+
+class ContextHead(nn.Module):
+    """Refines patch logits from the neighbours' features on the slide grid (7x7 cells).
+
+    Inputs are only pixels-derived features and the presence mask: labels never enter.
+    A cell with no neighbour within reach keeps its patch logit exactly (isolated patches,
+    sparse folders).
+    """
+
+    reach = 3  # cells on each side: three 3x3 convolutions
+
+    def __init__(self, feature_dim: int, width: int = 32, projected: int = 24) -> None:
+        super().__init__()
+        self.project = nn.Linear(feature_dim, projected)
+        self.refine = nn.Sequential(
+            nn.Conv2d(projected + 2, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 1, 3, padding=1),
+        )
+
+    def forward(
+        self, features: torch.Tensor, patch_logits: torch.Tensor, index: torch.Tensor, grid_shape: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """Context logits for N patches placed at `index` = (window, row, col) on K grids."""
+        k, rows, cols = grid_shape
+        projected = F.relu(self.project(features))
+        grid = features.new_zeros((k, rows, cols, projected.shape[1] + 2))
+        cell_values = torch.cat([projected, torch.ones_like(patch_logits)[:, None], patch_logits[:, None]], dim=1)
+        grid[index[:, 0], index[:, 1], index[:, 2]] = cell_values.to(grid.dtype)
+        grid = grid.permute(0, 3, 1, 2)
+        delta = self.refine(grid)[:, 0]
+        mask = grid[:, -2:-1]
+        size = 2 * self.reach + 1
+        neighbours = F.conv2d(mask, mask.new_ones((1, 1, size, size)), padding=self.reach)[:, 0] - mask[:, 0]
+        gate = (neighbours > 0.5).to(delta.dtype)
+        cell_delta = (delta * gate)[index[:, 0], index[:, 1], index[:, 2]]
+        return patch_logits + cell_delta.to(patch_logits.dtype)
+
+
+class PatchClassifier(nn.Module):
+    """A patch network, with an optional slide-aware context head."""
+
+    def __init__(self, backbone: nn.Module, context: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.context = ContextHead(backbone.feature_dim) if context else None
+
+    def forward(
+        self, x: torch.Tensor, index: torch.Tensor | None = None, grid_shape: tuple[int, int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch logits, context logits); the two are equal without a context head or grid."""
+        features, patch_logits = self.backbone(x)
+        if self.context is None or index is None or grid_shape is None:
+            return patch_logits, patch_logits
+        return patch_logits, self.context(features, patch_logits, index, grid_shape)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: how to build a network and where its shipped weights live."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    context: bool
+    description: str
+
+    @property
+    def weights_path(self) -> Path:
+        return WEIGHTS_DIR / f"{self.name}.pt"
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("cancernet", CancerNet, False, "CancerNet, patch only (tutorial layout)"),
+        ModelSpec("cancernet-context", CancerNet, True, "CancerNet + slide-grid context head"),
+        ModelSpec("resnet18", ResNet18, False, "ResNet-18 adapted to 50x50, patch only"),
+        ModelSpec("resnet18-context", ResNet18, True, "ResNet-18 + slide-grid context head"),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Registry entry by name; WeightsError listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise WeightsError(f"unknown model {name!r}; choose one of {', '.join(sorted(REGISTRY))}") from None
+
+
+def build_model(name: str) -> PatchClassifier:
+    """A freshly initialised network of the named registry entry."""
+    spec = get_spec(name)
+    return PatchClassifier(spec.build(), spec.context)
+
+
+@dataclass
+class Calibration:
+    """What turns logits into decisions: fitted on validation patients, stored with the weights."""
+
+    temperature: float = 1.0
+    patch_temperature: float = 1.0
+    threshold: float = 0.5
+    min_region_cells: int = 0
+    max_hole_cells: int = 0
+
+
+@dataclass
+class LoadedModel:
+    """A network ready to score, with its input normalisation, calibration and card."""
+
+    name: str
+    network: PatchClassifier
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    calibration: Calibration
+    sha256: str
+    card: dict = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_path(weights: Path) -> Path:
+    """The JSON model card beside a weights file."""
+    return weights.with_suffix(".json")
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write a checkpoint atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> LoadedModel:
+    """Load a registry model with its weights (default `weights/<name>.pt`), checking the sha256
+    recorded in its model card."""
+    spec = get_spec(name)
+    path = Path(weights) if weights is not None else spec.weights_path
+    if not path.is_file():
+        raise WeightsError(f"{path}: no weights for model {name!r}; train them with `idcmap train`")
+    digest = sha256_of(path)
+    card_file = card_path(path)
+    card: dict = {}
+    if card_file.is_file():
+        card = json.loads(card_file.read_text())
+        if card.get("sha256") not in (None, digest):
+            raise WeightsError(
+                f"{path}: sha256 {digest[:12]}… differs from its card {card_file.name} "
+                f"({card['sha256'][:12]}…); the file is corrupt or was replaced, restore it"
+            )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("model") != name:
+            raise WeightsError(f"{path}: holds model {payload.get('model')!r}, not {name!r}; pick --model accordingly")
+        network = build_model(name)
+        network.load_state_dict(payload["state_dict"])
+    except WeightsError:
+        raise
+    except Exception as err:  # torch raises many types for a bad file
+        raise WeightsError(f"{path}: cannot load weights ({err}); restore the file") from err
+    network.eval()
+    return LoadedModel(
+        name=name,
+        network=network,
+        mean=tuple(payload["mean"]),
+        std=tuple(payload["std"]),
+        calibration=Calibration(**payload.get("calibration", {})),
+        sha256=digest,
+        card=card,
+    )

@@ -1,0 +1,68 @@
+"""From probabilities to IDC regions: threshold, post-process on the slide grid, measure areas."""
+from __future__ import annotations
+
+import numpy as np
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.ops import unary_union
+from skimage import measure, morphology
+
+from .loader import Slide
+from .models import Calibration
+
+
+def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """(N,) bool: patches in predicted IDC regions, after dropping specks and filling holes.
+
+    Specks: 8-connected positive regions of fewer than `min_region_cells` patches.
+    Holes: negative regions of fewer than `max_hole_cells` cells inside positive ones
+    (filled only where a patch exists: no IDC is predicted on bare glass).
+    """
+    positive = probability >= calibration.threshold
+    if calibration.min_region_cells <= 1 and calibration.max_hole_cells <= 0:
+        return positive
+    grid = slide.grid_values(positive.astype(np.float64), fill=0.0) > 0.5
+    if calibration.min_region_cells > 1:
+        grid = morphology.remove_small_objects(grid, max_size=calibration.min_region_cells - 1, connectivity=2)
+    if calibration.max_hole_cells > 0:
+        grid = morphology.remove_small_holes(grid, max_size=calibration.max_hole_cells, connectivity=1)
+    rc = slide.cells
+    return grid[rc[:, 0], rc[:, 1]]
+
+
+def idc_area_fraction(slide: Slide, mask: np.ndarray) -> float:
+    """Share of the slide's tissue area (pixels, edge patches at their real size) inside `mask`."""
+    areas = slide.areas
+    return float(areas[mask].sum() / areas.sum())
+
+
+def dice(slide: Slide, predicted: np.ndarray, labelled: np.ndarray) -> float:
+    """Area-weighted Dice between two patch masks of one slide; 1.0 when both are empty."""
+    areas = slide.areas
+    denominator = areas[predicted].sum() + areas[labelled].sum()
+    if denominator == 0:
+        return 1.0
+    return float(2 * areas[predicted & labelled].sum() / denominator)
+
+
+def region_contours(slide: Slide, mask: np.ndarray) -> list[np.ndarray]:
+    """Outlines of the masked regions as (M, 2) arrays of mosaic pixel (x, y), for drawing."""
+    grid = np.pad(slide.grid_values(mask.astype(np.float64), fill=0.0), 1)
+    size = 50
+    return [(contour[:, ::-1] - 1 + 0.5) * size for contour in measure.find_contours(grid, 0.5)]
+
+
+def region_polygons(slide: Slide, mask: np.ndarray) -> list[Polygon]:
+    """Predicted regions as valid polygons in slide pixel coordinates, each patch at its real size.
+
+    Cells are unioned exactly, so holes and edge patches are kept; one polygon per region.
+    """
+    cells = [
+        box(x, y, x + w, y + h)
+        for (x, y), (h, w), inside in zip(slide.xy.tolist(), slide.sizes.tolist(), mask.tolist())
+        if inside
+    ]
+    if not cells:
+        return []
+    union = unary_union(cells)
+    polygons = list(union.geoms) if isinstance(union, MultiPolygon) else [union]
+    return sorted(polygons, key=lambda p: (p.bounds[1], p.bounds[0]))

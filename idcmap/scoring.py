@@ -1,0 +1,89 @@
+"""Score a slide's patches: batched inference on the CPU or the GPU, then the slide-grid context."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import IdcmapError
+from .loader import Slide
+from .models import LoadedModel
+
+DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 1024}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` is cuda when a GPU is visible, else cpu; asking for cuda without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise IdcmapError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise IdcmapError(f"--device {device}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC patches -> normalised float NCHW in channels_last memory (no copy of layout)."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
+
+
+@dataclass
+class SlideScores:
+    """IDC logits and calibrated probabilities per patch: from the patch alone and with slide context."""
+
+    patch_logit: np.ndarray  # (N,) float32, raw patch network output
+    logit: np.ndarray  # (N,) float32, raw final output (context-refined if the model has context)
+    patch_probability: np.ndarray  # (N,) float32, patch network alone
+    probability: np.ndarray  # (N,) float32, the model's final score (context-refined if it has context)
+
+
+class Scorer:
+    """Holds one model on one device; scores slide after slide without reloading."""
+
+    def __init__(self, model: LoadedModel, device: str = "auto", batch_size: int | None = None,
+                 mixed_precision: bool = True) -> None:
+        self.model = model
+        self.device = resolve_device(device)
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE[self.device.type]
+        if self.batch_size < 1:
+            raise IdcmapError(f"--batch-size {self.batch_size}: must be at least 1")
+        self.autocast = mixed_precision and self.device.type == "cuda"
+        self.network = model.network.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.mean = torch.tensor(model.mean, device=self.device)
+        self.std = torch.tensor(model.std, device=self.device)
+
+    @torch.inference_mode()
+    def score(self, slide: Slide, progress: bool = False) -> SlideScores:
+        """Score every patch of `slide`; deterministic for a given device and batch size."""
+        network = self.network
+        pixels = torch.from_numpy(slide.pixels)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        features, logits = [], []
+        starts = range(0, len(slide), self.batch_size)
+        for start in tqdm(starts, desc=f"score {slide.patient}", unit="batch", disable=not progress, leave=False):
+            batch = pixels[start : start + self.batch_size].to(self.device, non_blocking=True)
+            x = to_input(batch, self.mean, self.std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                f, logit = network.backbone(x)
+            features.append(f.float())
+            logits.append(logit.float())
+        feature = torch.cat(features)
+        patch_logit = torch.cat(logits)
+        context_logit = patch_logit
+        if network.context is not None:
+            cells = torch.from_numpy(slide.cells).to(self.device)
+            index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
+            rows, cols = slide.grid_shape
+            context_logit = network.context(feature, patch_logit, index, (1, rows, cols))
+        calibration = self.model.calibration
+        return SlideScores(
+            patch_logit=patch_logit.cpu().numpy().astype(np.float32),
+            logit=context_logit.cpu().numpy().astype(np.float32),
+            patch_probability=torch.sigmoid(patch_logit / calibration.patch_temperature).cpu().numpy().astype(np.float32),
+            probability=torch.sigmoid(context_logit / calibration.temperature).cpu().numpy().astype(np.float32),
+        )

@@ -1,0 +1,319 @@
+"""Train a registry model on patient folders, split by patient, and calibrate it on validation.
+
+Training samples windows of the slide grid (window x window cells, random offset each epoch),
+so a slide-aware model learns from real neighbourhoods; sparse patients' patches keep their
+real positions and are mostly isolated, which trains the patch-only fallback.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from . import metrics
+from .dataset import load_slides, load_split, make_split, patient_ids, save_split
+from .errors import IdcmapError
+from .export import write_json
+from .loader import Slide
+from .models import Calibration, LoadedModel, build_model, card_path, get_spec, save_checkpoint, sha256_of
+from .regions import dice, idc_area_fraction, predicted_mask
+from .scoring import Scorer, to_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (the CLI exposes each)."""
+
+    epochs: int = 14
+    batch_patches: int = 256
+    window: int = 8
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 4
+    seed: int = 0
+    cell_dropout: float = 0.1
+    device: str = "auto"
+
+
+@dataclass
+class Window:
+    """Patches of one slide that fall in one grid window, with their cells inside it."""
+
+    slide: int
+    patches: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+def grid_windows(slides: list[Slide], size: int, rng: np.random.Generator) -> list[Window]:
+    """Tile every slide's grid into size x size windows at a random offset; keep non-empty ones."""
+    windows = []
+    for s, slide in enumerate(slides):
+        cells = slide.cells + rng.integers(0, size, 2)
+        key = (cells[:, 0] // size) * 1_000_000 + cells[:, 1] // size
+        order = np.argsort(key, kind="stable")
+        bounds = np.flatnonzero(np.diff(key[order])) + 1
+        for members in np.split(order, bounds):
+            local = cells[members] % size
+            windows.append(Window(s, members, local[:, 0], local[:, 1]))
+    return windows
+
+
+def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of the last two dims."""
+    x = torch.rot90(x, t % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if t >= 4 else x
+
+
+class BatchMaker:
+    """Turns windows into augmented training batches (pixels, labels, grid index)."""
+
+    def __init__(self, slides: list[Slide], config: TrainConfig, mean: torch.Tensor, std: torch.Tensor,
+                 rng: np.random.Generator) -> None:
+        self.slides, self.config, self.mean, self.std, self.rng = slides, config, mean, std, rng
+        size = config.window
+        ids = torch.arange(size * size).view(size, size)
+        # where cell (r, c) lands under each of the 8 transforms
+        self.cell_maps = []
+        for t in range(8):
+            moved = _dihedral(ids, t)
+            target = torch.empty(size * size, 2, dtype=torch.long)
+            target[moved.flatten()] = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).view(-1, 2)
+            self.cell_maps.append(target)
+
+    def batches(self, windows: list[Window]):
+        """Yield (x, labels, index, k) with windows grouped to about batch_patches patches."""
+        group: list[Window] = []
+        count = 0
+        for i in self.rng.permutation(len(windows)):
+            group.append(windows[i])
+            count += len(windows[i].patches)
+            if count >= self.config.batch_patches:
+                yield self._make(group)
+                group, count = [], 0
+        if group:
+            yield self._make(group)
+
+    def _make(self, group: list[Window]):
+        size, rng = self.config.window, self.rng
+        pixels, labels, index, transform = [], [], [], []
+        for k, window in enumerate(group):
+            keep = np.ones(len(window.patches), bool)
+            if len(keep) > 1:
+                keep = rng.random(len(keep)) >= self.config.cell_dropout
+                keep[rng.integers(len(keep))] = True
+            slide = self.slides[window.slide]
+            chosen = window.patches[keep]
+            t = int(rng.integers(8))
+            pixels.append(slide.pixels[chosen])
+            labels.append(slide.labels[chosen])
+            cells = torch.from_numpy(window.rows[keep] * size + window.cols[keep])
+            moved = self.cell_maps[t][cells]
+            index.append(torch.cat([torch.full((len(chosen), 1), k), moved], 1))
+            transform.append(np.full(len(chosen), t))
+        x = torch.from_numpy(np.concatenate(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+        transform_of = torch.from_numpy(np.concatenate(transform))
+        for t in range(8):
+            picked = transform_of == t
+            if picked.any():
+                x[picked] = _dihedral(x[picked], t)
+        window_of = torch.cat(index)[:, 0]
+        scale = 1 + (torch.rand(len(group), 3, 1, 1) * 2 - 1) * 0.08
+        shift = (torch.rand(len(group), 3, 1, 1) * 2 - 1) * 0.04
+        x = (x * scale[window_of] + shift[window_of]).clamp_(0, 1)
+        x = x.sub_(self.mean.view(1, 3, 1, 1)).div_(self.std.view(1, 3, 1, 1))
+        y = torch.from_numpy(np.concatenate(labels).astype(np.float32))
+        return x.contiguous(memory_format=torch.channels_last), y, torch.cat(index), (len(group), size, size)
+
+
+def pixel_statistics(slides: list[Slide]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training patches' real pixels, in [0, 1]."""
+    total, total_sq, count = np.zeros(3), np.zeros(3), 0
+    for slide in slides:
+        for patch, (h, w) in zip(slide.pixels[::4], slide.sizes[::4]):
+            values = patch[:h, :w].reshape(-1, 3).astype(np.float64) / 255
+            total += values.sum(0)
+            total_sq += (values**2).sum(0)
+            count += len(values)
+    mean = total / count
+    return mean.round(4).tolist(), np.sqrt(total_sq / count - mean**2).round(4).tolist()
+
+
+def collect_logits(scorer: Scorer, slides: list[Slide]) -> list[tuple[Slide, np.ndarray, np.ndarray]]:
+    """(slide, patch logits, final logits) for each slide."""
+    out = []
+    for slide in slides:
+        scores = scorer.score(slide)
+        out.append((slide, scores.patch_logit, scores.logit))
+    return out
+
+
+def fit_calibration(scored: list[tuple[Slide, np.ndarray, np.ndarray]], context: bool) -> tuple[Calibration, dict]:
+    """Temperatures, threshold and region post-processing fitted on validation patients.
+
+    The threshold maximises (balanced accuracy + F1)/2 over validation patches; the speck
+    and hole sizes then minimise the mean area-fraction error over whole validation slides
+    (slides of 100+ patches), ties broken by Dice.
+    """
+    labels = np.concatenate([s.labels for s, _, _ in scored])
+    patch_logits = np.concatenate([p for _, p, _ in scored])
+    logits = np.concatenate([c for _, _, c in scored])
+    calibration = Calibration(
+        temperature=metrics.fit_temperature(labels, logits),
+        patch_temperature=metrics.fit_temperature(labels, patch_logits),
+    )
+    probability = 1 / (1 + np.exp(-logits / calibration.temperature))
+    best = (-1.0, 0.5)
+    for threshold in np.round(np.arange(0.10, 0.91, 0.01), 2):
+        report = metrics.classification_report(labels, probability >= threshold)
+        objective = (report["balanced_accuracy"] + report["f1_idc"]) / 2
+        if objective > best[0] + 1e-9:
+            best = (objective, float(threshold))
+    calibration.threshold = best[1]
+    whole = [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored if len(s) >= 100]
+    choice = {"objective": best[0], "whole_validation_slides": len(whole)}
+    if whole:
+        results = []
+        for min_cells in (0, 2, 3, 4, 6, 9):
+            for hole_cells in (0, 1, 2, 4, 8):
+                trial = Calibration(calibration.temperature, calibration.patch_temperature, calibration.threshold,
+                                    min_cells, hole_cells)
+                errors, dices = [], []
+                for slide, prob in whole:
+                    mask = predicted_mask(slide, prob, trial)
+                    truth = slide.labels == 1
+                    errors.append(abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth)))
+                    dices.append(dice(slide, mask, truth))
+                results.append((float(np.mean(errors)), -float(np.mean(dices)), min_cells, hole_cells))
+        error, neg_dice, calibration.min_region_cells, calibration.max_hole_cells = min(results)
+        choice.update(val_area_fraction_mae=error, val_dice=-neg_dice)
+    return calibration, choice
+
+
+def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
+          split_file: str | Path | None = None, resume: bool = False) -> dict:
+    """Train `model_name` on the train patients of `data_root`, early-stop and calibrate on val,
+    and write `out` (.pt weights), its model card (.json) and its split (.split.json)."""
+    spec = get_spec(model_name)
+    out = Path(out)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    folders = patient_ids(data_root)
+    split = load_split(split_file, folders) if split_file else make_split(sorted(folders), config.seed)
+    if not split["train"] or not split["val"]:
+        raise IdcmapError(f"{data_root}: too few patients for a train/val split ({len(folders)} found)")
+    split_path = out.with_suffix(".split.json")
+    save_split(split, split_path)
+    train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
+    val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    mean, std = pixel_statistics(train_slides)
+    network = build_model(model_name)
+    scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="")
+    scorer = Scorer(scorer_model, config.device)
+    device = scorer.device
+    network.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    checkpoint_path = out.with_suffix(".ckpt")
+    history: list[dict] = []
+    best_state, best_auc, epoch0, stale = None, -1.0, 0, 0
+    if resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        epoch0 = len(history)
+        log.info("resumed from %s at epoch %d", checkpoint_path, epoch0)
+    maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
+    autocast = device.type == "cuda"
+    started = time.time()
+    for epoch in range(epoch0, config.epochs):
+        if stale >= config.patience:
+            break
+        network.train()
+        windows = grid_windows(train_slides, config.window, rng)
+        total_loss, seen = 0.0, 0
+        bar = tqdm(maker.batches(windows), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                   total=None, leave=False)
+        for x, y, index, grid_shape in bar:
+            x, y, index = x.to(device), y.to(device), index.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                patch_logit, context_logit = network(x, index, grid_shape)
+            loss = F.binary_cross_entropy_with_logits(patch_logit.float(), y)
+            if spec.context:
+                loss = loss + F.binary_cross_entropy_with_logits(context_logit.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        scheduler.step()
+        network.eval()
+        scored = collect_logits(scorer, val_slides)
+        val_labels = np.concatenate([s.labels for s, _, _ in scored])
+        val_logits = np.concatenate([c for _, _, c in scored])
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / max(seen, 1),
+            "val_loss": metrics.log_loss(val_labels, val_logits),
+            "val_auc": metrics.roc_auc(val_labels, val_logits),
+            "val_patch_auc": metrics.roc_auc(val_labels, np.concatenate([p for _, p, _ in scored])),
+            "seconds": round(time.time() - started, 1),
+        }
+        history.append(record)
+        log.info("epoch %d: %s", epoch + 1, record)
+        tqdm.write(json.dumps(record))
+        if record["val_auc"] > best_auc:
+            best_auc, stale = record["val_auc"], 0
+            best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        else:
+            stale += 1
+        save_checkpoint(checkpoint_path, {
+            "network": network.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": history, "best_state": best_state,
+            "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        })
+    network.load_state_dict(best_state)
+    network.eval()
+    calibration, choice = fit_calibration(collect_logits(scorer, val_slides), spec.context)
+    save_checkpoint(out, {
+        "model": model_name,
+        "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
+        "mean": mean, "std": std, "calibration": asdict(calibration),
+    })
+    card = {
+        "model": model_name,
+        "architecture": spec.description,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "input": "50x50 RGB patch, edge patches padded with white; x/255 then (x - mean) / std",
+        "mean": mean, "std": std,
+        "calibration": asdict(calibration),
+        "calibration_fit": choice,
+        "training": {**asdict(config), "data_root": str(data_root), "split_file": split_path.name,
+                     "train_patients": len(split["train"]), "val_patients": len(split["val"]),
+                     "test_patients": len(split["test"]),
+                     "train_patches": int(sum(len(s) for s in train_slides)),
+                     "epochs_run": len(history), "best_val_auc": best_auc,
+                     "seconds": round(time.time() - started, 1), "device": str(device),
+                     "date": dt.date.today().isoformat()},
+        "history": history,
+        "sha256": sha256_of(out),
+    }
+    write_json(card_path(out), card)
+    checkpoint_path.unlink(missing_ok=True)
+    return card
