@@ -15,6 +15,9 @@ from PIL import Image
 
 from .errors import OutputError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 SUMMARY_FIELDS = [
     "patient", "status", "error", "patches", "skipped_files", "tissue_area_px",
     "predicted_idc_area_fraction", "labelled_idc_area_fraction", "dice", "threshold",
@@ -30,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)
     except OSError as err:
         raise OutputError(f"{path}: cannot write here ({err.strerror}); choose a writable -o folder") from err
     tmp_path = Path(tmp)

@@ -6,7 +6,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.ops import unary_union
 from skimage import measure, morphology
 
-from .loader import Slide
+from .loader import PATCH_SIZE, Slide
 from .models import Calibration
 
 
@@ -46,9 +46,11 @@ def dice(slide: Slide, predicted: np.ndarray, labelled: np.ndarray) -> float:
 
 def region_contours(slide: Slide, mask: np.ndarray) -> list[np.ndarray]:
     """Outlines of the masked regions as (M, 2) arrays of mosaic pixel (x, y), for drawing."""
-    grid = np.pad(slide.grid_values(mask.astype(np.float64), fill=0.0), 1)
-    size = 50
-    return [(contour[:, ::-1] - 1 + 0.5) * size for contour in measure.find_contours(grid, 0.5)]
+    upsample = 8  # sub-cells per patch side: outlines follow patch edges, corners cut by 1/16 patch
+    grid = np.kron(slide.grid_values(mask.astype(np.float64), fill=0.0), np.ones((upsample, upsample)))
+    grid = np.pad(grid, 1)
+    scale = PATCH_SIZE / upsample
+    return [(contour[:, ::-1] - 1 + 0.5) * scale for contour in measure.find_contours(grid, 0.5)]
 
 
 def region_polygons(slide: Slide, mask: np.ndarray) -> list[Polygon]:

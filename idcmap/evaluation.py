@@ -1,0 +1,193 @@
+"""`idcmap evaluate`: models side by side on the test patients of a split.
+
+Patch level (per group of patients, e.g. whole `patients/` and `sparse/`): accuracy, balanced
+accuracy, precision/recall/F1 of both classes, ROC-AUC, PR-AUC, ECE, confusion matrix.
+Slide level (patients of 100+ patches): area-fraction error and Dice, each with a 95% bootstrap
+interval over patients. Also the scoring speed of each model, measured in the same run.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import metrics  # noqa: E402
+from .dataset import load_slides, load_split, patient_ids  # noqa: E402
+from .errors import IdcmapError  # noqa: E402
+from .export import atomic_write_bytes, write_json  # noqa: E402
+from .loader import Slide  # noqa: E402
+from .models import REGISTRY, load_model  # noqa: E402
+from .regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
+from .scoring import Scorer  # noqa: E402
+
+WHOLE_SLIDE_MIN_PATCHES = 100
+
+
+def patch_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict:
+    """Patch-level figures of calibrated probabilities at one threshold."""
+    report = metrics.classification_report(labels, probability >= threshold)
+    report.update(
+        roc_auc=metrics.roc_auc(labels, probability),
+        pr_auc=metrics.average_precision(labels, probability),
+        ece=metrics.expected_calibration_error(labels, probability),
+        patches=int(len(labels)),
+        idc_patches=int(labels.sum()),
+    )
+    return report
+
+
+def slide_metrics(rows: list[dict]) -> dict:
+    """Mean area-fraction error and Dice over slides, with 95% bootstrap intervals."""
+    errors = np.array([r["area_fraction_error"] for r in rows])
+    dices = np.array([r["dice"] for r in rows])
+    return {
+        "slides": len(rows),
+        "area_fraction_mae": float(errors.mean()),
+        "area_fraction_mae_ci95": metrics.bootstrap_interval(errors),
+        "dice": float(dices.mean()),
+        "dice_ci95": metrics.bootstrap_interval(dices),
+    }
+
+
+def _group(patient_id: str) -> str:
+    return patient_id.rpartition("/")[0] or "all"
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, split_file: str | Path | None = None,
+                    device: str = "auto") -> dict:
+    """Evaluate `models` (default: every registry model with weights) on the split's test patients;
+    write metrics.json and figures to `out`; return the report."""
+    out = Path(out)
+    models = models or [name for name, spec in REGISTRY.items() if spec.weights_path.is_file()]
+    if not models:
+        raise IdcmapError("no model has weights in weights/; train one or pass --model")
+    loaded = [load_model(name) for name in models]
+    folders = patient_ids(data_root)
+    split_file = Path(split_file) if split_file else REGISTRY[models[0]].weights_path.with_suffix(".split.json")
+    split = load_split(split_file, folders)
+    test_ids = split["test"]
+    slides = [s for s in load_slides(test_ids, folders, "load test") if s.has_labels]
+    groups = [_group(pid) for pid, s in zip(test_ids, slides)]
+    report: dict = {"data_root": str(data_root), "split_file": str(split_file), "test_patients": test_ids,
+                    "models": {}, "summary": {}}
+    curves = {}
+    for model in loaded:
+        scorer = Scorer(model, device)
+        started = time.perf_counter()
+        scored = [scorer.score(slide) for slide in slides]
+        seconds = time.perf_counter() - started
+        calibration = model.calibration
+        entry: dict = {"calibration": vars(calibration), "sha256": model.sha256,
+                       "scoring_patches_per_s": sum(len(s) for s in slides) / seconds, "patch": {}, "slides": {}}
+        per_patient = []
+        for slide, scores, group in zip(slides, scored, groups):
+            predicted = predicted_mask(slide, scores.probability, calibration)
+            truth = slide.labels == 1
+            predicted_fraction = idc_area_fraction(slide, predicted)
+            labelled_fraction = idc_area_fraction(slide, truth)
+            per_patient.append({
+                "patient": slide.patient, "group": group, "patches": len(slide),
+                "predicted_idc_area_fraction": predicted_fraction, "labelled_idc_area_fraction": labelled_fraction,
+                "area_fraction_error": abs(predicted_fraction - labelled_fraction),
+                "dice": dice(slide, predicted, truth),
+            })
+        for group in sorted(set(groups)) + ["all"]:
+            chosen = [i for i, g in enumerate(groups) if group in (g, "all")]
+            labels = np.concatenate([slides[i].labels for i in chosen]).astype(int)
+            probability = np.concatenate([scored[i].probability for i in chosen])
+            entry["patch"][group] = patch_metrics(labels, probability, calibration.threshold)
+            whole = [per_patient[i] for i in chosen if per_patient[i]["patches"] >= WHOLE_SLIDE_MIN_PATCHES]
+            if whole and group != "all":
+                entry["slides"][group] = slide_metrics(whole)
+        entry["per_patient"] = per_patient
+        report["models"][model.name] = entry
+        labels = np.concatenate([s.labels for s in slides]).astype(int)
+        probability = np.concatenate([s.probability for s in scored])
+        curves[model.name] = (labels, probability, calibration.threshold, slides, scored)
+        whole_groups = {g: v for g, v in entry["slides"].items()}
+        report["summary"][model.name] = {
+            "patch_all": {k: round(entry["patch"]["all"][k], 4)
+                          for k in ("balanced_accuracy", "f1_idc", "roc_auc", "pr_auc", "ece")},
+            **{f"slides_{g}": {"area_fraction_mae": round(v["area_fraction_mae"], 4),
+                               "dice": round(v["dice"], 4), "slides": v["slides"]}
+               for g, v in whole_groups.items()},
+            **{f"patch_{g}": {k: round(entry["patch"][g][k], 4) for k in ("balanced_accuracy", "f1_idc", "roc_auc")}
+               for g in sorted(set(groups))},
+            "scoring_patches_per_s": round(entry["scoring_patches_per_s"], 1),
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", report)
+    _figures(out, curves, loaded)
+    return report
+
+
+def _figures(out: Path, curves: dict, loaded: list) -> None:
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5))
+    for name, (labels, probability, _, _, _) in curves.items():
+        fpr, tpr = metrics.roc_curve(labels, probability)
+        roc_ax.plot(fpr, tpr, label=f"{name} (AUC {metrics.roc_auc(labels, probability):.3f})")
+        recall, precision = metrics.pr_curve(labels, probability)
+        pr_ax.plot(recall, precision, label=f"{name} (AP {metrics.average_precision(labels, probability):.3f})")
+    roc_ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, test patients")
+    pr_ax.set(xlabel="recall (IDC)", ylabel="precision (IDC)", title="Precision-recall, test patients")
+    roc_ax.legend(loc="lower right")
+    pr_ax.legend(loc="lower left")
+    _save(fig, out / "roc_pr.png")
+    for name, (labels, probability, threshold, slides, scored) in curves.items():
+        matrix = metrics.confusion(labels, probability >= threshold)
+        fig, ax = plt.subplots(figsize=(4.2, 3.8))
+        ax.imshow(matrix, cmap="Blues")
+        for (r, c), value in np.ndenumerate(matrix):
+            ax.text(c, r, f"{value:,}", ha="center", va="center", color="black" if value < matrix.max() / 2 else "white")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-IDC", "IDC"], yticklabels=["non-IDC", "IDC"],
+               xlabel="predicted", ylabel="labelled", title=f"{name} @ {threshold:.2f}")
+        _save(fig, out / f"confusion_{name}.png")
+        _sample_grid(out / f"samples_{name}.png", slides, scored, threshold)
+    for model in loaded:
+        history = model.card.get("history") or []
+        if history:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            epochs = [h["epoch"] for h in history]
+            ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+            ax.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+            ax2 = ax.twinx()
+            ax2.plot(epochs, [h["val_auc"] for h in history], "g--", label="validation AUC")
+            ax.set(xlabel="epoch", title=f"{model.name} training")
+            ax.legend(loc="upper left")
+            ax2.legend(loc="upper right")
+            _save(fig, out / f"training_{model.name}.png")
+
+
+def _sample_grid(path: Path, slides: list[Slide], scored: list, threshold: float, per_cell: int = 8) -> None:
+    """Patches in four rows: true positives, true negatives, false positives, false negatives."""
+    rng = np.random.default_rng(0)
+    pixels = np.concatenate([s.pixels for s in slides])
+    labels = np.concatenate([s.labels for s in slides]) == 1
+    predicted = np.concatenate([s.probability for s in scored]) >= threshold
+    kinds = [("correct IDC", labels & predicted), ("correct non-IDC", ~labels & ~predicted),
+             ("false IDC", ~labels & predicted), ("missed IDC", labels & ~predicted)]
+    fig, axes = plt.subplots(len(kinds), per_cell, figsize=(per_cell * 1.1, len(kinds) * 1.25))
+    for row, (title, mask) in enumerate(kinds):
+        chosen = rng.permutation(np.flatnonzero(mask))[:per_cell]
+        for col in range(per_cell):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(chosen):
+                ax.imshow(pixels[chosen[col]])
+        axes[row, 0].set_title(title, fontsize=8, loc="left")
+    _save(fig, path)

@@ -1,0 +1,223 @@
+"""`render` end to end: folder -> slide -> scores -> regions -> files, for one or many patients.
+
+Each patient's files are written into a hidden temp folder that is renamed into place only when
+all of them are complete, so an interrupted or failed patient never leaves half its outputs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry import mapping
+from tqdm import tqdm
+
+from .errors import IdcmapError, OutputError
+from .export import SUMMARY_FIELDS, atomic_write_bytes, write_csv, write_json, write_npy, write_png
+from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files, load_slide
+from .models import DEFAULT_MODEL, Calibration, load_model
+from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
+from .render import overlay_png
+from .scoring import Scorer, SlideScores
+
+log = logging.getLogger(__name__)
+
+PATIENT_FILES = ("mosaic.png", "overlay.png", "probabilities.csv", "probabilities.npy", "regions.geojson",
+                 "summary.json")
+PROBABILITY_FIELDS = ["file", "x", "y", "width", "height", "label", "patch_probability", "probability",
+                      "predicted_idc"]
+
+
+@dataclass
+class RenderOptions:
+    """What `idcmap render` takes besides its folders (None = the model's fitted default)."""
+
+    model: str = DEFAULT_MODEL
+    weights: Path | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    threshold: float | None = None
+    min_region_cells: int | None = None
+    max_hole_cells: int | None = None
+    max_mosaic_pixels: int = DEFAULT_MAX_MOSAIC_PIXELS
+    resume: bool = False
+    progress: bool = True
+
+
+def patient_folders(folder: Path) -> list[Path]:
+    """`folder` itself when it holds patches, else every patient folder below it."""
+    files, _ = list_patch_files(folder) if folder.is_dir() else ([], [])
+    return [folder] if files else find_patient_folders(folder)
+
+
+def effective_calibration(model_calibration: Calibration, options: RenderOptions) -> Calibration:
+    """The model's calibration with the user's overrides applied."""
+    overrides = {k: getattr(options, k) for k in ("threshold", "min_region_cells", "max_hole_cells")
+                 if getattr(options, k) is not None}
+    return replace(model_calibration, **overrides)
+
+
+def summarise(slide: Slide, scores: SlideScores, predicted: np.ndarray, calibration: Calibration,
+              model_name: str, sha256: str) -> dict:
+    """One patient's summary row (the fields of summary.csv)."""
+    labelled = slide.labels == 1
+    return {
+        "patient": slide.patient,
+        "status": "ok",
+        "error": None,
+        "patches": len(slide),
+        "skipped_files": len(slide.skipped),
+        "tissue_area_px": int(slide.areas.sum()),
+        "predicted_idc_area_fraction": round(idc_area_fraction(slide, predicted), 6),
+        "labelled_idc_area_fraction": round(idc_area_fraction(slide, labelled), 6) if slide.has_labels else None,
+        "dice": round(dice(slide, predicted, labelled), 6) if slide.has_labels else None,
+        "threshold": calibration.threshold,
+        "min_region_cells": calibration.min_region_cells,
+        "max_hole_cells": calibration.max_hole_cells,
+        "model": model_name,
+        "weights_sha256": sha256,
+    }
+
+
+def regions_geojson(slide: Slide, probability: np.ndarray, predicted: np.ndarray) -> dict:
+    """Predicted IDC regions as a GeoJSON FeatureCollection in slide pixel coordinates (QuPath-ready)."""
+    centres = slide.xy + slide.sizes[:, ::-1] / 2
+    features = []
+    for number, polygon in enumerate(region_polygons(slide, predicted), start=1):
+        inside = predicted & shapely.contains_xy(polygon, centres[:, 0], centres[:, 1])
+        features.append({
+            "type": "Feature",
+            "id": f"{slide.patient}-idc-{number}",
+            "geometry": mapping(polygon),
+            "properties": {
+                "objectType": "annotation",
+                "name": f"IDC region {number}",
+                "classification": {"name": "IDC", "color": [255, 45, 45]},
+                "patches": int(inside.sum()),
+                "area_px": float(polygon.area),
+                "mean_probability": round(float(probability[inside].mean()), 6),
+                "max_probability": round(float(probability[inside].max()), 6),
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _probability_rows(slide: Slide, scores: SlideScores, predicted: np.ndarray) -> list[dict]:
+    return [
+        {"file": path.name, "x": int(x), "y": int(y), "width": int(w), "height": int(h),
+         "label": None if label < 0 else int(label), "patch_probability": f"{pp:.6f}",
+         "probability": f"{p:.6f}", "predicted_idc": int(m)}
+        for path, (x, y), (h, w), label, pp, p, m in zip(
+            slide.paths, slide.xy.tolist(), slide.sizes.tolist(), slide.labels.tolist(),
+            scores.patch_probability.tolist(), scores.probability.tolist(), predicted.tolist())
+    ]
+
+
+def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Calibration,
+                   options: RenderOptions) -> dict:
+    """Write every output file of one patient into `out_dir` (all or nothing); return its summary."""
+    slide = load_slide(folder, max_mosaic_pixels=options.max_mosaic_pixels)
+    scores = scorer.score(slide, progress=options.progress)
+    predicted = predicted_mask(slide, scores.probability, calibration)
+    mosaic = slide.mosaic()
+    row = summarise(slide, scores, predicted, calibration, scorer.model.name, scorer.model.sha256)
+    details = {
+        **row,
+        "grid": {"origin_x": slide.origin_xy[0], "origin_y": slide.origin_xy[1], "cell_px": PATCH_SIZE,
+                 "shape": list(slide.grid_shape),
+                 "note": "probabilities.npy[r, c] covers slide pixels x = origin_x + c*cell_px, "
+                         "y = origin_y + r*cell_px; NaN where no patch"},
+        "mosaic_origin_xy": list(slide.origin_xy),
+        "calibration": asdict(calibration),
+        "skipped": slide.skipped,
+    }
+    subtitle = (f"{len(slide)} patches · predicted IDC area {row['predicted_idc_area_fraction']:.1%}"
+                + (f" · labelled {row['labelled_idc_area_fraction']:.1%} · Dice {row['dice']:.2f}"
+                   if slide.has_labels else "")
+                + f" · {scorer.model.name}, threshold {calibration.threshold:.2f}")
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        staging.mkdir(parents=True)
+    except OSError as err:
+        raise OutputError(f"{staging.parent}: cannot create output folder ({err.strerror}); choose a writable -o") from err
+    try:
+        write_png(staging / "mosaic.png", mosaic)
+        atomic_write_bytes(staging / "overlay.png", overlay_png(slide, mosaic, scores.probability, predicted,
+                                                                f"Patient {slide.patient}", subtitle))
+        write_csv(staging / "probabilities.csv", PROBABILITY_FIELDS, _probability_rows(slide, scores, predicted))
+        write_npy(staging / "probabilities.npy", slide.grid_values(scores.probability).astype(np.float32))
+        write_json(staging / "regions.geojson", regions_geojson(slide, scores.probability, predicted))
+        write_json(staging / "summary.json", details)
+        _swap_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return row
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by `staging` (old outputs removed only after the new ones are complete)."""
+    try:
+        if out_dir.exists():
+            trash = out_dir.parent / f".{out_dir.name}.old.{uuid.uuid4().hex[:8]}"
+            out_dir.rename(trash)
+            staging.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+    except OSError as err:
+        raise OutputError(f"{out_dir}: cannot move outputs into place ({err.strerror})") from err
+
+
+def completed_summary(out_dir: Path, sha256: str, calibration: Calibration) -> dict | None:
+    """The summary row of a complete, valid earlier render with the same model and settings."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    complete = all((out_dir / name).is_file() and (out_dir / name).stat().st_size > 0 for name in PATIENT_FILES)
+    same = summary.get("weights_sha256") == sha256 and summary.get("calibration") == asdict(calibration)
+    if not (complete and same and summary.get("status") == "ok"):
+        return None
+    return {field: summary.get(field) for field in SUMMARY_FIELDS}
+
+
+def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -> list[dict]:
+    """Render one patient folder or every patient folder below `folder` into `out`.
+
+    One model load serves all patients. A patient that fails gets status `failed` and its
+    error in summary.csv; the others go on. Returns the summary rows (also in out/summary.csv).
+    """
+    folder, out = Path(folder), Path(out)
+    folders = patient_folders(folder)
+    model = load_model(options.model, options.weights)
+    calibration = effective_calibration(model.calibration, options)
+    scorer = Scorer(model, options.device, options.batch_size)
+    if folders == [folder]:
+        names = [folder.name]
+    else:
+        names = [f.relative_to(folder).as_posix() for f in folders]
+    rows = []
+    for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
+                                     disable=not options.progress or len(folders) == 1):
+        out_dir = out / name
+        row = completed_summary(out_dir, model.sha256, calibration) if options.resume else None
+        if row is not None:
+            log.info("%s: complete in %s, skipped (--resume)", name, out_dir)
+        else:
+            try:
+                row = render_patient(patient_folder, out_dir, scorer, calibration, options)
+            except IdcmapError as err:
+                if isinstance(err, OutputError):
+                    raise
+                log.error("%s", err)
+                row = {field: None for field in SUMMARY_FIELDS}
+                row.update(patient=patient_folder.name, status="failed", error=str(err), model=model.name,
+                           weights_sha256=model.sha256)
+        rows.append(row)
+    write_csv(out / "summary.csv", SUMMARY_FIELDS, rows)
+    return rows
