@@ -32,28 +32,34 @@ class SeparableConv2d(nn.Sequential):
         )
 
 
-def _sep_block(cin: int, cout: int, repeats: int, dropout: float) -> list[nn.Module]:
+def _sep_block(cin: int, cout: int, repeats: int) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i in range(repeats):
-        layers += [SeparableConv2d(cin if i == 0 else cout, cout), nn.ReLU(inplace=True), nn.BatchNorm2d(cout)]
-    return layers + [nn.MaxPool2d(2), nn.Dropout(dropout)]
+        layers += [SeparableConv2d(cin if i == 0 else cout, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return layers + [nn.MaxPool2d(2)]
 
 
 class CancerNet(nn.Module):
-    """The tutorials' CancerNet (separable convolutions 32, 64x2, 128x3; dense 256) for 50x50 RGB."""
+    """The tutorials' CancerNet (separable convolutions 32, 64x2, 128x3; dense 256) for 50x50 RGB.
+
+    Two changes from the tutorials, both measured: batch norm sits before the ReLU, and the
+    spatial dropouts between blocks are gone. With dropout feeding ReLU + batch norm, the
+    running statistics learnt in training did not fit evaluation (eval-mode logits averaged
+    -13 to -31 where training-mode ones averaged -1.6). Dropout stays before the classifier.
+    """
 
     feature_dim = 256
 
     def __init__(self) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
-            *_sep_block(3, 32, 1, 0.25),
-            *_sep_block(32, 64, 2, 0.25),
-            *_sep_block(64, 128, 3, 0.25),
+            *_sep_block(3, 32, 1),
+            *_sep_block(32, 64, 2),
+            *_sep_block(64, 128, 3),
             nn.Flatten(),
             nn.Linear(128 * 6 * 6, self.feature_dim),
-            nn.ReLU(inplace=True),
             nn.BatchNorm1d(self.feature_dim),
+            nn.ReLU(inplace=True),
         )
         self.dropout = nn.Dropout(0.5)
         self.classifier = nn.Linear(self.feature_dim, 1)

@@ -158,10 +158,23 @@ def collect_logits(scorer: Scorer, slides: list[Slide]) -> list[tuple[Slide, np.
     return out
 
 
-def fit_calibration(scored: list[tuple[Slide, np.ndarray, np.ndarray]], context: bool) -> tuple[Calibration, dict]:
+def _balanced_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    report = metrics.classification_report(labels, predicted)
+    return (report["balanced_accuracy"] + report["f1_idc"]) / 2
+
+
+def mean_patient_auc(scored: list[tuple[Slide, np.ndarray, np.ndarray]], which: int = 2) -> float:
+    """ROC-AUC averaged over patients with both classes, so no single large slide dominates."""
+    aucs = [metrics.roc_auc(item[0].labels, item[which]) for item in scored]
+    aucs = [a for a in aucs if not np.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def fit_calibration(scored: list[tuple[Slide, np.ndarray, np.ndarray]]) -> tuple[Calibration, dict]:
     """Temperatures, threshold and region post-processing fitted on validation patients.
 
-    The threshold maximises (balanced accuracy + F1)/2 over validation patches; the speck
+    The threshold maximises the mean over whole validation slides (100+ patches; all slides
+    when there are none) of (balanced accuracy + F1)/2, each patient weighing the same; the speck
     and hole sizes then minimise the mean area-fraction error over whole validation slides
     (slides of 100+ patches), ties broken by Dice.
     """
@@ -172,15 +185,14 @@ def fit_calibration(scored: list[tuple[Slide, np.ndarray, np.ndarray]], context:
         temperature=metrics.fit_temperature(labels, logits),
         patch_temperature=metrics.fit_temperature(labels, patch_logits),
     )
-    probability = 1 / (1 + np.exp(-logits / calibration.temperature))
+    whole = [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored if len(s) >= 100]
+    judged = whole or [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored]
     best = (-1.0, 0.5)
     for threshold in np.round(np.arange(0.10, 0.91, 0.01), 2):
-        report = metrics.classification_report(labels, probability >= threshold)
-        objective = (report["balanced_accuracy"] + report["f1_idc"]) / 2
+        objective = float(np.mean([_balanced_f1(s.labels, p >= threshold) for s, p in judged]))
         if objective > best[0] + 1e-9:
             best = (objective, float(threshold))
     calibration.threshold = best[1]
-    whole = [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored if len(s) >= 100]
     choice = {"objective": best[0], "whole_validation_slides": len(whole)}
     if whole:
         results = []
@@ -270,8 +282,9 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             "epoch": epoch + 1,
             "train_loss": total_loss / max(seen, 1),
             "val_loss": metrics.log_loss(val_labels, val_logits),
-            "val_auc": metrics.roc_auc(val_labels, val_logits),
-            "val_patch_auc": metrics.roc_auc(val_labels, np.concatenate([p for _, p, _ in scored])),
+            "val_auc": mean_patient_auc(scored),
+            "val_patch_auc": mean_patient_auc(scored, which=1),
+            "val_pooled_auc": metrics.roc_auc(val_labels, val_logits),
             "seconds": round(time.time() - started, 1),
         }
         history.append(record)
@@ -290,7 +303,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         })
     network.load_state_dict(best_state)
     network.eval()
-    calibration, choice = fit_calibration(collect_logits(scorer, val_slides), spec.context)
+    calibration, choice = fit_calibration(collect_logits(scorer, val_slides))
     save_checkpoint(out, {
         "model": model_name,
         "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
