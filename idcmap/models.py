@@ -253,7 +253,11 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> 
         if payload.get("model") != name:
             raise WeightsError(f"{path}: holds model {payload.get('model')!r}, not {name!r}; pick --model accordingly")
         network = build_model(name)
-        network.load_state_dict(payload["state_dict"])
+        try:
+            network.load_state_dict(payload["state_dict"])
+        except RuntimeError as err:
+            raise WeightsError(f"{path}: its tensors do not fit the {name!r} architecture "
+                               "(made by another idcmap version?); retrain or restore the file") from err
     except WeightsError:
         raise
     except Exception as err:  # torch raises many types for a bad file

@@ -40,6 +40,8 @@ class RenderOptions:
     model: str = DEFAULT_MODEL
     weights: Path | None = None
     device: str = "auto"
+    backend: str = "auto"
+    mixed_precision: bool = False
     batch_size: int | None = None
     threshold: float | None = None
     min_region_cells: int | None = None
@@ -47,6 +49,34 @@ class RenderOptions:
     max_mosaic_pixels: int = DEFAULT_MAX_MOSAIC_PIXELS
     resume: bool = False
     progress: bool = True
+    shard: tuple[int, int] | None = None  # (index, count): render patients index, index+count, ...
+
+
+def shard_from_env(environ: dict[str, str]) -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) outside torchrun."""
+    try:
+        return int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
+    except ValueError as err:
+        raise IdcmapError(f"RANK/WORLD_SIZE are not integers ({err}); run under torchrun or pass --shard I/N") from err
+
+
+def parse_shard(text: str, environ: dict[str, str]) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) or `env` (torchrun's RANK/WORLD_SIZE) -> (I, N)."""
+    if text == "env":
+        index, count = shard_from_env(environ)
+    else:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise IdcmapError(f"--shard {text}: write it as I/N, e.g. 0/4, or env under torchrun") from None
+    if not 0 <= index < count:
+        raise IdcmapError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def summary_name(shard: tuple[int, int] | None) -> str:
+    """summary.csv, or summary-<I>-of-<N>.csv for one shard of a sharded run."""
+    return "summary.csv" if shard is None or shard[1] == 1 else f"summary-{shard[0]}-of-{shard[1]}.csv"
 
 
 def patient_folders(folder: Path) -> list[Path]:
@@ -196,11 +226,14 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     folders = patient_folders(folder)
     model = load_model(options.model, options.weights)
     calibration = effective_calibration(model.calibration, options)
-    scorer = Scorer(model, options.device, options.batch_size)
+    scorer = Scorer(model, options.device, options.batch_size, options.mixed_precision, options.backend)
     if folders == [folder]:
         names = [folder.name]
     else:
         names = [f.relative_to(folder).as_posix() for f in folders]
+    if options.shard is not None:
+        index, count = options.shard
+        folders, names = folders[index::count], names[index::count]
     rows = []
     for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
                                      disable=not options.progress or len(folders) == 1):
@@ -219,5 +252,22 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
                 row.update(patient=patient_folder.name, status="failed", error=str(err), model=model.name,
                            weights_sha256=model.sha256)
         rows.append(row)
-    write_csv(out / "summary.csv", SUMMARY_FIELDS, rows)
+    write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, rows)
+    return rows
+
+
+def collect_summaries(out: str | Path) -> list[dict]:
+    """Summary rows of every rendered patient below `out` (from their summary.json), sorted."""
+    out = Path(out)
+    rows = []
+    for path in sorted(out.rglob("summary.json")):
+        if any(part.startswith(".") for part in path.relative_to(out).parts):
+            continue
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise OutputError(f"{path}: unreadable summary ({err}); render that patient again") from err
+        rows.append({field: summary.get(field) for field in SUMMARY_FIELDS})
+    if not rows:
+        raise IdcmapError(f"{out}: no rendered patient (no */summary.json); run `idcmap render` first")
     return rows

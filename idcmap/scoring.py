@@ -1,6 +1,9 @@
 """Score a slide's patches: batched inference on the CPU or the GPU, then the slide-grid context."""
 from __future__ import annotations
 
+import io
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +15,40 @@ from .loader import Slide
 from .models import LoadedModel
 
 DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 1024}
+BACKENDS = ("auto", "torch", "onnx")
+
+
+class OnnxBackbone:
+    """The patch network exported to ONNX and run by ONNX Runtime: about 3x PyTorch eager on CPU
+    for CancerNet (benchmarks/bench_render.py). Returns (features, logits) like the torch module."""
+
+    def __init__(self, backbone: torch.nn.Module, threads: int | None = None) -> None:
+        import onnxruntime
+
+        buffer = io.BytesIO()
+        example = torch.zeros(2, 3, 50, 50)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(backbone.cpu().eval(), (example,), buffer, input_names=["x"],
+                              output_names=["features", "logit"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits = self.session.run(None, {"x": x.contiguous().numpy()})
+        return torch.from_numpy(features), torch.from_numpy(logits)
+
+
+def onnx_available() -> bool:
+    """True when ONNX Runtime and the ONNX exporter can be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -42,17 +79,31 @@ class SlideScores:
 
 
 class Scorer:
-    """Holds one model on one device; scores slide after slide without reloading."""
+    """Holds one model on one device; scores slide after slide without reloading.
+
+    backend `auto` runs the patch network in ONNX Runtime on the CPU (when installed) and in
+    PyTorch on the GPU; the context head always runs in PyTorch. `mixed_precision` (GPU only)
+    runs the patch network under fp16 autocast; the default fp32 keeps GPU and CPU
+    probabilities within 1e-4 of each other.
+    """
 
     def __init__(self, model: LoadedModel, device: str = "auto", batch_size: int | None = None,
-                 mixed_precision: bool = True) -> None:
+                 mixed_precision: bool = False, backend: str = "auto") -> None:
         self.model = model
         self.device = resolve_device(device)
+        if backend not in BACKENDS:
+            raise IdcmapError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+        if backend == "onnx" and (self.device.type != "cpu" or not onnx_available()):
+            raise IdcmapError("--backend onnx needs --device cpu and the onnxruntime package (pip install onnxruntime)")
+        if backend == "auto":
+            backend = "onnx" if self.device.type == "cpu" and onnx_available() else "torch"
+        self.backend = backend
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE[self.device.type]
         if self.batch_size < 1:
             raise IdcmapError(f"--batch-size {self.batch_size}: must be at least 1")
         self.autocast = mixed_precision and self.device.type == "cuda"
         self.network = model.network.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.backbone = OnnxBackbone(self.network.backbone) if backend == "onnx" else self.network.backbone
         self.mean = torch.tensor(model.mean, device=self.device)
         self.std = torch.tensor(model.std, device=self.device)
 
@@ -67,9 +118,11 @@ class Scorer:
         starts = range(0, len(slide), self.batch_size)
         for start in tqdm(starts, desc=f"score {slide.patient}", unit="batch", disable=not progress, leave=False):
             batch = pixels[start : start + self.batch_size].to(self.device, non_blocking=True)
-            x = to_input(batch, self.mean, self.std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                f, logit = network.backbone(x)
+            x = to_input(batch, self.mean, self.std)
+            if self.backend == "torch":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+                f, logit = self.backbone(x)
             features.append(f.float())
             logits.append(logit.float())
         feature = torch.cat(features)

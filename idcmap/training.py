@@ -231,7 +231,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     mean, std = pixel_statistics(train_slides)
     network = build_model(model_name)
     scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="")
-    scorer = Scorer(scorer_model, config.device)
+    scorer = Scorer(scorer_model, config.device, backend="torch")
     device = scorer.device
     network.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
