@@ -132,6 +132,22 @@ def train(data_root: Path, model: str, out: Path, split_file: Path | None, epoch
 
 @cli.command()
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help="Model to calibrate.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Weights file [default: weights/<model>.pt]; rewritten with the new calibration.")
+@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Split JSON [default: the one beside the weights].")
+@click.option("--device", default="auto", show_default=True)
+def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Path | None, device: str) -> None:
+    """Refit temperature, threshold and region post-processing on the validation patients."""
+    from .training import recalibrate
+
+    card = recalibrate(data_root, model, weights, split_file, device)
+    click.echo(json.dumps({"calibration": card["calibration"], "fit": card["calibration_fit"]}, indent=2))
+
+
+@cli.command()
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "models", type=MODEL_CHOICE, multiple=True,
               help="Model(s) to evaluate side by side [default: every model with shipped weights].")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

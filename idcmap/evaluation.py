@@ -2,7 +2,7 @@
 
 Patch level (per group of patients, e.g. whole `patients/` and `sparse/`): accuracy, balanced
 accuracy, precision/recall/F1 of both classes, ROC-AUC, PR-AUC, ECE, confusion matrix.
-Slide level (patients of 100+ patches): area-fraction error and Dice, each with a 95% bootstrap
+Slide level (whole slides, `Slide.is_whole`): area-fraction error and Dice, each with a 95% bootstrap
 interval over patients. Also the scoring speed of each model, measured in the same run.
 """
 from __future__ import annotations
@@ -24,8 +24,6 @@ from .loader import Slide  # noqa: E402
 from .models import REGISTRY, load_model  # noqa: E402
 from .regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
 from .scoring import Scorer  # noqa: E402
-
-WHOLE_SLIDE_MIN_PATCHES = 100
 
 
 def patch_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict:
@@ -110,7 +108,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             labels = np.concatenate([slides[i].labels for i in chosen]).astype(int)
             probability = np.concatenate([scored[i].probability for i in chosen])
             entry["patch"][group] = patch_metrics(labels, probability, calibration.threshold)
-            whole = [per_patient[i] for i in chosen if per_patient[i]["patches"] >= WHOLE_SLIDE_MIN_PATCHES]
+            whole = [per_patient[i] for i in chosen if slides[i].is_whole]
             if whole and group != "all":
                 entry["slides"][group] = slide_metrics(whole)
         entry["per_patient"] = per_patient

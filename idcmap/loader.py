@@ -117,6 +117,16 @@ class Slide:
         """(N,) tissue area of each patch in pixels (edge patches count their real size)."""
         return self.sizes[:, 0] * self.sizes[:, 1]
 
+    @property
+    def is_whole(self) -> bool:
+        """True for a whole slide (most patches have a grid neighbour), False for scattered samples
+        such as the `sparse/` folders."""
+        occupied = self.grid_values(np.ones(len(self)), fill=0.0) > 0
+        padded = np.pad(occupied, 1)
+        neighbours = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+        rc = self.cells
+        return bool(neighbours[rc[:, 0], rc[:, 1]].mean() >= 0.5)
+
     def mosaic_shape(self) -> tuple[int, int]:
         """(height, width) in pixels of the mosaic, from its origin to the far patch edges."""
         x0, y0 = self.origin_xy

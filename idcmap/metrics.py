@@ -92,20 +92,20 @@ def expected_calibration_error(labels: np.ndarray, probability: np.ndarray, bins
     return float(total / len(labels))
 
 
-def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy of logits."""
+def log_loss(labels: np.ndarray, logits: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean (optionally weighted) binary cross-entropy of logits."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+    return float(np.average(np.logaddexp(0.0, z) - y * z, weights=weights))
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Temperature T minimising the log loss of logits / T (golden-section search on log T)."""
+def fit_temperature(labels: np.ndarray, logits: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Temperature T minimising the (weighted) log loss of logits / T (golden-section search on log T)."""
     lo, hi = np.log(0.05), np.log(20.0)
     ratio = (np.sqrt(5) - 1) / 2
     for _ in range(60):
         a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if log_loss(labels, logits / np.exp(a)) < log_loss(labels, logits / np.exp(b)):
+        if log_loss(labels, logits / np.exp(a), weights) < log_loss(labels, logits / np.exp(b), weights):
             hi = b
         else:
             lo = a

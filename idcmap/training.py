@@ -23,7 +23,8 @@ from .dataset import load_slides, load_split, make_split, patient_ids, save_spli
 from .errors import IdcmapError
 from .export import write_json
 from .loader import Slide
-from .models import Calibration, LoadedModel, build_model, card_path, get_spec, save_checkpoint, sha256_of
+from .models import (Calibration, LoadedModel, build_model, card_path, get_spec, load_model, save_checkpoint,
+                     sha256_of)
 from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, to_input
 
@@ -158,11 +159,6 @@ def collect_logits(scorer: Scorer, slides: list[Slide]) -> list[tuple[Slide, np.
     return out
 
 
-def _balanced_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
-    report = metrics.classification_report(labels, predicted)
-    return (report["balanced_accuracy"] + report["f1_idc"]) / 2
-
-
 def mean_patient_auc(scored: list[tuple[Slide, np.ndarray, np.ndarray]], which: int = 2) -> float:
     """ROC-AUC averaged over patients with both classes, so no single large slide dominates."""
     aucs = [metrics.roc_auc(item[0].labels, item[which]) for item in scored]
@@ -170,46 +166,66 @@ def mean_patient_auc(scored: list[tuple[Slide, np.ndarray, np.ndarray]], which: 
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+THRESHOLDS = np.round(np.arange(0.20, 0.81, 0.02), 2)
+SPECK_CELLS = (0, 2, 3, 4, 6, 9)
+HOLE_CELLS = (0, 1, 2, 4, 8)
+
+
 def fit_calibration(scored: list[tuple[Slide, np.ndarray, np.ndarray]]) -> tuple[Calibration, dict]:
     """Temperatures, threshold and region post-processing fitted on validation patients.
 
-    The threshold maximises the mean over whole validation slides (100+ patches; all slides
-    when there are none) of (balanced accuracy + F1)/2, each patient weighing the same; the speck
-    and hole sizes then minimise the mean area-fraction error over whole validation slides
-    (slides of 100+ patches), ties broken by Dice.
+    Every validation patient weighs the same (patches weighted 1/patches of their patient), so
+    one large, atypical slide cannot set the calibration. Temperatures minimise the weighted
+    log loss. Threshold, speck and hole sizes are chosen together on the whole validation
+    slides (all slides when none is whole) to maximise mean Dice minus mean area-fraction error:
+    regions that overlap the labelled ones and have their size.
     """
     labels = np.concatenate([s.labels for s, _, _ in scored])
-    patch_logits = np.concatenate([p for _, p, _ in scored])
-    logits = np.concatenate([c for _, _, c in scored])
+    weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _, _ in scored])
     calibration = Calibration(
-        temperature=metrics.fit_temperature(labels, logits),
-        patch_temperature=metrics.fit_temperature(labels, patch_logits),
+        temperature=metrics.fit_temperature(labels, np.concatenate([c for _, _, c in scored]), weights),
+        patch_temperature=metrics.fit_temperature(labels, np.concatenate([p for _, p, _ in scored]), weights),
     )
-    whole = [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored if len(s) >= 100]
+    whole = [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored if s.is_whole]
     judged = whole or [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored]
-    best = (-1.0, 0.5)
-    for threshold in np.round(np.arange(0.10, 0.91, 0.01), 2):
-        objective = float(np.mean([_balanced_f1(s.labels, p >= threshold) for s, p in judged]))
-        if objective > best[0] + 1e-9:
-            best = (objective, float(threshold))
-    calibration.threshold = best[1]
-    choice = {"objective": best[0], "whole_validation_slides": len(whole)}
-    if whole:
-        results = []
-        for min_cells in (0, 2, 3, 4, 6, 9):
-            for hole_cells in (0, 1, 2, 4, 8):
-                trial = Calibration(calibration.temperature, calibration.patch_temperature, calibration.threshold,
-                                    min_cells, hole_cells)
+    results = []
+    for threshold in THRESHOLDS:
+        for speck in SPECK_CELLS:
+            for hole in HOLE_CELLS:
+                trial = Calibration(calibration.temperature, calibration.patch_temperature, float(threshold),
+                                    speck, hole)
                 errors, dices = [], []
-                for slide, prob in whole:
-                    mask = predicted_mask(slide, prob, trial)
+                for slide, probability in judged:
+                    mask = predicted_mask(slide, probability, trial)
                     truth = slide.labels == 1
                     errors.append(abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth)))
                     dices.append(dice(slide, mask, truth))
-                results.append((float(np.mean(errors)), -float(np.mean(dices)), min_cells, hole_cells))
-        error, neg_dice, calibration.min_region_cells, calibration.max_hole_cells = min(results)
-        choice.update(val_area_fraction_mae=error, val_dice=-neg_dice)
-    return calibration, choice
+                results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),
+                                float(np.mean(errors)), trial))
+    objective, val_dice, val_error, best = max(results, key=lambda r: (r[0], -r[3].min_region_cells, -r[3].max_hole_cells))
+    choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
+              "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
+              "slides": [s.patient for s, _ in judged]}
+    return best, choice
+
+
+def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | None = None,
+                split_file: str | Path | None = None, device: str = "auto") -> dict:
+    """Refit a trained model's calibration on its validation patients; rewrite weights and card."""
+    spec = get_spec(model_name)
+    path = Path(weights) if weights else spec.weights_path
+    model = load_model(model_name, path)
+    folders = patient_ids(data_root)
+    split = load_split(split_file or path.with_suffix(".split.json"), folders)
+    val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    calibration, choice = fit_calibration(collect_logits(Scorer(model, device, backend="torch"), val_slides))
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["calibration"] = asdict(calibration)
+    save_checkpoint(path, payload)
+    card = dict(model.card)
+    card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path))
+    write_json(card_path(path), card)
+    return card
 
 
 def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
