@@ -112,6 +112,8 @@ def export(out: Path, output: Path | None) -> None:
 @click.option("--epochs", type=click.IntRange(1), default=14, show_default=True)
 @click.option("--batch-patches", type=click.IntRange(8), default=256, show_default=True,
               help="Patches per training batch (whole grid windows are kept together).")
+@click.option("--window", type=click.IntRange(1), default=16, show_default=True,
+              help="Training windows of WINDOW x WINDOW grid cells (context seen in training).")
 @click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True, help="AdamW learning rate.")
 @click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
@@ -119,11 +121,11 @@ def export(out: Path, output: Path | None) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (bf16 autocast on cuda).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
 def train(data_root: Path, model: str, out: Path, split_file: Path | None, epochs: int, batch_patches: int,
-          learning_rate: float, patience: int, seed: int, device: str, resume: bool) -> None:
+          window: int, learning_rate: float, patience: int, seed: int, device: str, resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
     from .training import TrainConfig, train as run_training
 
-    config = TrainConfig(epochs=epochs, batch_patches=batch_patches, learning_rate=learning_rate,
+    config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          patience=patience, seed=seed, device=device)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume)
     click.echo(json.dumps({"weights": str(out), "calibration": card["calibration"],

@@ -89,25 +89,28 @@ class ResNet18(nn.Module):
 
 
 class ContextHead(nn.Module):
-    """Refines patch logits from the neighbours' features on the slide grid (7x7 cells).
+    """Refines patch logits from the neighbours' features on the slide grid.
 
-    Inputs are only pixels-derived features and the presence mask: labels never enter.
+    3x3 convolutions with the given dilations see `reach = sum(dilations)` cells on each side.
+    Inputs are only pixel-derived features and the presence mask: labels never enter.
     A cell with no neighbour within reach keeps its patch logit exactly (isolated patches,
     sparse folders).
     """
 
-    reach = 3  # cells on each side: three 3x3 convolutions
-
-    def __init__(self, feature_dim: int, width: int = 32, projected: int = 24) -> None:
+    def __init__(self, feature_dim: int, dilations: tuple[int, ...] = (1, 1, 1), width: int = 32,
+                 projected: int = 24) -> None:
         super().__init__()
+        self.reach = sum(dilations)
         self.project = nn.Linear(feature_dim, projected)
-        self.refine = nn.Sequential(
-            nn.Conv2d(projected + 2, width, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, 1, 3, padding=1),
-        )
+        layers: list[nn.Module] = []
+        channels = projected + 2
+        for i, dilation in enumerate(dilations):
+            last = i == len(dilations) - 1
+            layers.append(nn.Conv2d(channels, 1 if last else width, 3, padding=dilation, dilation=dilation))
+            if not last:
+                layers.append(nn.ReLU(inplace=True))
+            channels = width
+        self.refine = nn.Sequential(*layers)
 
     def forward(
         self, features: torch.Tensor, patch_logits: torch.Tensor, index: torch.Tensor, grid_shape: tuple[int, int, int]
@@ -131,10 +134,10 @@ class ContextHead(nn.Module):
 class PatchClassifier(nn.Module):
     """A patch network, with an optional slide-aware context head."""
 
-    def __init__(self, backbone: nn.Module, context: bool) -> None:
+    def __init__(self, backbone: nn.Module, context_dilations: tuple[int, ...] | None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.context = ContextHead(backbone.feature_dim) if context else None
+        self.context = ContextHead(backbone.feature_dim, context_dilations) if context_dilations else None
 
     def forward(
         self, x: torch.Tensor, index: torch.Tensor | None = None, grid_shape: tuple[int, int, int] | None = None
@@ -152,8 +155,12 @@ class ModelSpec:
 
     name: str
     build: Callable[[], nn.Module]
-    context: bool
+    context_dilations: tuple[int, ...] | None
     description: str
+
+    @property
+    def context(self) -> bool:
+        return self.context_dilations is not None
 
     @property
     def weights_path(self) -> Path:
@@ -163,10 +170,11 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        ModelSpec("cancernet", CancerNet, False, "CancerNet, patch only (tutorial layout)"),
-        ModelSpec("cancernet-context", CancerNet, True, "CancerNet + slide-grid context head"),
-        ModelSpec("resnet18", ResNet18, False, "ResNet-18 adapted to 50x50, patch only"),
-        ModelSpec("resnet18-context", ResNet18, True, "ResNet-18 + slide-grid context head"),
+        ModelSpec("cancernet", CancerNet, None, "CancerNet, patch only"),
+        ModelSpec("cancernet-context", CancerNet, (1, 1, 1), "CancerNet + context head over 7x7 grid cells"),
+        ModelSpec("cancernet-context-wide", CancerNet, (1, 2, 2, 1), "CancerNet + dilated context head over 13x13 grid cells"),
+        ModelSpec("resnet18", ResNet18, None, "ResNet-18 adapted to 50x50, patch only"),
+        ModelSpec("resnet18-context", ResNet18, (1, 1, 1), "ResNet-18 + context head over 7x7 grid cells"),
     ]
 }
 
@@ -182,7 +190,7 @@ def get_spec(name: str) -> ModelSpec:
 def build_model(name: str) -> PatchClassifier:
     """A freshly initialised network of the named registry entry."""
     spec = get_spec(name)
-    return PatchClassifier(spec.build(), spec.context)
+    return PatchClassifier(spec.build(), spec.context_dilations)
 
 
 @dataclass

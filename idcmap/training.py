@@ -37,7 +37,7 @@ class TrainConfig:
 
     epochs: int = 14
     batch_patches: int = 256
-    window: int = 8
+    window: int = 16
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     patience: int = 4
