@@ -1,0 +1,218 @@
+"""The `idcmap` command: help, exit statuses, one-line errors, render and export."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO_ROOT, grid_patches, make_patient, textured
+from idcmap import __version__, cli as cli_module
+from idcmap.cli import cli
+from idcmap.errors import EmptyFolderError
+from idcmap.pipeline import PATIENT_FILES
+
+
+def _patient(root, name="P"):
+    return make_patient(root, name, grid_patches(3, 3, label_of=lambda r, c: int(r == 0),
+                                                 pixels_of=lambda r, c: textured(r * 3 + c)))
+
+
+def _run_module(args, cwd):
+    """`python -m idcmap.cli ARGS` in a fresh process (what the console script runs)."""
+    return subprocess.run([sys.executable, "-m", "idcmap.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _run_main(args, monkeypatch, capsys):
+    """cli.main() in this process with ARGS; returns (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["idcmap", *args])
+    with pytest.raises(SystemExit) as done:
+        cli_module.main()
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    code = done.value.code
+    return (0 if code is None else code), captured.out, captured.err
+
+
+@pytest.mark.parametrize("command, expected", [
+    ([], ["render", "export", "train", "evaluate"]),
+    (["render"], ["FOLDER", "--weights", "--threshold", "--resume", "--json", "--device", "--shard"]),
+    (["export"], ["OUT", "--output"]),
+    (["train"], ["DATA_ROOT", "--epochs", "--batch-patches", "--split"]),
+    (["evaluate"], ["DATA_ROOT", "--model", "--split"]),
+])
+def test_help_of_each_command(command, expected):
+    for flag in ("--help", "-h"):
+        result = CliRunner().invoke(cli, [*command, flag])
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.output
+        for word in expected:
+            assert word in result.output, word
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: cli {command}" in result.output or f"Usage: idcmap {command}" in result.output
+    assert result.output.count("--help") == 1
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_module_help_in_a_subprocess(tmp_path):
+    done = _run_module(["--help"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout and "render" in done.stdout
+
+
+def _one_line_error(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("idcmap: error: ")
+    return lines[0]
+
+
+def test_bad_folder_in_a_subprocess(tmp_path):
+    done = _run_module(["render", str(tmp_path / "no-such-folder"), "-o", str(tmp_path / "out")], tmp_path)
+    assert done.returncode == 2
+    assert str(tmp_path / "no-such-folder") in _one_line_error(done.stderr)
+    assert done.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_folder_via_main(tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    code, out, err = _run_main(["render", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 2
+    assert str(tmp_path / "empty") in _one_line_error(err)
+
+
+def test_missing_weights_via_main(tmp_path, monkeypatch, capsys):
+    folder = _patient(tmp_path / "in")
+    code, out, err = _run_main(["render", str(folder), "-o", str(tmp_path / "out"), "--device", "cpu",
+                                "--weights", str(tmp_path / "absent.pt")], monkeypatch, capsys)
+    assert code == 2
+    assert "absent.pt" in _one_line_error(err)
+
+
+def test_bad_shard_via_main(tmp_path, monkeypatch, capsys, tiny_weights):
+    folder = _patient(tmp_path / "in")
+    code, out, err = _run_main(["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights),
+                                "--shard", "5/2"], monkeypatch, capsys)
+    assert code == 2
+    assert "--shard" in _one_line_error(err)
+
+
+def test_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
+    code, out, err = _run_main(["render", str(tmp_path), "--threshold", "1.5"], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and "--threshold" in err
+    code, out, err = _run_main(["render"], monkeypatch, capsys)
+    assert code == 2 and "FOLDER" in err
+    code, out, err = _run_main(["no-such-command"], monkeypatch, capsys)
+    assert code == 2
+
+
+def test_cli_runner_surfaces_the_idcmap_error(tmp_path):
+    """Under CliRunner (standalone mode) the library error itself comes through; main() formats it."""
+    result = CliRunner().invoke(cli, ["render", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, EmptyFolderError)
+
+
+def test_render_with_weights(tmp_path, tiny_weights):
+    folder = _patient(tmp_path / "in")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["render", str(folder), "-o", str(out), "--weights", str(tiny_weights),
+                                      "--device", "cpu", "--threshold", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["patient"], r["status"]) for r in rows] == [("P", "ok")]
+    assert "1 of 1 patients rendered" in result.stderr
+    assert result.stdout == ""
+
+
+def test_render_json(tmp_path, tiny_weights):
+    folder = _patient(tmp_path / "in")
+    result = CliRunner().invoke(cli, ["-q", "render", str(folder), "-o", str(tmp_path / "out"), "--weights",
+                                      str(tiny_weights), "--device", "cpu", "--json", "--min-region", "2",
+                                      "--max-hole", "1"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 1
+    assert rows[0]["patient"] == "P" and rows[0]["status"] == "ok" and rows[0]["patches"] == 9
+    assert rows[0]["min_region_cells"] == 2 and rows[0]["max_hole_cells"] == 1
+    assert 0.0 <= rows[0]["predicted_idc_area_fraction"] <= 1.0
+    assert rows[0]["labelled_idc_area_fraction"] == pytest.approx(3 / 9, abs=1e-6)
+
+
+def test_render_json_in_a_subprocess_is_pure_json(tmp_path, tiny_weights):
+    folder = _patient(tmp_path / "in")
+    done = _run_module(["render", str(folder), "-o", "out", "--weights", str(tiny_weights), "--device", "cpu",
+                        "--json"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["status"] for r in rows] == ["ok"]
+    assert (tmp_path / "out" / "P" / "summary.json").is_file()  # -o relative to the working folder
+
+
+def test_failed_patient_exit_status_1(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    _patient(root, "A")
+    broken = _patient(root, "B")
+    bad = next(broken.rglob("*.png"))
+    bad.write_bytes(b"")
+    result = CliRunner().invoke(cli, ["render", str(root), "-o", str(tmp_path / "out"), "--weights",
+                                      str(tiny_weights), "--device", "cpu", "--json"])
+    assert result.exit_code == 1
+    assert [r["status"] for r in json.loads(result.stdout)] == ["ok", "failed"]
+    assert "idcmap: failed: B:" in result.stderr and str(bad) in result.stderr
+    assert "1 of 2 patients rendered" in result.stderr
+
+
+def test_export_merges_summaries(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    _patient(root, "A")
+    _patient(root, "B")
+    out = tmp_path / "out"
+    for shard in ("0/2", "1/2"):
+        result = CliRunner().invoke(cli, ["-q", "render", str(root), "-o", str(out), "--weights", str(tiny_weights),
+                                          "--device", "cpu", "--shard", shard])
+        assert result.exit_code == 0, result.output
+    assert not (out / "summary.csv").exists()
+    result = CliRunner().invoke(cli, ["export", str(out)])
+    assert result.exit_code == 0, result.output
+    with open(out / "summary.csv", newline="") as handle:
+        assert [r["patient"] for r in csv.DictReader(handle)] == ["A", "B"]
+    result = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "merged.csv")])
+    assert result.exit_code == 0 and (tmp_path / "merged.csv").is_file()
+
+
+def test_console_script_target_is_main():
+    setup = (REPO_ROOT / "setup.cfg").read_text()
+    assert "idcmap = idcmap.cli:main" in setup
+
+
+def test_ctrl_c_exit_130_without_traceback(tmp_path, monkeypatch, capsys, tiny_weights):
+    from idcmap import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "render_folder", interrupted)
+    folder = _patient(tmp_path / "in")
+    code, out, err = _run_main(["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights)],
+                               monkeypatch, capsys)
+    assert code == 130
+    assert "Traceback" not in err and "idcmap:" in err

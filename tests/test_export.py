@@ -1,0 +1,131 @@
+"""idcmap.export: atomic writes and the file formats other tools read."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from idcmap import export
+from idcmap.errors import OutputError
+
+
+def _leftovers(folder, keep):
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+def test_atomic_writes_leave_only_their_targets(tmp_path):
+    export.atomic_write_bytes(tmp_path / "a.bin", b"\x00\x01")
+    export.atomic_write_text(tmp_path / "b.txt", "héllo\n")
+    export.write_json(tmp_path / "c.json", {"x": [1, 2.5, None]})
+    export.write_npy(tmp_path / "d.npy", np.arange(6, dtype=np.float32).reshape(2, 3))
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    export.write_png(tmp_path / "e.png", image)
+    export.write_csv(tmp_path / "f.csv", ["k"], [{"k": 1}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.txt", "c.json", "d.npy", "e.png", "f.csv"]
+    assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "héllo\n"
+    assert json.loads((tmp_path / "c.json").read_text()) == {"x": [1, 2.5, None]}
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), np.arange(6, dtype=np.float32).reshape(2, 3))
+    with Image.open(tmp_path / "e.png") as png:
+        assert png.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(png), image)
+
+
+def test_atomic_write_creates_parents_and_replaces(tmp_path):
+    target = tmp_path / "deep" / "er" / "x.txt"
+    export.atomic_write_text(target, "one")
+    export.atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert _leftovers(target.parent, {"x.txt"}) == []
+
+
+def test_written_files_get_the_umask_mode(tmp_path):
+    export.atomic_write_text(tmp_path / "x.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_failure_inside_atomic_path_keeps_old_file(tmp_path):
+    target = tmp_path / "summary.csv"
+    target.write_text("old contents\n")
+    with pytest.raises(RuntimeError):
+        with export.atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp != target
+            tmp.write_text("half-writ")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old contents\n"
+    assert _leftovers(tmp_path, {"summary.csv"}) == []
+
+
+def test_failure_inside_atomic_path_creates_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with export.atomic_path(tmp_path / "new.json") as tmp:
+            tmp.write_text("{")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_csv_round_trip(tmp_path):
+    fields = ["patient", "status", "error", "value"]
+    rows = [
+        {"patient": "8864", "status": "ok", "error": None, "value": 0.25},
+        {"patient": "odd, name", "status": "failed", "error": 'bad "quote"\nsecond line', "value": None,
+         "extra": "ignored"},
+    ]
+    export.write_csv(tmp_path / "s.csv", fields, rows)
+    with open(tmp_path / "s.csv", newline="") as handle:
+        read = list(csv.DictReader(handle))
+    assert [list(r) for r in read] == [fields, fields]
+    assert read[0] == {"patient": "8864", "status": "ok", "error": "", "value": "0.25"}
+    assert read[1] == {"patient": "odd, name", "status": "failed", "error": 'bad "quote"\nsecond line', "value": ""}
+
+
+def test_write_csv_header_only(tmp_path):
+    export.write_csv(tmp_path / "s.csv", export.SUMMARY_FIELDS, [])
+    assert (tmp_path / "s.csv").read_text() == ",".join(export.SUMMARY_FIELDS) + "\n"
+
+
+def test_unwritable_directory_raises_output_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user (root?) for whom chmod 0500 does not block writing")
+        with pytest.raises(OutputError) as info:
+            export.write_json(locked / "x.json", {})
+        assert str(locked / "x.json") in str(info.value)
+        with pytest.raises(OutputError):
+            export.write_csv(locked / "sub" / "x.csv", ["a"], [])
+    finally:
+        locked.chmod(0o700)
+
+
+def test_parent_that_is_a_file_raises_output_error(tmp_path):
+    """Works for root too: a path whose parent is a regular file can never be written."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputError) as info:
+        export.atomic_write_text(tmp_path / "afile" / "sub" / "x.txt", "x")
+    assert "afile" in str(info.value)
+
+
+def test_target_that_is_a_directory_raises_output_error_and_cleans_up(tmp_path):
+    (tmp_path / "x.json").mkdir()
+    with pytest.raises(OutputError):
+        export.write_json(tmp_path / "x.json", {})
+    assert _leftovers(tmp_path, {"x.json"}) == []
+    assert (tmp_path / "x.json").is_dir()
+
+
+def test_png_bytes_are_a_png(tmp_path):
+    export.write_png(tmp_path / "x.png", np.zeros((3, 2, 3), np.uint8))
+    data = (tmp_path / "x.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert Image.open(io.BytesIO(data)).size == (2, 3)

@@ -1,0 +1,320 @@
+"""idcmap.pipeline: `render` end to end, re-reading every file it writes."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import shape
+
+from conftest import MODEL_NAME, grid_patches, make_patient, real_patient_folder, solid, textured
+from idcmap.errors import EmptyFolderError, IdcmapError, OutputError
+from idcmap.export import SUMMARY_FIELDS
+from idcmap.loader import load_slide
+from idcmap.models import sha256_of
+from idcmap.pipeline import (
+    PATIENT_FILES,
+    PROBABILITY_FIELDS,
+    RenderOptions,
+    collect_summaries,
+    parse_shard,
+    render_folder,
+    summary_name,
+)
+
+
+def _options(weights, **overrides):
+    return RenderOptions(model=MODEL_NAME, weights=weights, device="cpu", progress=False, **overrides)
+
+
+def _patches(seed=0):
+    """A 4 x 5 block with a gap at (1, 2), an edge patch 34 px wide on the right, mixed labels."""
+    patches = grid_patches(4, 5, label_of=lambda r, c: int(c >= 3), skip={(1, 2)},
+                           pixels_of=lambda r, c: textured(seed * 100 + r * 5 + c, base=80 + 20 * c))
+    patches[(251, 51)] = (1, textured(seed * 100 + 99, width=34))
+    return patches
+
+
+def _read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _hidden(out: Path):
+    return [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def _midpoint_threshold(probability):
+    values = np.unique(probability.astype(np.float64))
+    assert len(values) >= 2
+    k = len(values) // 2
+    return float((values[k - 1] + values[k]) / 2)
+
+
+def test_render_one_patient_writes_consistent_files(tmp_path, tiny_weights, cpu_scorer):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    slide = load_slide(folder)
+    scores = cpu_scorer.score(slide)
+    threshold = _midpoint_threshold(scores.probability)
+    out = tmp_path / "out"
+
+    rows = render_folder(folder, out, _options(tiny_weights, threshold=threshold))
+
+    patient_dir = out / "P"
+    assert sorted(p.name for p in patient_dir.iterdir()) == sorted(PATIENT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == ["P", "summary.csv"]
+    assert _hidden(out) == []
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["patient"] == "P"
+    n = len(slide)
+    predicted = scores.probability >= threshold
+    assert 0 < predicted.sum() < n
+
+    # probabilities.csv: one row per patch, in the slide's order
+    table = _read_csv(patient_dir / "probabilities.csv")
+    assert len(table) == n
+    assert list(table[0]) == PROBABILITY_FIELDS
+    assert {r["file"] for r in table} == {p.name for p in folder.rglob("*.png")}
+    for row, path, (x, y), (h, w), label, p, m in zip(table, slide.paths, slide.xy.tolist(), slide.sizes.tolist(),
+                                                      slide.labels.tolist(), scores.probability, predicted):
+        assert row["file"] == path.name
+        assert (int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"])) == (x, y, w, h)
+        assert int(row["label"]) == label
+        assert 0.0 <= float(row["probability"]) <= 1.0 and 0.0 <= float(row["patch_probability"]) <= 1.0
+        assert float(row["probability"]) == pytest.approx(float(p), abs=1e-6)
+        assert int(row["predicted_idc"]) == int(m)
+
+    # probabilities.npy: the grid, NaN at the gap
+    grid = np.load(patient_dir / "probabilities.npy")
+    assert grid.shape == slide.grid_shape == (4, 6)
+    assert grid.dtype == np.float32
+    assert np.isnan(grid[1, 2])
+    assert np.isnan(grid).sum() == grid.size - n
+    rc = slide.cells
+    np.testing.assert_array_equal(grid[rc[:, 0], rc[:, 1]], scores.probability)
+
+    # summary.json
+    summary = json.loads((patient_dir / "summary.json").read_text())
+    tissue = int(slide.areas.sum())
+    assert tissue == 19 * 2500 + 34 * 50
+    predicted_area = int(slide.areas[predicted].sum())
+    labelled = slide.labels == 1
+    labelled_area = int(slide.areas[labelled].sum())
+    assert summary["patient"] == "P" and summary["status"] == "ok" and summary["error"] is None
+    assert summary["patches"] == n and summary["skipped_files"] == 0 and summary["skipped"] == []
+    assert summary["tissue_area_px"] == tissue
+    assert summary["predicted_idc_area_fraction"] == pytest.approx(predicted_area / tissue, abs=1e-6)
+    assert summary["labelled_idc_area_fraction"] == pytest.approx(labelled_area / tissue, abs=1e-6)
+    overlap = int(slide.areas[predicted & labelled].sum())
+    assert summary["dice"] == pytest.approx(2 * overlap / (predicted_area + labelled_area), abs=1e-6)
+    assert summary["threshold"] == threshold
+    assert summary["model"] == MODEL_NAME
+    assert summary["weights_sha256"] == sha256_of(tiny_weights)
+    assert summary["grid"]["shape"] == [4, 6]
+    assert (summary["grid"]["origin_x"], summary["grid"]["origin_y"]) == (0, 0)
+    assert summary["mosaic_origin_xy"] == [0, 0]
+    assert summary["calibration"]["threshold"] == threshold
+    assert set(SUMMARY_FIELDS) <= set(summary)
+
+    # regions.geojson: polygons cover exactly the predicted patches
+    regions = json.loads((patient_dir / "regions.geojson").read_text())
+    assert regions["type"] == "FeatureCollection"
+    polygons = [shape(f["geometry"]) for f in regions["features"]]
+    assert polygons and all(p.is_valid and p.geom_type == "Polygon" for p in polygons)
+    assert sum(p.area for p in polygons) == pytest.approx(predicted_area)
+    assert sum(p.area for p in polygons) == pytest.approx(summary["predicted_idc_area_fraction"] * tissue,
+                                                          abs=tissue * 1e-6)
+    assert sum(f["properties"]["patches"] for f in regions["features"]) == int(predicted.sum())
+    for feature, polygon in zip(regions["features"], polygons):
+        assert feature["type"] == "Feature"
+        assert feature["properties"]["area_px"] == pytest.approx(polygon.area)
+        assert threshold <= feature["properties"]["max_probability"] <= 1
+        assert threshold - 1e-6 <= feature["properties"]["mean_probability"] <= feature["properties"]["max_probability"]
+    assert len({f["id"] for f in regions["features"]}) == len(polygons)
+
+    # images
+    with Image.open(patient_dir / "mosaic.png") as mosaic:
+        np.testing.assert_array_equal(np.asarray(mosaic.convert("RGB")), slide.mosaic())
+    with Image.open(patient_dir / "overlay.png") as overlay:
+        assert overlay.format == "PNG" and overlay.size[0] > 100 and overlay.size[1] > 100
+
+    # summary.csv: the returned row
+    summary_rows = _read_csv(out / "summary.csv")
+    assert len(summary_rows) == 1 and list(summary_rows[0]) == SUMMARY_FIELDS
+    assert summary_rows[0]["patient"] == "P" and summary_rows[0]["status"] == "ok"
+    assert float(summary_rows[0]["predicted_idc_area_fraction"]) == rows[0]["predicted_idc_area_fraction"]
+    assert int(summary_rows[0]["patches"]) == n
+
+
+def test_unlabelled_patient(tmp_path, tiny_weights):
+    patches = {xy: (None, pixels) for xy, (_, pixels) in _patches().items()}
+    folder = make_patient(tmp_path / "in", "U", patches, layout="flat")
+    rows = render_folder(folder, tmp_path / "out", _options(tiny_weights, threshold=0.0))
+    assert rows[0]["status"] == "ok"
+    assert rows[0]["labelled_idc_area_fraction"] is None and rows[0]["dice"] is None
+    assert rows[0]["predicted_idc_area_fraction"] == 1.0  # threshold 0: every patch
+    table = _read_csv(tmp_path / "out" / "U" / "probabilities.csv")
+    assert {r["label"] for r in table} == {""}
+    assert {r["predicted_idc"] for r in table} == {"1"}
+    regions = json.loads((tmp_path / "out" / "U" / "regions.geojson").read_text())
+    assert sum(shape(f["geometry"]).area for f in regions["features"]) == rows[0]["tissue_area_px"]
+
+
+def test_nothing_predicted_gives_empty_feature_collection(tmp_path, tiny_weights, cpu_scorer):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    assert cpu_scorer.score(load_slide(folder)).probability.max() < 1.0
+    rows = render_folder(folder, tmp_path / "out", _options(tiny_weights, threshold=1.0))
+    assert rows[0]["predicted_idc_area_fraction"] == 0.0
+    assert rows[0]["dice"] == 0.0  # the patient has labelled IDC, none predicted
+    regions = json.loads((tmp_path / "out" / "P" / "regions.geojson").read_text())
+    assert regions == {"type": "FeatureCollection", "features": []}
+
+
+def _three_patients(root: Path):
+    make_patient(root, "A", _patches(1))
+    broken = make_patient(root, "B", _patches(2))
+    bad = broken / "0" / "B_idx5_x1_y1_class0.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    make_patient(root, "C", _patches(3))
+    return bad
+
+
+def test_one_broken_patient_does_not_stop_the_others(tmp_path, tiny_weights):
+    bad = _three_patients(tmp_path / "in")
+    out = tmp_path / "out"
+    rows = render_folder(tmp_path / "in", out, _options(tiny_weights))
+    assert [r["patient"] for r in rows] == ["A", "B", "C"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert str(bad) in rows[1]["error"]
+    assert rows[1]["model"] == MODEL_NAME and rows[1]["patches"] is None
+    for name in ("A", "C"):
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(PATIENT_FILES)
+    assert not (out / "B").exists()
+    assert _hidden(out) == []
+    table = _read_csv(out / "summary.csv")
+    assert [(r["patient"], r["status"]) for r in table] == [("A", "ok"), ("B", "failed"), ("C", "ok")]
+    assert str(bad) in table[1]["error"]
+    assert table[1]["patches"] == ""
+
+
+def _stamps(folder: Path):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    make_patient(root, "A", _patches(1))
+    make_patient(root, "C", _patches(3))
+    out = tmp_path / "out"
+    first = render_folder(root, out, _options(tiny_weights))
+    a_before = _stamps(out / "A")
+    c_before = _stamps(out / "C")
+    (out / "C" / "overlay.png").unlink()  # C is now incomplete
+
+    second = render_folder(root, out, _options(tiny_weights, resume=True))
+
+    assert _stamps(out / "A") == a_before  # skipped: not rewritten
+    assert sorted(p.name for p in (out / "C").iterdir()) == sorted(PATIENT_FILES)
+    c_after = _stamps(out / "C")
+    assert c_after["summary.json"] != c_before["summary.json"]  # redone
+    assert [r["status"] for r in second] == ["ok", "ok"]
+    for before, after in zip(first, second):
+        assert before["predicted_idc_area_fraction"] == after["predicted_idc_area_fraction"]
+        assert before["patches"] == after["patches"]
+    assert len(_read_csv(out / "summary.csv")) == 2
+    assert _hidden(out) == []
+
+    # a changed setting makes the earlier render unusable: redone even with --resume
+    render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25))
+    assert _stamps(out / "A")["summary.json"] != a_before["summary.json"]
+    assert json.loads((out / "A" / "summary.json").read_text())["threshold"] == 0.25
+
+    # an empty file counts as incomplete
+    (out / "A" / "regions.geojson").write_text("")
+    render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25))
+    assert (out / "A" / "regions.geojson").stat().st_size > 0
+
+
+def test_rendering_again_replaces_outputs_cleanly(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights, threshold=0.0))
+    (out / "P" / "stale.txt").write_text("from an older run")
+    render_folder(folder, out, _options(tiny_weights, threshold=1.0))
+    assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
+    assert json.loads((out / "P" / "summary.json").read_text())["threshold"] == 1.0
+    assert _hidden(out) == []
+
+
+def test_unwritable_output_is_an_error_not_a_failed_patient(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    with pytest.raises(OutputError):
+        render_folder(folder, tmp_path / "out", _options(tiny_weights))
+
+
+def test_missing_or_empty_input(tmp_path, tiny_weights):
+    with pytest.raises(EmptyFolderError):
+        render_folder(tmp_path / "missing", tmp_path / "out", _options(tiny_weights))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmptyFolderError):
+        render_folder(tmp_path / "empty", tmp_path / "out", _options(tiny_weights))
+
+
+def test_sharded_renders_partition_patients_and_merge(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    for i, name in enumerate(["A", "B", "C"]):
+        make_patient(root, name, grid_patches(2, 2, pixels_of=lambda r, c, i=i: solid((i * 50, r * 90, c * 90))))
+    out = tmp_path / "out"
+    first = render_folder(root, out, _options(tiny_weights, shard=(0, 2)))
+    second = render_folder(root, out, _options(tiny_weights, shard=(1, 2)))
+    assert [r["patient"] for r in first] == ["A", "C"] and [r["patient"] for r in second] == ["B"]
+    assert (out / "summary-0-of-2.csv").is_file() and (out / "summary-1-of-2.csv").is_file()
+    assert not (out / "summary.csv").exists()
+    merged = collect_summaries(out)
+    assert [r["patient"] for r in merged] == ["A", "B", "C"]
+    assert all(list(r) == SUMMARY_FIELDS for r in merged)
+
+
+def test_collect_summaries_without_renders(tmp_path):
+    with pytest.raises(IdcmapError):
+        collect_summaries(tmp_path)
+
+
+def test_parse_shard():
+    assert parse_shard("0/4", {}) == (0, 4)
+    assert parse_shard("3/4", {}) == (3, 4)
+    assert parse_shard("env", {"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
+    assert parse_shard("env", {}) == (0, 1)
+    for bad in ("4/4", "-1/4", "1", "a/b", "1/2/3", "0/0"):
+        with pytest.raises(IdcmapError):
+            parse_shard(bad, {})
+    with pytest.raises(IdcmapError):
+        parse_shard("env", {"RANK": "x", "WORLD_SIZE": "2"})
+    assert summary_name(None) == "summary.csv" and summary_name((0, 1)) == "summary.csv"
+    assert summary_name((1, 3)) == "summary-1-of-3.csv"
+
+
+def test_render_real_patient(tmp_path, tiny_weights):
+    folder = real_patient_folder("8916")
+    out = tmp_path / "out"
+    rows = render_folder(folder, out, _options(tiny_weights))
+    row = rows[0]
+    assert row["status"] == "ok" and row["patient"] == "8916" and row["patches"] == 171
+    positives = list((folder / "1").glob("*.png"))
+    assert len(positives) == 111
+    assert row["labelled_idc_area_fraction"] == pytest.approx(111 / 171, abs=1e-6)  # all patches are 50x50
+    table = _read_csv(out / "8916" / "probabilities.csv")
+    assert len(table) == 171
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in table)
+    assert sum(int(r["label"]) for r in table) == 111
+    with Image.open(out / "8916" / "mosaic.png") as mosaic:
+        np.testing.assert_array_equal(np.asarray(mosaic.convert("RGB")), load_slide(folder).mosaic())
+    assert not math.isnan(row["dice"])
+    assert _hidden(out) == []
+    assert sorted(os.listdir(out)) == ["8916", "summary.csv"]

@@ -1,0 +1,227 @@
+"""idcmap.regions: thresholding, specks and holes on the slide grid, area-weighted measures, polygons."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import Point, box
+from shapely.ops import unary_union
+
+from conftest import DATA_ROOT, grid_patches, real_patient_folder, solid
+from idcmap.loader import load_slide
+from idcmap.models import Calibration
+from idcmap.regions import dice, idc_area_fraction, predicted_mask, region_contours, region_polygons
+
+
+def _grid_slide(patient_factory, rows, cols, skip=(), name="P"):
+    return load_slide(patient_factory(name, grid_patches(rows, cols, skip=skip,
+                                                         pixels_of=lambda r, c: solid((r, c, 0)))))
+
+
+def _probability(slide, positive_cells):
+    """1.0 at the given (row, col) cells, 0.0 elsewhere, in the slide's patch order."""
+    cells = [tuple(rc) for rc in slide.cells.tolist()]
+    return np.array([1.0 if rc in positive_cells else 0.0 for rc in cells])
+
+
+def _cells_of(slide, mask):
+    return {tuple(rc) for rc, m in zip(slide.cells.tolist(), mask) if m}
+
+
+# ----------------------------------------------------------------------------------------------
+# predicted_mask
+
+
+def test_threshold_only(patient_factory):
+    slide = _grid_slide(patient_factory, 1, 5)
+    probability = np.array([0.1, 0.49, 0.5, 0.51, 0.9])
+    mask = predicted_mask(slide, probability, Calibration(threshold=0.5))
+    assert mask.dtype == bool
+    assert mask.tolist() == [False, False, True, True, True]  # >= threshold
+    assert predicted_mask(slide, probability, Calibration(threshold=0.95)).tolist() == [False] * 5
+    assert predicted_mask(slide, probability, Calibration(threshold=0.0)).tolist() == [True] * 5
+
+
+def test_min_region_cells_removes_specks_8_connected(patient_factory):
+    slide = _grid_slide(patient_factory, 6, 6)
+    block = {(r, c) for r in range(3) for c in range(3)}  # 9 cells
+    diagonal_pair = {(4, 4), (5, 5)}  # one 8-connected region of 2
+    lone = {(0, 5)}
+    probability = _probability(slide, block | diagonal_pair | lone)
+    assert _cells_of(slide, predicted_mask(slide, probability, Calibration(min_region_cells=0))) == \
+        block | diagonal_pair | lone
+    assert _cells_of(slide, predicted_mask(slide, probability, Calibration(min_region_cells=2))) == \
+        block | diagonal_pair
+    assert _cells_of(slide, predicted_mask(slide, probability, Calibration(min_region_cells=3))) == block
+    assert _cells_of(slide, predicted_mask(slide, probability, Calibration(min_region_cells=9))) == block
+    assert _cells_of(slide, predicted_mask(slide, probability, Calibration(min_region_cells=10))) == set()
+
+
+def test_max_hole_cells_fills_enclosed_holes(patient_factory):
+    slide = _grid_slide(patient_factory, 6, 6)
+    everything = {(r, c) for r in range(6) for c in range(6)}
+    one_hole = {(2, 2)}
+    two_hole = {(2, 4), (3, 4)}
+    probability = _probability(slide, everything - one_hole - two_hole)
+    unchanged = predicted_mask(slide, probability, Calibration(max_hole_cells=0))
+    assert _cells_of(slide, unchanged) == everything - one_hole - two_hole
+    assert _cells_of(slide, predicted_mask(slide, probability, Calibration(max_hole_cells=1))) == everything - two_hole
+    # "at most this many" (the CLI's --max-hole): a 2-cell hole is filled with max_hole_cells=2
+    assert _cells_of(slide, predicted_mask(slide, probability, Calibration(max_hole_cells=2))) == everything
+
+
+def test_holes_are_filled_only_where_patches_exist(patient_factory):
+    # a ring of 8 positive patches around a gap (no patch): nothing is predicted on bare glass
+    slide = _grid_slide(patient_factory, 3, 3, skip={(1, 1)})
+    assert len(slide) == 8
+    probability = np.ones(8)
+    mask = predicted_mask(slide, probability, Calibration(max_hole_cells=4, min_region_cells=2))
+    assert mask.shape == (8,) and mask.all()
+    polygons = region_polygons(slide, mask)
+    assert len(polygons) == 1
+    assert polygons[0].area == 8 * 2500
+    assert len(polygons[0].interiors) == 1  # the gap stays a hole
+    assert not polygons[0].contains(Point(76, 76))
+    # a gap plus a negative patch inside the ring make a 2-cell hole: filled at 2, kept at 1
+    slide = _grid_slide(patient_factory, 4, 3, skip={(1, 1)}, name="Q")
+    probability = _probability(slide, {(r, c) for r in range(4) for c in range(3)} - {(2, 1)})
+    assert not predicted_mask(slide, probability, Calibration(max_hole_cells=1))[
+        [tuple(rc) for rc in slide.cells.tolist()].index((2, 1))]
+    assert predicted_mask(slide, probability, Calibration(max_hole_cells=2)).all()
+
+
+@pytest.mark.xfail(reason="BUG: regions.predicted_mask fills negative cells at the border of the slide grid as "
+                          "'holes' (skimage remove_small_holes treats border-touching background as holes); "
+                          "they border bare glass and are not inside a positive region", strict=True)
+def test_negative_cells_at_grid_border_are_not_holes(patient_factory):
+    slide = _grid_slide(patient_factory, 3, 3)
+    everything = {(r, c) for r in range(3) for c in range(3)}
+    for negative in [(0, 0), (0, 1)]:  # a corner, an edge cell
+        probability = _probability(slide, everything - {negative})
+        mask = predicted_mask(slide, probability, Calibration(max_hole_cells=1))
+        assert _cells_of(slide, mask) == everything - {negative}, negative
+
+
+# ----------------------------------------------------------------------------------------------
+# areas
+
+
+def _edge_slide(patient_factory):
+    """Two full patches labelled 0 and an edge patch 20 wide x 50 high labelled 1."""
+    patches = {
+        (1, 1): (0, solid((1, 1, 1))),
+        (51, 1): (0, solid((2, 2, 2))),
+        (101, 1): (1, solid((3, 3, 3), height=50, width=20)),
+    }
+    return load_slide(patient_factory("P", patches))
+
+
+def test_idc_area_fraction_weights_by_pixel_area(patient_factory):
+    slide = _edge_slide(patient_factory)
+    assert slide.areas.tolist() == [2500, 2500, 1000]
+    labelled = slide.labels == 1
+    assert idc_area_fraction(slide, labelled) == pytest.approx(1000 / 6000, abs=1e-15)
+    assert idc_area_fraction(slide, ~labelled) == pytest.approx(5000 / 6000, abs=1e-15)
+    assert idc_area_fraction(slide, np.zeros(3, bool)) == 0.0
+    assert idc_area_fraction(slide, np.ones(3, bool)) == 1.0
+
+
+def test_dice_hand_values(patient_factory):
+    slide = _edge_slide(patient_factory)
+    predicted = np.array([True, False, True])
+    labelled = np.array([True, True, False])
+    assert dice(slide, predicted, labelled) == pytest.approx(2 * 2500 / (3500 + 5000), abs=1e-15)
+    assert dice(slide, predicted, predicted) == 1.0
+    assert dice(slide, predicted, ~predicted) == 0.0
+    assert dice(slide, np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+    assert dice(slide, np.zeros(3, bool), np.array([False, False, True])) == 0.0
+    assert dice(slide, np.array([False, False, True]), np.ones(3, bool)) == pytest.approx(2000 / 7000, abs=1e-15)
+
+
+def test_real_labelled_area_fraction_matches_files():
+    folder = real_patient_folder("9124")
+    area = {0: 0, 1: 0}
+    count = {0: 0, 1: 0}
+    for path in folder.glob("[01]/*.png"):
+        with Image.open(path) as image:
+            w, h = image.size
+        area[int(path.parent.name)] += w * h
+        count[int(path.parent.name)] += 1
+    slide = load_slide(folder)
+    labelled = slide.labels == 1
+    assert int(labelled.sum()) == count[1]
+    assert int(slide.areas.sum()) == area[0] + area[1]
+    assert idc_area_fraction(slide, labelled) == pytest.approx(area[1] / (area[0] + area[1]), rel=1e-12)
+    catalog = DATA_ROOT / "catalog.csv"
+    if catalog.is_file():
+        rows = {row["patient"]: row for row in csv.DictReader(catalog.open())}
+        assert int(rows["9124"]["patches"]) == len(slide)
+        assert int(rows["9124"]["idc_patches"]) == count[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# polygons and contours
+
+
+def _check_polygons_cover_mask(slide, mask):
+    polygons = region_polygons(slide, mask)
+    assert all(p.is_valid and p.geom_type == "Polygon" for p in polygons)
+    assert sum(p.area for p in polygons) == pytest.approx(float(slide.areas[mask].sum()), abs=1e-9)
+    union = unary_union(polygons) if polygons else None
+    for (x, y), (h, w), inside in zip(slide.xy.tolist(), slide.sizes.tolist(), mask.tolist()):
+        cell = box(x, y, x + w, y + h)
+        if inside:
+            assert union.intersection(cell).area == pytest.approx(w * h)
+        elif union is not None:
+            assert union.intersection(cell).area == pytest.approx(0.0, abs=1e-9)
+    # regions do not overlap each other
+    for i in range(len(polygons)):
+        for j in range(i + 1, len(polygons)):
+            assert polygons[i].intersection(polygons[j]).area == pytest.approx(0.0, abs=1e-9)
+    return polygons
+
+
+def test_region_polygons_cover_predicted_area(patient_factory):
+    patches = grid_patches(4, 5, label_of=lambda r, c: 0, pixels_of=lambda r, c: solid((r, c, 1)))
+    patches[(251, 1)] = (0, solid((9, 9, 9), height=50, width=34))  # an edge patch at the right
+    slide = load_slide(patient_factory("P", patches))
+    cells = [tuple(rc) for rc in slide.cells.tolist()]
+    # a ring with a negative centre, a region touching it only at a corner, and the edge patch
+    positive = {(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2), (3, 3), (0, 5), (0, 4)}
+    mask = np.array([rc in positive for rc in cells])
+    polygons = _check_polygons_cover_mask(slide, mask)
+    assert len(polygons) == 3
+    ring = [p for p in polygons if p.bounds == (1, 1, 151, 151)]
+    assert len(ring) == 1 and len(ring[0].interiors) == 1 and ring[0].area == 8 * 2500
+    edge = [p for p in polygons if p.bounds == (201, 1, 285, 51)]
+    assert len(edge) == 1 and edge[0].area == 2500 + 34 * 50
+    # sorted by top, then left
+    keys = [(p.bounds[1], p.bounds[0]) for p in polygons]
+    assert keys == sorted(keys)
+
+
+def test_region_polygons_random_masks_are_exact(patient_factory):
+    slide = load_slide(patient_factory("P", grid_patches(6, 7, skip={(2, 3), (5, 0)},
+                                                        pixels_of=lambda r, c: solid((r, c, 2)))))
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        _check_polygons_cover_mask(slide, rng.random(len(slide)) < 0.5)
+
+
+def test_region_polygons_empty(patient_factory):
+    slide = _edge_slide(patient_factory)
+    assert region_polygons(slide, np.zeros(3, bool)) == []
+
+
+def test_region_contours_follow_cell_edges(patient_factory):
+    slide = _grid_slide(patient_factory, 3, 4)
+    cells = [tuple(rc) for rc in slide.cells.tolist()]
+    mask = np.array([rc == (1, 2) for rc in cells])
+    contours = region_contours(slide, mask)
+    assert len(contours) == 1
+    xs, ys = contours[0][:, 0], contours[0][:, 1]
+    assert xs.min() == pytest.approx(100) and xs.max() == pytest.approx(150)
+    assert ys.min() == pytest.approx(50) and ys.max() == pytest.approx(100)
+    assert region_contours(slide, np.zeros(len(slide), bool)) == []

@@ -1,0 +1,209 @@
+"""idcmap.scoring: shapes and ranges, determinism, batch and backend independence, no label leak,
+and the context model's fallback for isolated patches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODEL_NAME, grid_patches, make_patient, textured, write_tiny_weights
+from idcmap.errors import IdcmapError
+from idcmap.loader import load_slide
+from idcmap.models import REGISTRY, load_model
+from idcmap.scoring import Scorer, onnx_available, resolve_device
+
+
+def _block(rows=5, cols=6, label_of=lambda r, c: (r + c) % 2, offset=(0, 0)):
+    patches = grid_patches(rows, cols, label_of=label_of, pixels_of=lambda r, c: textured(r * 31 + c, base=90 + 10 * c))
+    moved = {(x + offset[0], y + offset[1]): value for (x, y), value in patches.items()}
+    # an edge patch on the right
+    moved[(cols * 50 + 1 + offset[0], 1 + offset[1])] = (1, textured(999, width=34))
+    return moved
+
+
+@pytest.fixture
+def slide(tmp_path):
+    return load_slide(make_patient(tmp_path, "P", _block()))
+
+
+def test_scores_shapes_and_ranges(cpu_scorer, slide):
+    scores = cpu_scorer.score(slide)
+    n = len(slide)
+    for name in ("patch_logit", "logit", "patch_probability", "probability"):
+        value = getattr(scores, name)
+        assert value.shape == (n,), name
+        assert value.dtype == np.float32, name
+        assert np.isfinite(value).all(), name
+    assert ((scores.probability >= 0) & (scores.probability <= 1)).all()
+    assert ((scores.patch_probability >= 0) & (scores.patch_probability <= 1)).all()
+    np.testing.assert_allclose(scores.probability, 1 / (1 + np.exp(-scores.logit.astype(np.float64))), atol=1e-6)
+    np.testing.assert_allclose(scores.patch_probability, 1 / (1 + np.exp(-scores.patch_logit.astype(np.float64))),
+                               atol=1e-6)
+    assert np.ptp(scores.probability) > 0  # different patches, different scores
+
+
+def test_scoring_is_deterministic(cpu_scorer, slide):
+    first = cpu_scorer.score(slide)
+    second = cpu_scorer.score(slide)
+    np.testing.assert_array_equal(first.probability, second.probability)
+    np.testing.assert_array_equal(first.patch_probability, second.patch_probability)
+
+
+def test_fresh_scorer_gives_same_scores(tiny_weights, cpu_scorer, slide):
+    other = Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", backend=cpu_scorer.backend)
+    np.testing.assert_array_equal(other.score(slide).probability, cpu_scorer.score(slide).probability)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_batch_size_does_not_change_scores(tiny_weights, cpu_scorer, slide, batch_size):
+    reference = cpu_scorer.score(slide)
+    small = Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", batch_size=batch_size,
+                   backend=cpu_scorer.backend).score(slide)
+    np.testing.assert_allclose(small.probability, reference.probability, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(small.patch_probability, reference.patch_probability, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_onnx_and_torch_backends_agree(tiny_weights, slide):
+    onnx = Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", backend="onnx").score(slide)
+    eager = Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", backend="torch").score(slide)
+    np.testing.assert_allclose(onnx.probability, eager.probability, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(onnx.patch_probability, eager.patch_probability, atol=1e-5, rtol=0)
+
+
+def test_labels_cannot_reach_the_inputs(cpu_scorer, tmp_path):
+    patches = _block()
+    flipped = {xy: (1 - label, pixels) for xy, (label, pixels) in patches.items()}
+    unlabelled = {xy: (None, pixels) for xy, (_, pixels) in patches.items()}
+    a = load_slide(make_patient(tmp_path / "a", "P", patches))
+    b = load_slide(make_patient(tmp_path / "b", "P", flipped))
+    c = load_slide(make_patient(tmp_path / "c", "P", unlabelled, layout="flat"))
+    assert (a.labels != b.labels).all() and not c.has_labels
+    sa, sb, sc = cpu_scorer.score(a), cpu_scorer.score(b), cpu_scorer.score(c)
+    np.testing.assert_array_equal(sa.probability, sb.probability)
+    np.testing.assert_array_equal(sa.probability, sc.probability)
+    np.testing.assert_array_equal(sa.patch_probability, sb.patch_probability)
+
+
+def test_scores_do_not_depend_on_where_the_slide_sits(cpu_scorer, tmp_path):
+    here = load_slide(make_patient(tmp_path / "a", "P", _block()))
+    there = load_slide(make_patient(tmp_path / "b", "P", _block(offset=(1000, 500))))
+    np.testing.assert_allclose(cpu_scorer.score(here).probability, cpu_scorer.score(there).probability,
+                               atol=1e-6, rtol=0)
+
+
+def test_isolated_patches_keep_their_patch_probability(cpu_scorer, tmp_path):
+    assert cpu_scorer.network.context is not None
+    # cells (0,0), (0,4), (4,0), (4,4), (8,9): no other patch within 3 cells
+    cells = [(0, 0), (0, 4), (4, 0), (4, 4), (8, 9)]
+    patches = {(c * 50 + 1, r * 50 + 1): (i % 2, textured(50 + i)) for i, (r, c) in enumerate(cells)}
+    slide = load_slide(make_patient(tmp_path, "P", patches))
+    scores = cpu_scorer.score(slide)
+    np.testing.assert_array_equal(scores.logit, scores.patch_logit)
+    np.testing.assert_array_equal(scores.probability, scores.patch_probability)
+
+
+def test_neighbours_within_reach_do_change_the_score(cpu_scorer, tmp_path):
+    # two patches 3 cells apart (within reach) and one far away
+    cells = [(0, 0), (0, 3), (9, 9)]
+    patches = {(c * 50 + 1, r * 50 + 1): (0, textured(70 + i)) for i, (r, c) in enumerate(cells)}
+    slide = load_slide(make_patient(tmp_path, "P", patches))
+    scores = cpu_scorer.score(slide)
+    order = [tuple(rc) for rc in slide.cells.tolist()]
+    near = [order.index((0, 0)), order.index((0, 3))]
+    far = order.index((9, 9))
+    assert (scores.logit[near] != scores.patch_logit[near]).all()
+    assert scores.logit[far] == scores.patch_logit[far]
+
+
+def test_patch_scores_do_not_depend_on_other_patches(cpu_scorer, tmp_path):
+    patches = _block()
+    full = load_slide(make_patient(tmp_path / "a", "P", patches))
+    keep = dict(list(patches.items())[:5])
+    part = load_slide(make_patient(tmp_path / "b", "P", keep))
+    full_scores, part_scores = cpu_scorer.score(full), cpu_scorer.score(part)
+    index = {tuple(xy): i for i, xy in enumerate(full.xy.tolist())}
+    for j, xy in enumerate(part.xy.tolist()):
+        assert part_scores.patch_logit[j] == pytest.approx(full_scores.patch_logit[index[tuple(xy)]], abs=1e-5)
+
+
+def test_temperatures_are_applied(tmp_path, slide):
+    path = write_tiny_weights(tmp_path / "t.pt", calibration={"temperature": 2.0, "patch_temperature": 3.0})
+    scores = Scorer(load_model(MODEL_NAME, path), device="cpu").score(slide)
+    logit, patch_logit = scores.logit.astype(np.float64), scores.patch_logit.astype(np.float64)
+    np.testing.assert_allclose(scores.probability, 1 / (1 + np.exp(-logit / 2.0)), atol=1e-6)
+    np.testing.assert_allclose(scores.patch_probability, 1 / (1 + np.exp(-patch_logit / 3.0)), atol=1e-6)
+
+
+def test_patch_only_model_has_equal_outputs(tmp_path, slide):
+    path = write_tiny_weights(tmp_path / "c.pt", model="cancernet")
+    scores = Scorer(load_model("cancernet", path), device="cpu").score(slide)
+    np.testing.assert_array_equal(scores.logit, scores.patch_logit)
+    np.testing.assert_array_equal(scores.probability, scores.patch_probability)
+
+
+def test_scorer_refusals(tiny_weights):
+    model = load_model(MODEL_NAME, tiny_weights)
+    with pytest.raises(IdcmapError):
+        Scorer(model, device="cpu", backend="tensorrt")
+    with pytest.raises(IdcmapError):
+        Scorer(model, device="tpu")
+    with pytest.raises(IdcmapError):
+        Scorer(model, device="cpu", batch_size=-1, backend="torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(IdcmapError):
+            resolve_device("cuda")
+        with pytest.raises(IdcmapError):
+            Scorer(model, device="cuda")
+    if not onnx_available():
+        with pytest.raises(IdcmapError):
+            Scorer(model, device="cpu", backend="onnx")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.xfail(reason="BUG: Scorer treats batch_size=0 as 'use the default' (`batch_size or DEFAULT`), so "
+                          "its own `batch_size < 1` check never rejects 0", strict=True)
+def test_batch_size_zero_is_refused(tiny_weights):
+    with pytest.raises(IdcmapError):
+        Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", batch_size=0, backend="torch")
+
+
+CONTEXT_MODELS = sorted(name for name, spec in REGISTRY.items() if spec.context)
+
+
+def _cells_slide(root, cells, seed=0):
+    patches = {(c * 50 + 1, r * 50 + 1): (0, textured(seed + i)) for i, (r, c) in enumerate(cells)}
+    return load_slide(make_patient(root, "P", patches))
+
+
+@pytest.mark.parametrize("name", CONTEXT_MODELS)
+def test_context_reach_of_each_context_model(name, tmp_path):
+    model = load_model(name, write_tiny_weights(tmp_path / "m.pt", model=name))
+    reach = model.network.context.reach
+    assert reach >= 1
+    scorer = Scorer(model, device="cpu", backend="torch")
+    step = reach + 1
+    # isolated: every other patch more than `reach` cells away -> exactly the patch score
+    isolated = _cells_slide(tmp_path / "a", [(0, 0), (0, step), (step, 0), (step, step)])
+    scores = scorer.score(isolated)
+    np.testing.assert_array_equal(scores.logit, scores.patch_logit)
+    np.testing.assert_array_equal(scores.probability, scores.patch_probability)
+    # exactly `reach` cells apart: the context applies
+    near = scorer.score(_cells_slide(tmp_path / "b", [(0, 0), (0, reach)]))
+    assert (near.logit != near.patch_logit).all()
+
+
+@pytest.mark.xfail(reason="BUG: ContextHead pads its convolutions with zeros at the grid's bounding box, while "
+                          "empty cells inside the grid carry ReLU(bias) activations after the first layer: a "
+                          "patch's context score depends on how far the bounding box extends, so adding a patch "
+                          "beyond `reach` (or rendering a subset of a slide) changes other patches' scores",
+                   strict=True)
+@pytest.mark.parametrize("name", CONTEXT_MODELS)
+def test_patches_beyond_reach_do_not_change_context_scores(name, tmp_path):
+    model = load_model(name, write_tiny_weights(tmp_path / "m.pt", model=name))
+    step = model.network.context.reach + 1
+    scorer = Scorer(model, device="cpu", backend="torch")
+    pair = [(0, 0), (1, 1)]
+    alone = scorer.score(_cells_slide(tmp_path / "c", pair))
+    with_far = scorer.score(_cells_slide(tmp_path / "d", pair + [(1, 1 + step)]))
+    np.testing.assert_allclose(with_far.logit[:2], alone.logit, atol=1e-5, rtol=0)

@@ -1,0 +1,111 @@
+"""idcmap.training: a tiny end-to-end training run on synthetic patients, and its outputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_patient, textured
+from idcmap.dataset import SPLIT_SETS
+from idcmap.errors import IdcmapError
+from idcmap.loader import load_slide
+from idcmap.models import card_path, load_model, sha256_of
+from idcmap.scoring import Scorer
+from idcmap.training import TrainConfig, recalibrate, train
+
+MODEL = "cancernet-context"
+
+
+def _synthetic_root(root, patients=6, label_of=None):
+    """`root/group/p<i>`: 4 x 5 patches each; IDC patches dark, the others light (easy to learn)."""
+    label_of = label_of or (lambda i, r, c: int(c < 2))
+    for i in range(patients):
+        patches = {}
+        for r in range(4):
+            for c in range(5):
+                label = label_of(i, r, c)
+                patches[(c * 50 + 1, r * 50 + 1)] = (label, textured(i * 100 + r * 5 + c,
+                                                                     base=70 if label else 190, spread=40))
+        make_patient(root / "group", f"p{i}", patches)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("training")
+    root = _synthetic_root(base / "data")
+    out = base / "weights" / f"{MODEL}.pt"
+    card = train(root, MODEL, out, TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0))
+    return root, out, card
+
+
+def test_training_lowers_the_loss(trained):
+    _, _, card = trained
+    history = card["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
+
+
+def test_training_writes_weights_card_and_split(trained):
+    root, out, card = trained
+    assert out.is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        [out.name, card_path(out).name, out.with_suffix(".split.json").name])  # no checkpoint or temp left
+    on_disk = json.loads(card_path(out).read_text())
+    assert on_disk["sha256"] == sha256_of(out) == card["sha256"]
+    assert on_disk["model"] == MODEL
+    assert on_disk["training"]["epochs_run"] == 2
+    assert on_disk["training"]["train_patches"] == 20 * on_disk["training"]["train_patients"]
+    split = json.loads(out.with_suffix(".split.json").read_text())
+    ids = [pid for name in SPLIT_SETS for pid in split[name]]
+    assert sorted(ids) == [f"group/p{i}" for i in range(6)]
+    assert len(ids) == len(set(ids))
+    assert split["train"] and split["val"] and split["test"]
+    assert on_disk["training"]["split_file"] == out.with_suffix(".split.json").name
+    assert len(on_disk["mean"]) == len(on_disk["std"]) == 3
+
+
+def test_trained_weights_load_and_score(trained):
+    root, out, card = trained
+    model = load_model(MODEL, out)
+    assert model.sha256 == card["sha256"]
+    assert model.card["sha256"] == card["sha256"]
+    assert model.calibration.threshold == card["calibration"]["threshold"]
+    split = json.loads(out.with_suffix(".split.json").read_text())
+    slide = load_slide(root / split["test"][0])
+    scores = Scorer(model, device="cpu").score(slide)
+    assert scores.probability.shape == (20,)
+    assert ((scores.probability >= 0) & (scores.probability <= 1)).all()
+    # (two epochs are too few for batch-norm running statistics to settle, so no accuracy is asked)
+
+
+def test_recalibrate_rewrites_weights_and_card(trained, tmp_path):
+    root, out, _ = trained
+    copy = tmp_path / out.name
+    copy.write_bytes(out.read_bytes())
+    card_path(copy).write_text(card_path(out).read_text())
+    copy.with_suffix(".split.json").write_text(out.with_suffix(".split.json").read_text())
+    card = recalibrate(root, MODEL, copy, device="cpu")
+    assert card["sha256"] == sha256_of(copy)
+    assert json.loads(card_path(copy).read_text())["calibration"] == card["calibration"]
+    assert load_model(MODEL, copy).calibration.threshold == card["calibration"]["threshold"]
+
+
+def test_too_few_patients(tmp_path):
+    root = _synthetic_root(tmp_path / "data", patients=2)
+    with pytest.raises(IdcmapError):
+        train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"))
+
+
+@pytest.mark.xfail(reason="BUG: training.train crashes with TypeError (load_state_dict(None)) when no validation "
+                          "patient has both classes: val_auc is NaN every epoch, so best_state is never set",
+                   strict=True)
+def test_single_class_validation_patients_do_not_crash(tmp_path):
+    # every patient is all IDC or all non-IDC: the validation AUC is undefined
+    root = _synthetic_root(tmp_path / "data", label_of=lambda i, r, c: i % 2)
+    try:
+        train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"))
+    except IdcmapError:
+        pass  # refusing with a clear message is fine too
