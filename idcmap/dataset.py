@@ -17,7 +17,8 @@ SPLIT_SETS = ("train", "val", "test")
 def patient_ids(root: str | Path) -> dict[str, Path]:
     """Patient folders below `root`, keyed by their path relative to it (e.g. `patients/8864`)."""
     root = Path(root)
-    return {folder.relative_to(root).as_posix() or folder.name: folder for folder in find_patient_folders(root)}
+    folders = find_patient_folders(root)
+    return {folder.name if folder == root else folder.relative_to(root).as_posix(): folder for folder in folders}
 
 
 def make_split(ids: list[str], seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1) -> dict:

@@ -264,7 +264,7 @@ def load_slide(
     _check_mosaic_size(folder, xy, max_mosaic_pixels)
     paths = [p for p, _ in parsed]
     decoded = decode_patches(paths, threads)
-    keep = _drop_duplicates(paths, xy, decoded)
+    keep = _drop_duplicates(paths, xy, [n.label for _, n in parsed], decoded)
     paths = [paths[i] for i in keep]
     decoded = [decoded[i] for i in keep]
     xy = xy[keep]
@@ -290,22 +290,27 @@ def _check_mosaic_size(folder: Path, xy: np.ndarray, max_pixels: int) -> None:
         )
 
 
-def _drop_duplicates(paths: list[Path], xy: np.ndarray, decoded: list[np.ndarray]) -> list[int]:
-    """Indices to keep: identical patches at one x/y are kept once (warned), different ones raise."""
+def _drop_duplicates(paths: list[Path], xy: np.ndarray, labels: list[int | None],
+                     decoded: list[np.ndarray]) -> list[int]:
+    """Indices to keep. Patches share a 50 px grid cell only as exact copies (same x/y and pixels,
+    no conflicting labels): kept once, with a warning. Anything else sharing a cell raises."""
     keep: list[int] = []
     seen: dict[tuple[int, int], int] = {}
     for i, (x, y) in enumerate(xy.tolist()):
-        first = seen.get((x, y))
-        if first is None:
-            seen[(x, y)] = i
+        first = seen.setdefault((x // PATCH_SIZE, y // PATCH_SIZE), i)
+        if first == i:
             keep.append(i)
-        elif np.array_equal(decoded[first], decoded[i]):
-            log.warning("%s: same pixels as %s at x=%d y=%d; using one", paths[i], paths[first], x, y)
-        else:
-            raise DuplicatePatchError(
-                f"{paths[i]}: another patch ({paths[first].name}) lies at x={x} y={y} with "
-                "different pixels; remove one of them"
-            )
+            continue
+        other = f"{paths[i]}: {paths[first].name} already lies"
+        if (x, y) != tuple(xy[first].tolist()):
+            raise DuplicatePatchError(f"{other} in the same 50 px grid cell (x={xy[first][0]} y={xy[first][1]} vs "
+                                      f"x={x} y={y}); patches must lie on the 50 px grid, remove one")
+        if None not in (labels[i], labels[first]) and labels[i] != labels[first]:
+            raise DuplicatePatchError(f"{other} at x={x} y={y} with label {labels[first]}, this one says "
+                                      f"{labels[i]}; remove the wrong one")
+        if not np.array_equal(decoded[first], decoded[i]):
+            raise DuplicatePatchError(f"{other} at x={x} y={y} with different pixels; remove one of them")
+        log.warning("%s: same pixels as %s at x=%d y=%d; using one", paths[i], paths[first], x, y)
     return keep
 
 

@@ -117,17 +117,19 @@ class ContextHead(nn.Module):
     ) -> torch.Tensor:
         """Context logits for N patches placed at `index` = (window, row, col) on K grids."""
         k, rows, cols = grid_shape
+        margin = self.reach  # empty cells around the grid: a cell's score never depends on the grid's extent
         projected = F.relu(self.project(features))
-        grid = features.new_zeros((k, rows, cols, projected.shape[1] + 2))
+        grid = features.new_zeros((k, rows + 2 * margin, cols + 2 * margin, projected.shape[1] + 2))
         cell_values = torch.cat([projected, torch.ones_like(patch_logits)[:, None], patch_logits[:, None]], dim=1)
-        grid[index[:, 0], index[:, 1], index[:, 2]] = cell_values.to(grid.dtype)
+        where = (index[:, 0], index[:, 1] + margin, index[:, 2] + margin)
+        grid[where] = cell_values.to(grid.dtype)
         grid = grid.permute(0, 3, 1, 2)
         delta = self.refine(grid)[:, 0]
         mask = grid[:, -2:-1]
         size = 2 * self.reach + 1
         neighbours = F.conv2d(mask, mask.new_ones((1, 1, size, size)), padding=self.reach)[:, 0] - mask[:, 0]
         gate = (neighbours > 0.5).to(delta.dtype)
-        cell_delta = (delta * gate)[index[:, 0], index[:, 1], index[:, 2]]
+        cell_delta = (delta * gate)[where]
         return patch_logits + cell_delta.to(patch_logits.dtype)
 
 
@@ -250,7 +252,10 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> 
     card_file = card_path(path)
     card: dict = {}
     if card_file.is_file():
-        card = json.loads(card_file.read_text())
+        try:
+            card = json.loads(card_file.read_text())
+        except (OSError, ValueError) as err:
+            raise WeightsError(f"{card_file}: unreadable model card ({err}); restore it or delete it") from err
         if card.get("sha256") not in (None, digest):
             raise WeightsError(
                 f"{path}: sha256 {digest[:12]}… differs from its card {card_file.name} "
@@ -266,6 +271,8 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> 
         except RuntimeError as err:
             raise WeightsError(f"{path}: its tensors do not fit the {name!r} architecture "
                                "(made by another idcmap version?); retrain or restore the file") from err
+        mean, std = tuple(payload["mean"]), tuple(payload["std"])
+        calibration = Calibration(**payload.get("calibration", {}))
     except WeightsError:
         raise
     except Exception as err:  # torch raises many types for a bad file
@@ -274,9 +281,9 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> 
     return LoadedModel(
         name=name,
         network=network,
-        mean=tuple(payload["mean"]),
-        std=tuple(payload["std"]),
-        calibration=Calibration(**payload.get("calibration", {})),
+        mean=mean,
+        std=std,
+        calibration=calibration,
         sha256=digest,
         card=card,
     )

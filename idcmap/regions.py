@@ -14,7 +14,7 @@ def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibrati
     """(N,) bool: patches in predicted IDC regions, after dropping specks and filling holes.
 
     Specks: 8-connected positive regions of fewer than `min_region_cells` patches.
-    Holes: negative regions of fewer than `max_hole_cells` cells inside positive ones
+    Holes: negative regions of at most `max_hole_cells` cells enclosed by positive ones
     (filled only where a patch exists: no IDC is predicted on bare glass).
     """
     positive = probability >= calibration.threshold
@@ -24,7 +24,9 @@ def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibrati
     if calibration.min_region_cells > 1:
         grid = morphology.remove_small_objects(grid, max_size=calibration.min_region_cells - 1, connectivity=2)
     if calibration.max_hole_cells > 0:
-        grid = morphology.remove_small_holes(grid, max_size=calibration.max_hole_cells, connectivity=1)
+        # padded so that negative cells on the grid's edge, which border bare glass, are no holes
+        padded = morphology.remove_small_holes(np.pad(grid, 1), max_size=calibration.max_hole_cells, connectivity=1)
+        grid = padded[1:-1, 1:-1]
     rc = slide.cells
     return grid[rc[:, 0], rc[:, 1]]
 

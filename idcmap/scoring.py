@@ -98,7 +98,7 @@ class Scorer:
         if backend == "auto":
             backend = "onnx" if self.device.type == "cpu" and onnx_available() else "torch"
         self.backend = backend
-        self.batch_size = batch_size or DEFAULT_BATCH_SIZE[self.device.type]
+        self.batch_size = DEFAULT_BATCH_SIZE[self.device.type] if batch_size is None else batch_size
         if self.batch_size < 1:
             raise IdcmapError(f"--batch-size {self.batch_size}: must be at least 1")
         self.autocast = mixed_precision and self.device.type == "cuda"

@@ -244,6 +244,9 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     save_split(split, split_path)
     train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
     val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    if not any(len(set(s.labels.tolist())) == 2 for s in val_slides):
+        raise IdcmapError(f"{data_root}: no validation patient has both IDC and non-IDC patches; "
+                          "early stopping and calibration need one (use more patients or another --seed)")
     mean, std = pixel_statistics(train_slides)
     network = build_model(model_name)
     scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="")
@@ -306,7 +309,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, record)
         tqdm.write(json.dumps(record))
-        if record["val_auc"] > best_auc:
+        if best_state is None or record["val_auc"] > best_auc:
             best_auc, stale = record["val_auc"], 0
             best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
         else:

@@ -107,9 +107,6 @@ def test_patient_ids_relative_to_root(tmp_path):
                                      "sparse/9000": tmp_path / "sparse" / "9000"}
 
 
-@pytest.mark.xfail(reason="BUG: dataset.patient_ids keys a root that is itself a patient folder as '.' "
-                          "(Path('.').as_posix() is '.', so the `or folder.name` fallback never applies)",
-                   strict=True)
 def test_patient_ids_of_a_single_patient_folder(tmp_path):
     folder = make_patient(tmp_path, "8864", {(1, 1): (0, solid((1, 1, 1)))})
     assert patient_ids(folder) == {"8864": folder}

@@ -378,8 +378,6 @@ def test_different_duplicate_raises(tmp_path):
     assert str(second) in message or str(tmp_path / "P" / "0" / "P_idx5_x1_y1_class0.png") in message
 
 
-@pytest.mark.xfail(reason="BUG: identical pixels at one x/y labelled both 0 and 1 are silently kept once with "
-                          "label 0 (loader._drop_duplicates compares pixels only)", strict=True)
 def test_identical_duplicate_with_conflicting_labels_raises(tmp_path):
     pixels = textured(8)
     write_png(tmp_path / "P" / "0" / "P_idx5_x1_y1_class0.png", pixels)
@@ -388,9 +386,6 @@ def test_identical_duplicate_with_conflicting_labels_raises(tmp_path):
         load_slide(tmp_path / "P")
 
 
-@pytest.mark.xfail(reason="BUG: two patches whose x/y fall in one 50 px grid cell (x=1 and x=26) are both "
-                          "loaded into one cell: they overlap in the mosaic and collide in grid_values/context",
-                   strict=True)
 def test_two_patches_in_one_grid_cell_rejected(tmp_path):
     write_png(tmp_path / "P" / "0" / "P_idx5_x1_y1_class0.png", solid((1, 1, 1)))
     write_png(tmp_path / "P" / "0" / "P_idx5_x26_y1_class0.png", solid((2, 2, 2)))

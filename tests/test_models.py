@@ -140,9 +140,6 @@ def test_truncated_weights_file(tmp_path):
         load_model(MODEL_NAME, path)
 
 
-@pytest.mark.xfail(reason="BUG: models.load_model parses the model card outside any error handling: a "
-                          "corrupt card raises json.JSONDecodeError (a traceback in the CLI) instead of "
-                          "WeightsError", strict=True)
 def test_corrupt_card_is_a_weights_error(tmp_path):
     path = write_tiny_weights(tmp_path / "m.pt")
     card_path(path).write_text('{"sha256": "abc"')  # cut short
@@ -150,8 +147,6 @@ def test_corrupt_card_is_a_weights_error(tmp_path):
         load_model(MODEL_NAME, path)
 
 
-@pytest.mark.xfail(reason="BUG: models.load_model reads payload['mean'] / ['std'] after its try block: a "
-                          "checkpoint without them raises KeyError instead of WeightsError", strict=True)
 def test_checkpoint_without_normalisation_is_a_weights_error(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "m.pt"

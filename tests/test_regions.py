@@ -92,9 +92,6 @@ def test_holes_are_filled_only_where_patches_exist(patient_factory):
     assert predicted_mask(slide, probability, Calibration(max_hole_cells=2)).all()
 
 
-@pytest.mark.xfail(reason="BUG: regions.predicted_mask fills negative cells at the border of the slide grid as "
-                          "'holes' (skimage remove_small_holes treats border-touching background as holes); "
-                          "they border bare glass and are not inside a positive region", strict=True)
 def test_negative_cells_at_grid_border_are_not_holes(patient_factory):
     slide = _grid_slide(patient_factory, 3, 3)
     everything = {(r, c) for r in range(3) for c in range(3)}

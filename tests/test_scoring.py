@@ -161,8 +161,6 @@ def test_scorer_refusals(tiny_weights):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-@pytest.mark.xfail(reason="BUG: Scorer treats batch_size=0 as 'use the default' (`batch_size or DEFAULT`), so "
-                          "its own `batch_size < 1` check never rejects 0", strict=True)
 def test_batch_size_zero_is_refused(tiny_weights):
     with pytest.raises(IdcmapError):
         Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", batch_size=0, backend="torch")
@@ -193,11 +191,6 @@ def test_context_reach_of_each_context_model(name, tmp_path):
     assert (near.logit != near.patch_logit).all()
 
 
-@pytest.mark.xfail(reason="BUG: ContextHead pads its convolutions with zeros at the grid's bounding box, while "
-                          "empty cells inside the grid carry ReLU(bias) activations after the first layer: a "
-                          "patch's context score depends on how far the bounding box extends, so adding a patch "
-                          "beyond `reach` (or rendering a subset of a slide) changes other patches' scores",
-                   strict=True)
 @pytest.mark.parametrize("name", CONTEXT_MODELS)
 def test_patches_beyond_reach_do_not_change_context_scores(name, tmp_path):
     model = load_model(name, write_tiny_weights(tmp_path / "m.pt", model=name))
