@@ -157,11 +157,14 @@ def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Pat
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
               help="Folder for metrics.json and the figures.")
 @click.option("--device", default="auto", show_default=True)
-def evaluate(data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str) -> None:
-    """Evaluate models on the test patients of DATA_ROOT: patch and slide metrics, figures."""
+@click.option("--record", is_flag=True, help="Write the test figures into each model's card in weights/.")
+def evaluate(data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str,
+             record: bool) -> None:
+    """Evaluate models side by side on the test patients of DATA_ROOT: patch and slide metrics
+    (whole and sparse patients apart, 95% bootstrap intervals), speed, figures."""
     from .evaluation import evaluate_models
 
-    report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device)
+    report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device, record=record)
     click.echo(json.dumps(report["summary"], indent=2))
 
 

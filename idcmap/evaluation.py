@@ -21,7 +21,7 @@ from .dataset import load_slides, load_split, patient_ids  # noqa: E402
 from .errors import IdcmapError  # noqa: E402
 from .export import atomic_write_bytes, write_json  # noqa: E402
 from .loader import Slide  # noqa: E402
-from .models import REGISTRY, load_model  # noqa: E402
+from .models import REGISTRY, card_path, load_model  # noqa: E402
 from .regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
 from .scoring import Scorer  # noqa: E402
 
@@ -66,9 +66,10 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, split_file: str | Path | None = None,
-                    device: str = "auto") -> dict:
+                    device: str = "auto", record: bool = False) -> dict:
     """Evaluate `models` (default: every registry model with weights) on the split's test patients;
-    write metrics.json and figures to `out`; return the report."""
+    write metrics.json and figures to `out`; with `record`, add the test figures to each model's
+    card in weights/. Return the report."""
     out = Path(out)
     models = models or [name for name, spec in REGISTRY.items() if spec.weights_path.is_file()]
     if not models:
@@ -121,7 +122,9 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             "patch_all": {k: round(entry["patch"]["all"][k], 4)
                           for k in ("balanced_accuracy", "f1_idc", "roc_auc", "pr_auc", "ece")},
             **{f"slides_{g}": {"area_fraction_mae": round(v["area_fraction_mae"], 4),
-                               "dice": round(v["dice"], 4), "slides": v["slides"]}
+                               "area_fraction_mae_ci95": [round(b, 4) for b in v["area_fraction_mae_ci95"]],
+                               "dice": round(v["dice"], 4), "dice_ci95": [round(b, 4) for b in v["dice_ci95"]],
+                               "slides": v["slides"]}
                for g, v in whole_groups.items()},
             **{f"patch_{g}": {k: round(entry["patch"][g][k], 4) for k in ("balanced_accuracy", "f1_idc", "roc_auc")}
                for g in sorted(set(groups))},
@@ -129,6 +132,12 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
         }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", report)
+    if record:
+        for model in loaded:
+            card = dict(model.card)
+            card["test"] = {"split_file": Path(split_file).name, "patients": len(test_ids),
+                            **report["summary"][model.name]}
+            write_json(card_path(REGISTRY[model.name].weights_path), card)
     _figures(out, curves, loaded)
     return report
 
