@@ -78,7 +78,7 @@ def write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:
 def write_png(path: str | Path, image: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 array as PNG atomically."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -9,11 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from .loader import PATCH_SIZE, Slide  # noqa: E402
 from .regions import region_contours  # noqa: E402
 
 HEATMAP = "viridis"  # perceptually uniform
+DISPLAY_MAX_SIDE = 1600  # the mosaic is box-reduced to this before plotting (the figure shows ~800 px)
 PREDICTED_COLOUR = "#00e5ff"
 LABELLED_COLOUR = "#ff2d2d"
 
@@ -32,9 +34,12 @@ def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predi
     extent = (0, cols * PATCH_SIZE, rows * PATCH_SIZE, 0)
     heat = np.ma.masked_invalid(slide.grid_values(probability))
     predicted_lines = region_contours(slide, predicted)
+    factor = max(1, int(np.ceil(max(height, width) / DISPLAY_MAX_SIDE)))
+    shown = np.asarray(Image.fromarray(mosaic).reduce(factor)) if factor > 1 else mosaic
+    mosaic_extent = (0, width, height, 0)
 
     ax = axes[0, 0]
-    ax.imshow(mosaic, interpolation="antialiased")
+    ax.imshow(shown, extent=mosaic_extent, interpolation="antialiased")
     image = ax.imshow(heat, cmap=HEATMAP, vmin=0, vmax=1, alpha=0.55, extent=extent, interpolation="nearest")
     for line in predicted_lines:
         ax.plot(line[:, 0], line[:, 1], color=PREDICTED_COLOUR, linewidth=1.4)
@@ -44,7 +49,7 @@ def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predi
     if panels == 2:
         ax = axes[0, 1]
         labelled = slide.labels == 1
-        ax.imshow(mosaic, interpolation="antialiased")
+        ax.imshow(shown, extent=mosaic_extent, interpolation="antialiased")
         truth = np.ma.masked_equal(slide.grid_values(labelled.astype(float), fill=0.0), 0)
         ax.imshow(truth, cmap=ListedColormap([LABELLED_COLOUR]), alpha=0.4, extent=extent, interpolation="nearest")
         for line in region_contours(slide, labelled):
