@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import metrics  # noqa: E402
-from .dataset import load_slides, load_split, patient_ids  # noqa: E402
+from .dataset import SPLIT_SETS, load_slides, load_split, patient_ids  # noqa: E402
 from .errors import IdcmapError  # noqa: E402
 from .export import atomic_write_bytes, write_json  # noqa: E402
 from .loader import Slide  # noqa: E402
@@ -79,9 +79,12 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     split_file = Path(split_file) if split_file else REGISTRY[models[0]].weights_path.with_suffix(".split.json")
     split = load_split(split_file, folders)
     test_ids = split["test"]
-    slides = [s for s in load_slides(test_ids, folders, "load test") if s.has_labels]
-    groups = [_group(pid) for pid, s in zip(test_ids, slides)]
-    report: dict = {"data_root": str(data_root), "split_file": str(split_file), "test_patients": test_ids,
+    labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test")) if s.has_labels]
+    if not labelled:
+        raise IdcmapError(f"{split_file}: no test patient carries labels (_class0/_class1 in its file names)")
+    slides = [s for _, s in labelled]
+    groups = [_group(pid) for pid, _ in labelled]
+    report: dict = {"data_root": str(data_root), "split_file": str(split_file), "test_patients": [pid for pid, _ in labelled],
                     "models": {}, "summary": {}}
     curves = {}
     for model in loaded:
@@ -132,14 +135,50 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
         }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", report)
+    atomic_write_bytes(out / "models.md", models_table(report, loaded, split).encode())
     if record:
         for model in loaded:
             card = dict(model.card)
-            card["test"] = {"split_file": Path(split_file).name, "patients": len(test_ids),
+            card["test"] = {"split_file": Path(split_file).name, "patients": len(slides),
                             **report["summary"][model.name]}
             write_json(card_path(REGISTRY[model.name].weights_path), card)
     _figures(out, curves, loaded)
     return report
+
+
+def models_table(report: dict, loaded: list, split: dict) -> str:
+    """The README's model table (markdown): one row per model, test figures and how to reproduce them."""
+
+    def trio(figures: dict) -> str:
+        return " / ".join(f"{figures[k]:.3f}" for k in ("balanced_accuracy", "f1_idc", "roc_auc")) if figures else "–"
+
+    def with_interval(figures: dict, key: str) -> str:
+        if not figures:
+            return "–"
+        low, high = figures[f"{key}_ci95"]
+        return f"{figures[key]:.3f} [{low:.2f}, {high:.2f}]"
+
+    groups = sorted({_group(pid) for pid in report["test_patients"]})
+    sets = ", ".join(f"{name} {len(split[name])}" for name in SPLIT_SETS)
+    lines = [
+        f"{len(report['test_patients'])} test patients (split: {sets}; groups: {', '.join(groups)}). "
+        "Patch figures at each model's validation-fitted threshold; slide figures on the whole test "
+        "slides, mean and 95% bootstrap interval over patients.",
+        "",
+        "| model | parameters | whole slides: BAC / F1 / AUC | area-fraction MAE | Dice "
+        "| sparse: BAC / F1 / AUC | scoring patches/s | reproduce |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model in loaded:
+        summary = report["summary"][model.name]
+        slides = summary.get("slides_patients", {})
+        command = model.card.get("training", {}).get("command", f"idcmap train DATA_ROOT --model {model.name}")
+        lines.append(
+            f"| `{model.name}` | {model.card.get('parameters', 0):,} | {trio(summary.get('patch_patients', {}))} "
+            f"| {with_interval(slides, 'area_fraction_mae')} | {with_interval(slides, 'dice')} "
+            f"| {trio(summary.get('patch_sparse', {}))} | {summary['scoring_patches_per_s']:,.0f} | `{command}` |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _figures(out: Path, curves: dict, loaded: list) -> None:

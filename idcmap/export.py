@@ -60,9 +60,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _strict_json(data: object) -> object:
+    """`data` with NaN and infinities as None: strict JSON that every reader accepts."""
+    if isinstance(data, float):
+        return data if np.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_strict_json(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: object) -> None:
-    """Write pretty JSON atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write pretty, strict JSON atomically (NaN and infinities become null)."""
+    atomic_write_text(path, json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:

@@ -33,6 +33,8 @@ BACKGROUND = 255
 """Value of every mosaic/patch pixel that no patch covers (white, like bare glass)."""
 DEFAULT_MAX_MOSAIC_PIXELS = 250_000_000
 """Refuse slides whose mosaic would exceed this many pixels (750 MB of RGB)."""
+MAX_COORDINATE = 10**12
+"""Largest x or y a patch name may carry (keeps every pixel computation inside int64)."""
 
 PATCH_NAME = re.compile(
     r"^(?P<patient>.+?)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.png$"
@@ -57,12 +59,12 @@ def parse_patch_name(name: str) -> PatchName:
             f"{name}: not a patch name; expected <patient>_idx5_x<X>_y<Y>_class<0|1>.png"
         )
     label = match.group("label")
-    return PatchName(
-        patient=match.group("patient"),
-        x=int(match.group("x")),
-        y=int(match.group("y")),
-        label=None if label is None else int(label),
-    )
+    x, y = int(match.group("x")), int(match.group("y"))
+    if max(x, y) > MAX_COORDINATE:
+        raise PatchNameError(
+            f"{name}: x/y beyond {MAX_COORDINATE:.0e} px, larger than any slide; check the file name"
+        )
+    return PatchName(patient=match.group("patient"), x=x, y=y, label=None if label is None else int(label))
 
 
 @dataclass
@@ -151,8 +153,11 @@ class Slide:
         return grid
 
 
-def _label_from_folder(path: Path) -> int | None:
-    return int(path.parent.name) if path.parent.name in ("0", "1") else None
+def _label_from_folder(path: Path, patient_folder: Path) -> int | None:
+    """0 or 1 for a patch inside the patient's `0/` or `1/` class folder, None for a flat folder."""
+    if path.parent == patient_folder or path.parent.name not in ("0", "1"):
+        return None
+    return int(path.parent.name)
 
 
 def list_patch_files(folder: Path) -> tuple[list[Path], list[str]]:
@@ -244,7 +249,7 @@ def load_slide(
                 f"{path}: names patient {name.patient!r} but lies in folder {patient!r}; "
                 "move it to its own patient folder"
             )
-        folder_label = _label_from_folder(path)
+        folder_label = _label_from_folder(path, folder)
         if name.label is not None and folder_label is not None and name.label != folder_label:
             raise PatientMismatchError(
                 f"{path}: named class{name.label} but lies in folder {folder_label}/; "
@@ -257,7 +262,7 @@ def load_slide(
     if not parsed:
         raise EmptyFolderError(
             f"{folder}: no patch PNGs named <patient>_idx5_x<X>_y<Y>_class<C>.png "
-            f"({len(skipped)} other files); point idcmap at a patient folder"
+            f"({len(skipped)} other files{', e.g. ' + skipped[0] if skipped else ''}); point idcmap at a patient folder"
         )
     parsed.sort(key=lambda item: (item[1].y, item[1].x, str(item[0])))
     xy = np.array([[n.x, n.y] for _, n in parsed], dtype=np.int64)

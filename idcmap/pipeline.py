@@ -190,17 +190,23 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `staging` (old outputs removed only after the new ones are complete)."""
+    """Replace `out_dir` by `staging` (old outputs removed only after the new ones are in place;
+    if the new ones cannot be moved in, the old ones are moved back)."""
+    trash = out_dir.parent / f".{out_dir.name}.old.{uuid.uuid4().hex[:8]}" if out_dir.exists() else None
     try:
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old.{uuid.uuid4().hex[:8]}"
+        if trash is not None:
             out_dir.rename(trash)
+        try:
             staging.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(out_dir)
+        except OSError:
+            if trash is not None:
+                trash.rename(out_dir)
+            raise
     except OSError as err:
-        raise OutputError(f"{out_dir}: cannot move outputs into place ({err.strerror})") from err
+        raise OutputError(f"{out_dir}: cannot move outputs into place ({err.strerror}); "
+                          "earlier outputs, if any, are kept") from err
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def completed_summary(out_dir: Path, sha256: str, calibration: Calibration) -> dict | None:

@@ -1,0 +1,279 @@
+"""idcmap.evaluation.evaluate_models end to end on a tiny synthetic data root with tiny weights.
+
+Every figure in metrics.json is checked against what is recomputed here from the files written
+(labels, patch sizes) and from scoring the test patients directly with the same weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_patient, textured, write_tiny_weights
+from idcmap import models as models_module
+from idcmap.dataset import make_split, patient_ids, save_split
+from idcmap.evaluation import evaluate_models
+from idcmap.loader import load_slide
+from idcmap.models import card_path, load_model, sha256_of
+from idcmap.scoring import Scorer
+
+MODELS = ["cancernet", "cancernet-context"]
+ROWS, COLS, EDGE_WIDTH = 4, 5, 30  # whole patients: 4 x 5 patches, the right column 30 px wide
+SPARSE_CELLS = [(0, 0), (0, 4), (4, 0), (4, 4), (8, 2)]  # no two cells touch: not a whole slide
+
+
+def _patch(seed: int, label: int, width: int = 50) -> np.ndarray:
+    """IDC patches dark, the others light (like tests/test_training.py)."""
+    return textured(seed, width=width, base=70 if label else 190, spread=40)
+
+
+def _build_root(root):
+    """root/patients/p0..p6 (whole) and root/sparse/s0..s2; returns {patient id: {(x, y): (label, w)}}."""
+    truth = {}
+    for i in range(7):
+        patches = {}
+        for r in range(ROWS):
+            for c in range(COLS):
+                label = int(c < 1 + i % 3 or (r == 0 and i % 2 == 0))
+                width = EDGE_WIDTH if c == COLS - 1 else 50
+                patches[(c * 50 + 1, r * 50 + 1)] = (label, _patch(i * 100 + r * COLS + c, label, width))
+        make_patient(root / "patients", f"p{i}", patches)
+        truth[f"patients/p{i}"] = {xy: (label, a.shape[1]) for xy, (label, a) in patches.items()}
+    for i in range(3):
+        patches = {}
+        for k, (r, c) in enumerate(SPARSE_CELLS):
+            label = int(k % 2 == i % 2)  # both classes in every sparse patient
+            patches[(c * 50 + 1, r * 50 + 1)] = (label, _patch(5000 + i * 10 + k, label))
+        make_patient(root / "sparse", f"s{i}", patches)
+        truth[f"sparse/s{i}"] = {xy: (label, a.shape[1]) for xy, (label, a) in patches.items()}
+    return truth
+
+
+HISTORY = [{"epoch": 1, "train_loss": 0.7, "val_loss": 0.69, "val_auc": 0.55},
+           {"epoch": 2, "train_loss": 0.6, "val_loss": 0.65, "val_auc": 0.61}]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """One evaluate_models(record=True) run: (root, truth, split, weights dir, cards before, out, report)."""
+    base = tmp_path_factory.mktemp("evaluation")
+    root = base / "data"
+    truth = _build_root(root)
+    weights = base / "weights"
+    for seed, name in enumerate(MODELS):
+        write_tiny_weights(weights / f"{name}.pt", model=name, seed=seed)
+    # cancernet-context gets a minimal card (with a training history); cancernet has none
+    context_card = {"model": "cancernet-context", "sha256": sha256_of(weights / "cancernet-context.pt"),
+                    "note": "kept", "history": HISTORY}
+    card_path(weights / "cancernet-context.pt").write_text(json.dumps(context_card))
+    split = make_split(sorted(patient_ids(root)), seed=0, test_fraction=0.4)
+    save_split(split, base / "split.json")
+    out = base / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models_module, "WEIGHTS_DIR", weights)
+        report = evaluate_models(root, MODELS, out, split_file=base / "split.json", device="cpu", record=True)
+        cards = {name: json.loads(card_path(weights / f"{name}.pt").read_text())
+                 if card_path(weights / f"{name}.pt").is_file() else None for name in MODELS}
+    return {"root": root, "truth": truth, "split": split, "weights": weights, "out": out, "report": report,
+            "context_card": context_card, "cards": cards}
+
+
+def test_the_split_has_both_groups_in_test(evaluated):
+    test = evaluated["split"]["test"]
+    assert sum(pid.startswith("patients/") for pid in test) == 3  # round(0.4 * 7)
+    assert sum(pid.startswith("sparse/") for pid in test) == 1  # round(0.4 * 3)
+
+
+def test_metrics_json_re_reads_with_both_models(evaluated):
+    path = evaluated["out"] / "metrics.json"
+    assert path.is_file()
+    on_disk = json.loads(path.read_text())
+    assert sorted(on_disk["models"]) == sorted(MODELS) == sorted(on_disk["summary"])
+    assert on_disk == json.loads(json.dumps(evaluated["report"]))  # what was returned is what was written
+    assert on_disk["test_patients"] == evaluated["split"]["test"]
+    assert sorted(p.name for p in evaluated["out"].iterdir() if p.name.startswith(".")) == []  # no temp files
+    for name in MODELS:
+        entry = on_disk["models"][name]
+        assert entry["sha256"] == sha256_of(evaluated["weights"] / f"{name}.pt")
+        assert entry["scoring_patches_per_s"] > 0
+        assert entry["calibration"]["threshold"] == 0.5
+
+
+def _test_patches(evaluated):
+    return sum(len(evaluated["truth"][pid]) for pid in evaluated["split"]["test"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_patch_metrics(evaluated, name):
+    entry = evaluated["report"]["models"][name]
+    assert sorted(entry["patch"]) == ["all", "patients", "sparse"]
+    test = evaluated["split"]["test"]
+    for group, report in entry["patch"].items():
+        ids = [pid for pid in test if group == "all" or pid.startswith(group + "/")]
+        labels = [label for pid in ids for label, _ in evaluated["truth"][pid].values()]
+        assert report["patches"] == len(labels)
+        assert report["idc_patches"] == sum(labels)
+        matrix = np.array(report["confusion_matrix"])
+        assert matrix.shape == (2, 2) and (matrix >= 0).all()
+        assert matrix.sum() == len(labels)
+        assert matrix[1].sum() == sum(labels)  # row 1: the labelled IDC patches
+        for key in ("accuracy", "balanced_accuracy", "precision_idc", "recall_idc", "f1_idc", "precision_non_idc",
+                    "recall_non_idc", "f1_non_idc", "roc_auc", "pr_auc", "ece"):
+            assert 0.0 <= report[key] <= 1.0, (group, key, report[key])
+        (tn, fp), (fn, tp) = matrix
+        assert report["accuracy"] == pytest.approx((tn + tp) / len(labels))
+    assert entry["patch"]["all"]["patches"] == _test_patches(evaluated)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_figures_match_a_direct_scoring(evaluated, name):
+    """Score the test patients here with the same weights: same confusion matrix, same area fractions."""
+    model = load_model(name, evaluated["weights"] / f"{name}.pt")
+    scorer = Scorer(model, device="cpu")
+    entry = evaluated["report"]["models"][name]
+    threshold = model.calibration.threshold
+    labels, predicted, rows = [], [], {}
+    for pid in evaluated["split"]["test"]:
+        slide = load_slide(evaluated["root"] / pid)
+        positive = scorer.score(slide).probability >= threshold  # no region post-processing in this calibration
+        labels.append(slide.labels == 1)
+        predicted.append(positive)
+        rows[slide.patient] = float(slide.areas[positive].sum() / slide.areas.sum())
+    labels, predicted = np.concatenate(labels), np.concatenate(predicted)
+    expected = [[int((~labels & ~predicted).sum()), int((~labels & predicted).sum())],
+                [int((labels & ~predicted).sum()), int((labels & predicted).sum())]]
+    assert entry["patch"]["all"]["confusion_matrix"] == expected
+    for row in entry["per_patient"]:
+        assert row["predicted_idc_area_fraction"] == pytest.approx(rows[row["patient"]], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_per_patient_entries(evaluated, name):
+    entry = evaluated["report"]["models"][name]
+    test = evaluated["split"]["test"]
+    per_patient = entry["per_patient"]
+    assert sorted(f"{row['group']}/{row['patient']}" for row in per_patient) == sorted(test)
+    for row in per_patient:
+        pid = f"{row['group']}/{row['patient']}"
+        truth = evaluated["truth"][pid]
+        assert row["patches"] == len(truth)
+        # labelled area fraction from the written labels and widths (edge patches count 30 px)
+        areas = {xy: 50 * width for xy, (_, width) in truth.items()}
+        labelled = sum(a for xy, a in areas.items() if truth[xy][0] == 1) / sum(areas.values())
+        assert row["labelled_idc_area_fraction"] == pytest.approx(labelled, abs=1e-12)
+        assert row["area_fraction_error"] == pytest.approx(
+            abs(row["predicted_idc_area_fraction"] - row["labelled_idc_area_fraction"]), abs=1e-12)
+        assert 0.0 <= row["predicted_idc_area_fraction"] <= 1.0
+        assert 0.0 <= row["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_slide_metrics_and_bootstrap_intervals(evaluated, name):
+    entry = evaluated["report"]["models"][name]
+    # only the whole patients get slide figures; sparse/ folders are scattered samples
+    assert sorted(entry["slides"]) == ["patients"]
+    whole = [row for row in entry["per_patient"] if row["group"] == "patients"]
+    slides = entry["slides"]["patients"]
+    assert slides["slides"] == len(whole) == 3
+    assert slides["area_fraction_mae"] == pytest.approx(np.mean([r["area_fraction_error"] for r in whole]))
+    assert slides["dice"] == pytest.approx(np.mean([r["dice"] for r in whole]))
+    for mean_key, ci_key in (("area_fraction_mae", "area_fraction_mae_ci95"), ("dice", "dice_ci95")):
+        low, high = slides[ci_key]
+        assert low - 1e-12 <= slides[mean_key] <= high + 1e-12, (mean_key, low, slides[mean_key], high)
+        values = [r["area_fraction_error" if mean_key == "area_fraction_mae" else "dice"] for r in whole]
+        assert min(values) - 1e-12 <= low and high <= max(values) + 1e-12
+    summary = evaluated["report"]["summary"][name]
+    assert summary["slides_patients"]["slides"] == 3
+    assert summary["slides_patients"]["area_fraction_mae"] == round(slides["area_fraction_mae"], 4)
+    assert sorted(k for k in summary if k.startswith("patch_")) == ["patch_all", "patch_patients", "patch_sparse"]
+
+
+def test_figures_exist_and_open(evaluated):
+    out = evaluated["out"]
+    expected = ["roc_pr.png", *(f"confusion_{m}.png" for m in MODELS), *(f"samples_{m}.png" for m in MODELS),
+                "training_cancernet-context.png"]  # only the model whose card has a training history
+    for name in expected:
+        with Image.open(out / name) as image:
+            image.verify()
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+    assert not (out / "training_cancernet.png").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_record_writes_a_test_section_into_the_cards(evaluated):
+    cards, report = evaluated["cards"], evaluated["report"]
+    for name in MODELS:
+        card = cards[name]
+        assert card is not None, f"no card written for {name}"
+        test = card["test"]
+        assert test["split_file"] == "split.json"
+        assert test["patients"] == len(evaluated["split"]["test"])
+        assert test["patch_all"] == report["summary"][name]["patch_all"]
+        assert test["slides_patients"] == json.loads(json.dumps(report["summary"][name]["slides_patients"]))
+    # an existing card keeps what it had
+    for key, value in evaluated["context_card"].items():
+        assert cards["cancernet-context"][key] == value
+    # and the weights still load against the rewritten cards
+    for name in MODELS:
+        assert load_model(name, evaluated["weights"] / f"{name}.pt").card["test"] == cards[name]["test"]
+
+
+def _unlabelled_root(root):
+    """patients/u0 unlabelled (flat, no _class), patients/w0 labelled, sparse/s0 labelled."""
+    whole = {(c * 50 + 1, r * 50 + 1): (None, _patch(r * 3 + c, int(c == 0))) for r in range(3) for c in range(3)}
+    make_patient(root / "patients", "u0", whole, layout="flat")
+    make_patient(root / "patients", "w0", {xy: (int(c == 0), a) for (xy, (_, a)), c in
+                                           zip(whole.items(), [0, 1, 2] * 3)})
+    make_patient(root / "sparse", "s0", {(c * 50 + 1, r * 50 + 1): (k % 2, _patch(90 + k, k % 2))
+                                         for k, (r, c) in enumerate(SPARSE_CELLS)})
+
+
+def test_unlabelled_test_patient_does_not_shift_groups(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    _unlabelled_root(root)
+    weights = tmp_path / "weights"
+    write_tiny_weights(weights / "cancernet.pt", model="cancernet")
+    monkeypatch.setattr(models_module, "WEIGHTS_DIR", weights)
+    split = {"seed": 0, "train": [], "val": [], "test": ["patients/u0", "patients/w0", "sparse/s0"]}
+    save_split(split, tmp_path / "split.json")
+    report = evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json", device="cpu")
+    assert not card_path(weights / "cancernet.pt").exists()  # no --record: cards untouched
+    entry = report["models"]["cancernet"]
+    groups = {row["patient"]: row["group"] for row in entry["per_patient"]}
+    assert groups == {"w0": "patients", "s0": "sparse"}
+    assert entry["patch"]["sparse"]["patches"] == len(SPARSE_CELLS)
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-JSON constant {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_json_is_strict_json(evaluated):
+    """metrics.json is read by other tools: no NaN/Infinity tokens (not JSON)."""
+    report = _strict_json((evaluated["out"] / "metrics.json").read_text())
+    for name in MODELS:
+        assert all(math.isfinite(v) for v in report["models"][name]["patch"]["all"].values() if isinstance(v, float))
+
+
+def test_single_class_group_still_gives_strict_json(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    whole = {(c * 50 + 1, r * 50 + 1): (int(c == 0), _patch(r * 3 + c, int(c == 0)))
+             for r in range(3) for c in range(3)}
+    make_patient(root / "patients", "w0", whole)
+    make_patient(root / "sparse", "s0", {(c * 50 + 1, r * 50 + 1): (0, _patch(90 + k, 0))  # no IDC at all
+                                         for k, (r, c) in enumerate(SPARSE_CELLS)})
+    weights = tmp_path / "weights"
+    write_tiny_weights(weights / "cancernet.pt", model="cancernet")
+    monkeypatch.setattr(models_module, "WEIGHTS_DIR", weights)
+    save_split({"seed": 0, "train": [], "val": [], "test": ["patients/w0", "sparse/s0"]}, tmp_path / "split.json")
+    evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json", device="cpu")
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["models"]["cancernet"]["patch"]["sparse"]["idc_patches"] == 0  # the case this test is about
+    _strict_json((tmp_path / "out" / "metrics.json").read_text())
