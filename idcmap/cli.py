@@ -108,7 +108,11 @@ def export(out: Path, output: Path | None) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Weights file to write (.pt); its card (.json) and split (.split.json) go beside it.")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Reuse a split JSON instead of drawing one (80/20 by patient, 10% of train for val).")
+              help="Reuse a split JSON instead of drawing one by patient (see --test-fraction, --val-fraction).")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each patient group (e.g. patients/, sparse/) held out for test.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Share of the remaining patients of each group used for early stopping and calibration.")
 @click.option("--epochs", type=click.IntRange(1), default=14, show_default=True)
 @click.option("--batch-patches", type=click.IntRange(8), default=256, show_default=True,
               help="Patches per training batch (whole grid windows are kept together).")
@@ -117,16 +121,20 @@ def export(out: Path, output: Path | None) -> None:
 @click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True, help="AdamW learning rate.")
 @click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
+@click.option("--stain-jitter", type=click.FloatRange(0, 0.5), default=0.08, show_default=True,
+              help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (bf16 autocast on cuda).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
-def train(data_root: Path, model: str, out: Path, split_file: Path | None, epochs: int, batch_patches: int,
-          window: int, learning_rate: float, patience: int, seed: int, device: str, resume: bool) -> None:
+def train(data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
+          val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
+          stain_jitter: float, seed: int, device: str, resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
     from .training import TrainConfig, train as run_training
 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
-                         patience=patience, seed=seed, device=device)
+                         patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
+                         val_fraction=val_fraction, seed=seed, device=device)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume)
     click.echo(json.dumps({"weights": str(out), "calibration": card["calibration"],
                            "best_val_auc": card["training"]["best_val_auc"]}, indent=2))

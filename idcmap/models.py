@@ -112,6 +112,20 @@ class ContextHead(nn.Module):
             channels = width
         self.refine = nn.Sequential(*layers)
 
+    def _occupancy(self, index: torch.Tensor, grid_shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+        """(K, 1, rows + 2 reach, cols + 2 reach) presence mask of the patches at `index`."""
+        k, rows, cols = grid_shape
+        mask = like.new_zeros((k, 1, rows + 2 * self.reach, cols + 2 * self.reach))
+        mask[index[:, 0], 0, index[:, 1] + self.reach, index[:, 2] + self.reach] = 1
+        return mask
+
+    def has_neighbours(self, index: torch.Tensor, grid_shape: tuple[int, int, int]) -> torch.Tensor:
+        """(N,) bool: patches with another patch within reach, the ones whose logit context refines."""
+        mask = self._occupancy(index, grid_shape, torch.zeros((), device=index.device))
+        size = 2 * self.reach + 1
+        counts = F.conv2d(mask, mask.new_ones((1, 1, size, size)), padding=self.reach)[:, 0] - mask[:, 0]
+        return counts[index[:, 0], index[:, 1] + self.reach, index[:, 2] + self.reach] > 0.5
+
     def forward(
         self, features: torch.Tensor, patch_logits: torch.Tensor, index: torch.Tensor, grid_shape: tuple[int, int, int]
     ) -> torch.Tensor:
@@ -123,14 +137,9 @@ class ContextHead(nn.Module):
         cell_values = torch.cat([projected, torch.ones_like(patch_logits)[:, None], patch_logits[:, None]], dim=1)
         where = (index[:, 0], index[:, 1] + margin, index[:, 2] + margin)
         grid[where] = cell_values.to(grid.dtype)
-        grid = grid.permute(0, 3, 1, 2)
-        delta = self.refine(grid)[:, 0]
-        mask = grid[:, -2:-1]
-        size = 2 * self.reach + 1
-        neighbours = F.conv2d(mask, mask.new_ones((1, 1, size, size)), padding=self.reach)[:, 0] - mask[:, 0]
-        gate = (neighbours > 0.5).to(delta.dtype)
-        cell_delta = (delta * gate)[where]
-        return patch_logits + cell_delta.to(patch_logits.dtype)
+        delta = self.refine(grid.permute(0, 3, 1, 2))[:, 0][where]
+        gate = self.has_neighbours(index, grid_shape).to(delta.dtype)
+        return patch_logits + (delta * gate).to(patch_logits.dtype)
 
 
 class PatchClassifier(nn.Module):

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .errors import IdcmapError
 from .loader import Slide
-from .models import LoadedModel
+from .models import Calibration, LoadedModel
 
 DEFAULT_BATCH_SIZE = {"cpu": 128, "cuda": 1024}
 BACKENDS = ("auto", "torch", "onnx")
@@ -76,6 +76,22 @@ class SlideScores:
     logit: np.ndarray  # (N,) float32, raw final output (context-refined if the model has context)
     patch_probability: np.ndarray  # (N,) float32, patch network alone
     probability: np.ndarray  # (N,) float32, the model's final score (context-refined if it has context)
+    refined: np.ndarray  # (N,) bool, patches whose score the context refined (with a neighbour within reach)
+
+
+def calibrated_scores(patch_logit: np.ndarray, logit: np.ndarray, refined: np.ndarray,
+                      calibration: Calibration) -> SlideScores:
+    """Probabilities from logits: each logit over its temperature; a patch the context did not
+    refine (no neighbour within reach) falls back to the patch network's calibrated probability."""
+    patch_logit = patch_logit.astype(np.float32)
+    logit = logit.astype(np.float32)
+    patch_probability = _sigmoid(patch_logit / calibration.patch_temperature)
+    probability = np.where(refined, _sigmoid(logit / calibration.temperature), patch_probability)
+    return SlideScores(patch_logit, logit, patch_probability, probability.astype(np.float32), refined.astype(bool))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z.astype(np.float64))).astype(np.float32)
 
 
 class Scorer:
@@ -128,15 +144,12 @@ class Scorer:
         feature = torch.cat(features)
         patch_logit = torch.cat(logits)
         context_logit = patch_logit
+        refined = torch.zeros_like(patch_logit, dtype=torch.bool)
         if network.context is not None:
             cells = torch.from_numpy(slide.cells).to(self.device)
             index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
-            rows, cols = slide.grid_shape
-            context_logit = network.context(feature, patch_logit, index, (1, rows, cols))
-        calibration = self.model.calibration
-        return SlideScores(
-            patch_logit=patch_logit.cpu().numpy().astype(np.float32),
-            logit=context_logit.cpu().numpy().astype(np.float32),
-            patch_probability=torch.sigmoid(patch_logit / calibration.patch_temperature).cpu().numpy().astype(np.float32),
-            probability=torch.sigmoid(context_logit / calibration.temperature).cpu().numpy().astype(np.float32),
-        )
+            grid_shape = (1, *slide.grid_shape)
+            context_logit = network.context(feature, patch_logit, index, grid_shape)
+            refined = network.context.has_neighbours(index, grid_shape)
+        return calibrated_scores(patch_logit.cpu().numpy(), context_logit.cpu().numpy(), refined.cpu().numpy(),
+                                 self.model.calibration)

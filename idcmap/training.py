@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from .loader import Slide
 from .models import (Calibration, LoadedModel, build_model, card_path, get_spec, load_model, save_checkpoint,
                      sha256_of)
 from .regions import dice, idc_area_fraction, predicted_mask
-from .scoring import Scorer, to_input
+from .scoring import Scorer, SlideScores, calibrated_scores
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ class TrainConfig:
     patience: int = 4
     seed: int = 0
     cell_dropout: float = 0.1
+    stain_jitter: float = 0.08
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
     device: str = "auto"
 
 
@@ -68,6 +71,21 @@ def grid_windows(slides: list[Slide], size: int, rng: np.random.Generator) -> li
             local = cells[members] % size
             windows.append(Window(s, members, local[:, 0], local[:, 1]))
     return windows
+
+
+# Ruifrok & Johnston's stain vectors (skimage.color.rgb_from_hed): optical density = HED @ RGB_FROM_HED
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def stain_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Perturb haematoxylin, eosin and DAB amounts (Tellez et al. 2018): x (N, 3, H, W) in [0, 1],
+    `scale` and `shift` (N, 3) per patch. Optical density is scaled, so white glass stays white
+    up to `shift`."""
+    density = -torch.log(x.clamp_min(1 / 255)).permute(0, 2, 3, 1)  # N, H, W, RGB
+    stains = density @ HED_FROM_RGB
+    stains = stains * scale[:, None, None, :] + shift[:, None, None, :]
+    return torch.exp(-(stains @ RGB_FROM_HED)).permute(0, 3, 1, 2).clamp_(0, 1)
 
 
 def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -128,7 +146,12 @@ class BatchMaker:
             picked = transform_of == t
             if picked.any():
                 x[picked] = _dihedral(x[picked], t)
-        window_of = torch.cat(index)[:, 0]
+        window_of = torch.cat(index)[:, 0]  # one colour change per window: neighbours stay alike
+        jitter = self.config.stain_jitter
+        if jitter > 0:
+            stain_scale = 1 + (torch.rand(len(group), 3) * 2 - 1) * jitter
+            stain_shift = (torch.rand(len(group), 3) * 2 - 1) * jitter / 4
+            x = stain_jitter(x, stain_scale[window_of], stain_shift[window_of])
         scale = 1 + (torch.rand(len(group), 3, 1, 1) * 2 - 1) * 0.08
         shift = (torch.rand(len(group), 3, 1, 1) * 2 - 1) * 0.04
         x = (x * scale[window_of] + shift[window_of]).clamp_(0, 1)
@@ -150,18 +173,16 @@ def pixel_statistics(slides: list[Slide]) -> tuple[list[float], list[float]]:
     return mean.round(4).tolist(), np.sqrt(total_sq / count - mean**2).round(4).tolist()
 
 
-def collect_logits(scorer: Scorer, slides: list[Slide]) -> list[tuple[Slide, np.ndarray, np.ndarray]]:
-    """(slide, patch logits, final logits) for each slide."""
-    out = []
-    for slide in slides:
-        scores = scorer.score(slide)
-        out.append((slide, scores.patch_logit, scores.logit))
-    return out
+def collect_scores(scorer: Scorer, slides: list[Slide]) -> list[tuple[Slide, SlideScores]]:
+    """(slide, its scores under the scorer's model) for each slide."""
+    return [(slide, scorer.score(slide)) for slide in slides]
 
 
-def mean_patient_auc(scored: list[tuple[Slide, np.ndarray, np.ndarray]], which: int = 2) -> float:
-    """ROC-AUC averaged over patients with both classes, so no single large slide dominates."""
-    aucs = [metrics.roc_auc(item[0].labels, item[which]) for item in scored]
+def mean_patient_auc(scored: list[tuple[Slide, SlideScores]], patch_only: bool = False) -> float:
+    """ROC-AUC of the final (or patch) logits averaged over patients with both classes, so no
+    single large slide dominates."""
+    aucs = [metrics.roc_auc(slide.labels, scores.patch_logit if patch_only else scores.logit)
+            for slide, scores in scored]
     aucs = [a for a in aucs if not np.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
 
@@ -171,29 +192,33 @@ SPECK_CELLS = (0, 2, 3, 4, 6, 9)
 HOLE_CELLS = (0, 1, 2, 4, 8)
 
 
-def fit_calibration(scored: list[tuple[Slide, np.ndarray, np.ndarray]]) -> tuple[Calibration, dict]:
+def fit_calibration(scored: list[tuple[Slide, SlideScores]]) -> tuple[Calibration, dict]:
     """Temperatures, threshold and region post-processing fitted on validation patients.
 
     Every validation patient weighs the same (patches weighted 1/patches of their patient), so
-    one large, atypical slide cannot set the calibration. Temperatures minimise the weighted
-    log loss. Threshold, speck and hole sizes are chosen together on the whole validation
-    slides (all slides when none is whole) to maximise mean Dice minus mean area-fraction error:
-    regions that overlap the labelled ones and have their size.
+    one large, atypical slide cannot set the calibration. The patch temperature minimises the
+    weighted log loss of the patch logits, the context temperature that of the context-refined
+    logits (patches with neighbours). Threshold, speck and hole sizes are chosen together on the
+    whole validation slides (all slides when none is whole) to maximise mean Dice minus mean
+    area-fraction error: regions that overlap the labelled ones and have their size.
     """
-    labels = np.concatenate([s.labels for s, _, _ in scored])
-    weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _, _ in scored])
-    calibration = Calibration(
-        temperature=metrics.fit_temperature(labels, np.concatenate([c for _, _, c in scored]), weights),
-        patch_temperature=metrics.fit_temperature(labels, np.concatenate([p for _, p, _ in scored]), weights),
-    )
-    whole = [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored if s.is_whole]
-    judged = whole or [(s, 1 / (1 + np.exp(-c / calibration.temperature))) for s, _, c in scored]
+    labels = np.concatenate([s.labels for s, _ in scored])
+    weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
+    refined = np.concatenate([r.refined for _, r in scored])
+    patch_temperature = metrics.fit_temperature(labels, np.concatenate([r.patch_logit for _, r in scored]), weights)
+    temperature = patch_temperature
+    if refined.any():
+        logits = np.concatenate([r.logit for _, r in scored])
+        temperature = metrics.fit_temperature(labels[refined], logits[refined], weights[refined])
+    calibration = Calibration(temperature=temperature, patch_temperature=patch_temperature)
+    probabilities = [(s, calibrated_scores(r.patch_logit, r.logit, r.refined, calibration).probability)
+                     for s, r in scored]
+    judged = [(s, p) for s, p in probabilities if s.is_whole] or probabilities
     results = []
     for threshold in THRESHOLDS:
         for speck in SPECK_CELLS:
             for hole in HOLE_CELLS:
-                trial = Calibration(calibration.temperature, calibration.patch_temperature, float(threshold),
-                                    speck, hole)
+                trial = replace(calibration, threshold=float(threshold), min_region_cells=speck, max_hole_cells=hole)
                 errors, dices = [], []
                 for slide, probability in judged:
                     mask = predicted_mask(slide, probability, trial)
@@ -218,7 +243,7 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     folders = patient_ids(data_root)
     split = load_split(split_file or path.with_suffix(".split.json"), folders)
     val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
-    calibration, choice = fit_calibration(collect_logits(Scorer(model, device, backend="torch"), val_slides))
+    calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides))
     payload = torch.load(path, map_location="cpu", weights_only=True)
     payload["calibration"] = asdict(calibration)
     save_checkpoint(path, payload)
@@ -226,6 +251,14 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path))
     write_json(card_path(path), card)
     return card
+
+
+def training_command(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig) -> str:
+    """The `idcmap train` command line that reproduces a run (recorded in the model card)."""
+    return (f"idcmap train {data_root} --model {model_name} -o {out} --epochs {config.epochs} "
+            f"--patience {config.patience} --window {config.window} --batch-patches {config.batch_patches} "
+            f"--lr {config.learning_rate:g} --stain-jitter {config.stain_jitter:g} "
+            f"--test-fraction {config.test_fraction:g} --val-fraction {config.val_fraction:g} --seed {config.seed}")
 
 
 def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
@@ -237,7 +270,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     folders = patient_ids(data_root)
-    split = load_split(split_file, folders) if split_file else make_split(sorted(folders), config.seed)
+    split = load_split(split_file, folders) if split_file else make_split(sorted(folders), config.seed, config.test_fraction,
+                                                                       config.val_fraction)
     if not split["train"] or not split["val"]:
         raise IdcmapError(f"{data_root}: too few patients for a train/val split ({len(folders)} found)")
     split_path = out.with_suffix(".split.json")
@@ -294,15 +328,15 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
         scheduler.step()
         network.eval()
-        scored = collect_logits(scorer, val_slides)
-        val_labels = np.concatenate([s.labels for s, _, _ in scored])
-        val_logits = np.concatenate([c for _, _, c in scored])
+        scored = collect_scores(scorer, val_slides)
+        val_labels = np.concatenate([s.labels for s, _ in scored])
+        val_logits = np.concatenate([r.logit for _, r in scored])
         record = {
             "epoch": epoch + 1,
             "train_loss": total_loss / max(seen, 1),
             "val_loss": metrics.log_loss(val_labels, val_logits),
             "val_auc": mean_patient_auc(scored),
-            "val_patch_auc": mean_patient_auc(scored, which=1),
+            "val_patch_auc": mean_patient_auc(scored, patch_only=True),
             "val_pooled_auc": metrics.roc_auc(val_labels, val_logits),
             "seconds": round(time.time() - started, 1),
         }
@@ -322,7 +356,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         })
     network.load_state_dict(best_state)
     network.eval()
-    calibration, choice = fit_calibration(collect_logits(scorer, val_slides))
+    calibration, choice = fit_calibration(collect_scores(scorer, val_slides))
     save_checkpoint(out, {
         "model": model_name,
         "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
@@ -336,7 +370,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         "mean": mean, "std": std,
         "calibration": asdict(calibration),
         "calibration_fit": choice,
-        "training": {**asdict(config), "data_root": str(data_root), "split_file": split_path.name,
+        "training": {**asdict(config), "command": training_command(data_root, model_name, out, config),
+                     "data_root": str(data_root), "split_file": split_path.name,
                      "train_patients": len(split["train"]), "val_patients": len(split["val"]),
                      "test_patients": len(split["test"]),
                      "train_patches": int(sum(len(s) for s in train_slides)),

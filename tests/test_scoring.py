@@ -131,8 +131,23 @@ def test_temperatures_are_applied(tmp_path, slide):
     path = write_tiny_weights(tmp_path / "t.pt", calibration={"temperature": 2.0, "patch_temperature": 3.0})
     scores = Scorer(load_model(MODEL_NAME, path), device="cpu").score(slide)
     logit, patch_logit = scores.logit.astype(np.float64), scores.patch_logit.astype(np.float64)
+    assert scores.refined.all()  # a 5 x 6 block: every patch has neighbours
     np.testing.assert_allclose(scores.probability, 1 / (1 + np.exp(-logit / 2.0)), atol=1e-6)
     np.testing.assert_allclose(scores.patch_probability, 1 / (1 + np.exp(-patch_logit / 3.0)), atol=1e-6)
+
+
+def test_isolated_patches_use_the_patch_temperature(tmp_path):
+    path = write_tiny_weights(tmp_path / "t.pt", calibration={"temperature": 2.0, "patch_temperature": 3.0})
+    # a 2 x 2 block and one patch far from it
+    patches = grid_patches(2, 2)
+    patches[(20 * 50 + 1, 20 * 50 + 1)] = (0, textured(7))
+    slide = load_slide(make_patient(tmp_path, "P", patches))
+    scores = Scorer(load_model(MODEL_NAME, path), device="cpu").score(slide)
+    far = np.flatnonzero(slide.xy[:, 0] == 20 * 50 + 1)
+    assert scores.refined.tolist() == [i not in far for i in range(len(slide))]
+    np.testing.assert_allclose(scores.probability[far], scores.patch_probability[far])
+    np.testing.assert_allclose(scores.patch_probability[far], 1 / (1 + np.exp(-scores.patch_logit[far] / 3.0)),
+                               atol=1e-6)
 
 
 def test_patch_only_model_has_equal_outputs(tmp_path, slide):
