@@ -51,6 +51,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Fill holes of at most this many patches in predicted regions [default: the model's].")
 @click.option("--max-mosaic-pixels", type=click.IntRange(1), default=DEFAULT_MAX_MOSAIC_PIXELS, show_default=True,
               help="Refuse a slide whose mosaic would exceed this many pixels.")
+@click.option("--jobs", type=click.IntRange(1), default=None,
+              help="CPU threads for decoding PNGs and for CPU scoring [default: every core]. Patients "
+                   "are rendered one after another; to run several at once, use --shard.")
 @click.option("--resume", is_flag=True, help="Skip patients whose outputs are complete and valid.")
 @click.option("--shard", default=None, metavar="I/N|env",
               help="Render only patients I, I+N, I+2N, ... (0-based); `env` takes RANK/WORLD_SIZE from "
@@ -59,7 +62,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.pass_obj
 def render(obj: dict, folder: Path, out: Path, model: str, weights: Path | None, device: str,
            backend: str, mixed_precision: bool, batch_size: int | None, threshold: float | None, min_region_cells: int | None,
-           max_hole_cells: int | None, max_mosaic_pixels: int, resume: bool, shard: str | None, as_json: bool) -> None:
+           max_hole_cells: int | None, max_mosaic_pixels: int, jobs: int | None, resume: bool, shard: str | None,
+           as_json: bool) -> None:
     """Render FOLDER (one patient folder, or a folder of patient folders) into OUT.
 
     Per patient: mosaic.png, overlay.png, probabilities.csv, probabilities.npy, regions.geojson
@@ -73,7 +77,7 @@ def render(obj: dict, folder: Path, out: Path, model: str, weights: Path | None,
                             mixed_precision=mixed_precision, batch_size=batch_size,
                             threshold=threshold, min_region_cells=min_region_cells,
                             max_hole_cells=max_hole_cells, max_mosaic_pixels=max_mosaic_pixels,
-                            resume=resume, progress=not obj["quiet"],
+                            jobs=jobs, resume=resume, progress=not obj["quiet"],
                             shard=parse_shard(shard, dict(os.environ)) if shard else None)
     rows = render_folder(folder, out, options)
     if as_json:

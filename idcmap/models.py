@@ -70,14 +70,16 @@ class CancerNet(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """torchvision's ResNet-18, its stem adapted to 50x50 input (3x3 conv, no max-pool)."""
+    """torchvision's ResNet-18, its stem adapted to 50x50 input: one 3x3 stride-2 convolution and
+    no max-pool, so layer1 sees 25x25 (the ImageNet stem would leave 13x13; a stride-1 stem costs
+    4.5x the compute, 37 training patches/s on the 2-core CPU against 167)."""
 
     feature_dim = 512
 
     def __init__(self) -> None:
         super().__init__()
         net = torchvision.models.resnet18(weights=None, num_classes=1)
-        net.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
         net.maxpool = nn.Identity()
         net.fc = nn.Identity()
         self.trunk = net

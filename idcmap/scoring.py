@@ -98,13 +98,14 @@ class Scorer:
     """Holds one model on one device; scores slide after slide without reloading.
 
     backend `auto` runs the patch network in ONNX Runtime on the CPU (when installed) and in
-    PyTorch on the GPU; the context head always runs in PyTorch. `mixed_precision` (GPU only)
+    PyTorch on the GPU; the context head always runs in PyTorch. `threads` caps the CPU threads
+    of either runtime (default: every core). `mixed_precision` (GPU only)
     runs the patch network under fp16 autocast; the default fp32 keeps GPU and CPU
     probabilities within 1e-4 of each other.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", batch_size: int | None = None,
-                 mixed_precision: bool = False, backend: str = "auto") -> None:
+                 mixed_precision: bool = False, backend: str = "auto", threads: int | None = None) -> None:
         self.model = model
         self.device = resolve_device(device)
         if backend not in BACKENDS:
@@ -119,7 +120,11 @@ class Scorer:
             raise IdcmapError(f"--batch-size {self.batch_size}: must be at least 1")
         self.autocast = mixed_precision and self.device.type == "cuda"
         self.network = model.network.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.backbone = OnnxBackbone(self.network.backbone) if backend == "onnx" else self.network.backbone
+        if threads is not None:
+            if threads < 1:
+                raise IdcmapError(f"--jobs {threads}: must be at least 1")
+            torch.set_num_threads(threads)
+        self.backbone = OnnxBackbone(self.network.backbone, threads) if backend == "onnx" else self.network.backbone
         self.mean = torch.tensor(model.mean, device=self.device)
         self.std = torch.tensor(model.std, device=self.device)
 

@@ -216,3 +216,24 @@ def test_ctrl_c_exit_130_without_traceback(tmp_path, monkeypatch, capsys, tiny_w
                                monkeypatch, capsys)
     assert code == 130
     assert "Traceback" not in err and "idcmap:" in err
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_jobs_caps_threads_without_changing_probabilities(tmp_path, tiny_weights, backend):
+    import torch
+
+    folder = _patient(tmp_path / "in")
+    threads = torch.get_num_threads()
+    try:
+        for jobs, out in ((None, "all"), ("1", "one")):
+            args = ["render", str(folder), "-o", str(tmp_path / out), "--weights", str(tiny_weights),
+                    "--device", "cpu", "--backend", backend] + (["--jobs", jobs] if jobs else [])
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    all_cores = (tmp_path / "all" / "P" / "probabilities.csv").read_text()
+    assert all_cores == (tmp_path / "one" / "P" / "probabilities.csv").read_text()
+    result = CliRunner().invoke(cli, ["render", str(folder), "--jobs", "0"])
+    assert result.exit_code == 2 and "--jobs" in result.output
