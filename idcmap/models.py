@@ -152,6 +152,11 @@ class PatchClassifier(nn.Module):
         self.backbone = backbone
         self.context = ContextHead(backbone.feature_dim, context_dilations) if context_dilations else None
 
+    @property
+    def context_reach(self) -> int:
+        """Grid cells on each side that the context head sees (0 for a patch-only model)."""
+        return self.context.reach if self.context is not None else 0
+
     def forward(
         self, x: torch.Tensor, index: torch.Tensor | None = None, grid_shape: tuple[int, int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +217,7 @@ class Calibration:
 
     temperature: float = 1.0
     patch_temperature: float = 1.0
+    smoothing_sigma: float = 0.0  # Gaussian over the slide grid (cells) applied to the final logits
     threshold: float = 0.5
     min_region_cells: int = 0
     max_hole_cells: int = 0

@@ -72,22 +72,66 @@ def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 class SlideScores:
     """IDC logits and calibrated probabilities per patch: from the patch alone and with slide context."""
 
-    patch_logit: np.ndarray  # (N,) float32, raw patch network output
-    logit: np.ndarray  # (N,) float32, raw final output (context-refined if the model has context)
-    patch_probability: np.ndarray  # (N,) float32, patch network alone
-    probability: np.ndarray  # (N,) float32, the model's final score (context-refined if it has context)
-    refined: np.ndarray  # (N,) bool, patches whose score the context refined (with a neighbour within reach)
+    patch_logit: np.ndarray  # (N,) float32, the patch network's output
+    context_logit: np.ndarray  # (N,) float32, after the context head (= patch_logit without one)
+    logit: np.ndarray  # (N,) float32, final: context_logit smoothed over the slide grid
+    patch_probability: np.ndarray  # (N,) float32, patch network alone, calibrated
+    probability: np.ndarray  # (N,) float32, the model's calibrated final score
+    refined: np.ndarray  # (N,) bool, patches with a neighbour within the context's reach (scored by `logit`)
 
 
-def calibrated_scores(patch_logit: np.ndarray, logit: np.ndarray, refined: np.ndarray,
+SMOOTHING_TRUNCATE = 2.5
+"""The Gaussian smoothing reaches round(2.5 sigma) cells; patches with no neighbour that near keep their own logit."""
+
+
+def smoothing_reach(sigma: float) -> int:
+    """Cells on each side that a Gaussian of `sigma` cells reaches (0 for no smoothing)."""
+    return int(SMOOTHING_TRUNCATE * sigma + 0.5) if sigma > 0 else 0
+
+
+def _box_sum(grid: np.ndarray, radius: int) -> np.ndarray:
+    """Sum of `grid` over the (2 radius + 1)^2 square around each cell, zero beyond the edges."""
+    padded = np.pad(grid, radius + 1)
+    table = padded.cumsum(0).cumsum(1)
+    size = 2 * radius + 1
+    return table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]
+
+
+def has_neighbours(slide: Slide, reach: int) -> np.ndarray:
+    """(N,) bool: patches with another patch within `reach` cells (square neighbourhood)."""
+    if reach <= 0 or len(slide) == 0:
+        return np.zeros(len(slide), dtype=bool)
+    counts = _box_sum(slide.grid_values(np.ones(len(slide)), fill=0.0), reach)
+    rc = slide.cells
+    return counts[rc[:, 0], rc[:, 1]] > 1.5
+
+
+def smooth_on_grid(slide: Slide, values: np.ndarray, sigma: float) -> np.ndarray:
+    """Mean of `values` over the slide grid weighted by a Gaussian of `sigma` cells, over the
+    patches that exist (gaps and the slide's outside do not pull values towards anything)."""
+    if sigma <= 0:
+        return values.astype(np.float32)
+    from scipy.ndimage import gaussian_filter
+
+    options = {"sigma": sigma, "mode": "constant", "truncate": SMOOTHING_TRUNCATE}
+    weighted = gaussian_filter(slide.grid_values(values.astype(np.float64), fill=0.0), **options)
+    weight = gaussian_filter(slide.grid_values(np.ones(len(slide)), fill=0.0), **options)
+    rc = slide.cells
+    return (weighted[rc[:, 0], rc[:, 1]] / weight[rc[:, 0], rc[:, 1]]).astype(np.float32)
+
+
+def calibrated_scores(slide: Slide, patch_logit: np.ndarray, context_logit: np.ndarray, context_reach: int,
                       calibration: Calibration) -> SlideScores:
-    """Probabilities from logits: each logit over its temperature; a patch the context did not
-    refine (no neighbour within reach) falls back to the patch network's calibrated probability."""
+    """Final logits and calibrated probabilities: the context logits smoothed over the grid, each
+    over its temperature. A patch with no neighbour within the context head's reach or the
+    smoothing's falls back to the patch network's calibrated probability (sparse samples)."""
     patch_logit = patch_logit.astype(np.float32)
-    logit = logit.astype(np.float32)
+    logit = smooth_on_grid(slide, context_logit, calibration.smoothing_sigma)
+    refined = has_neighbours(slide, max(context_reach, smoothing_reach(calibration.smoothing_sigma)))
     patch_probability = _sigmoid(patch_logit / calibration.patch_temperature)
     probability = np.where(refined, _sigmoid(logit / calibration.temperature), patch_probability)
-    return SlideScores(patch_logit, logit, patch_probability, probability.astype(np.float32), refined.astype(bool))
+    return SlideScores(patch_logit, context_logit.astype(np.float32), logit, patch_probability,
+                       probability.astype(np.float32), refined)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -149,12 +193,9 @@ class Scorer:
         feature = torch.cat(features)
         patch_logit = torch.cat(logits)
         context_logit = patch_logit
-        refined = torch.zeros_like(patch_logit, dtype=torch.bool)
         if network.context is not None:
             cells = torch.from_numpy(slide.cells).to(self.device)
             index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
-            grid_shape = (1, *slide.grid_shape)
-            context_logit = network.context(feature, patch_logit, index, grid_shape)
-            refined = network.context.has_neighbours(index, grid_shape)
-        return calibrated_scores(patch_logit.cpu().numpy(), context_logit.cpu().numpy(), refined.cpu().numpy(),
-                                 self.model.calibration)
+            context_logit = network.context(feature, patch_logit, index, (1, *slide.grid_shape))
+        return calibrated_scores(slide, patch_logit.cpu().numpy(), context_logit.cpu().numpy(),
+                                 network.context_reach, self.model.calibration)

@@ -179,58 +179,62 @@ def collect_scores(scorer: Scorer, slides: list[Slide]) -> list[tuple[Slide, Sli
 
 
 def mean_patient_auc(scored: list[tuple[Slide, SlideScores]], patch_only: bool = False) -> float:
-    """ROC-AUC of the final (or patch) logits averaged over patients with both classes, so no
+    """ROC-AUC of the context (or patch) logits averaged over patients with both classes, so no
     single large slide dominates."""
-    aucs = [metrics.roc_auc(slide.labels, scores.patch_logit if patch_only else scores.logit)
+    aucs = [metrics.roc_auc(slide.labels, scores.patch_logit if patch_only else scores.context_logit)
             for slide, scores in scored]
     aucs = [a for a in aucs if not np.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+SMOOTHING_SIGMAS = (0.0, 0.7, 1.0, 1.5, 2.0, 3.0)
 THRESHOLDS = np.round(np.arange(0.20, 0.81, 0.02), 2)
 SPECK_CELLS = (0, 2, 3, 4, 6, 9)
 HOLE_CELLS = (0, 1, 2, 4, 8)
 
 
-def fit_calibration(scored: list[tuple[Slide, SlideScores]]) -> tuple[Calibration, dict]:
-    """Temperatures, threshold and region post-processing fitted on validation patients.
+def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int) -> tuple[Calibration, dict]:
+    """Smoothing, temperatures, threshold and region post-processing fitted on validation patients.
 
     Every validation patient weighs the same (patches weighted 1/patches of their patient), so
     one large, atypical slide cannot set the calibration. The patch temperature minimises the
-    weighted log loss of the patch logits, the context temperature that of the context-refined
-    logits (patches with neighbours). Threshold, speck and hole sizes are chosen together on the
-    whole validation slides (all slides when none is whole) to maximise mean Dice minus mean
-    area-fraction error: regions that overlap the labelled ones and have their size.
+    weighted log loss of the patch logits; for each smoothing sigma, the temperature of the
+    final logits minimises that of the patches they refine. Smoothing, threshold, speck and hole
+    sizes are chosen together on the whole validation slides (all slides when none is whole) to
+    maximise mean Dice minus mean area-fraction error: regions that overlap the labelled ones
+    and have their size.
     """
     labels = np.concatenate([s.labels for s, _ in scored])
     weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
-    refined = np.concatenate([r.refined for _, r in scored])
     patch_temperature = metrics.fit_temperature(labels, np.concatenate([r.patch_logit for _, r in scored]), weights)
-    temperature = patch_temperature
-    if refined.any():
-        logits = np.concatenate([r.logit for _, r in scored])
-        temperature = metrics.fit_temperature(labels[refined], logits[refined], weights[refined])
-    calibration = Calibration(temperature=temperature, patch_temperature=patch_temperature)
-    probabilities = [(s, calibrated_scores(r.patch_logit, r.logit, r.refined, calibration).probability)
-                     for s, r in scored]
-    judged = [(s, p) for s, p in probabilities if s.is_whole] or probabilities
+    whole = [(s, r) for s, r in scored if s.is_whole] or scored
     results = []
-    for threshold in THRESHOLDS:
-        for speck in SPECK_CELLS:
-            for hole in HOLE_CELLS:
-                trial = replace(calibration, threshold=float(threshold), min_region_cells=speck, max_hole_cells=hole)
-                errors, dices = [], []
-                for slide, probability in judged:
-                    mask = predicted_mask(slide, probability, trial)
-                    truth = slide.labels == 1
-                    errors.append(abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth)))
-                    dices.append(dice(slide, mask, truth))
-                results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),
-                                float(np.mean(errors)), trial))
-    objective, val_dice, val_error, best = max(results, key=lambda r: (r[0], -r[3].min_region_cells, -r[3].max_hole_cells))
+    for sigma in SMOOTHING_SIGMAS:
+        base = Calibration(patch_temperature=patch_temperature, temperature=patch_temperature, smoothing_sigma=sigma)
+        final = [calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, base) for s, r in scored]
+        refined = np.concatenate([f.refined for f in final])
+        if refined.any():
+            logits = np.concatenate([f.logit for f in final])
+            base = replace(base, temperature=metrics.fit_temperature(labels[refined], logits[refined], weights[refined]))
+        judged = [(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, base).probability)
+                  for s, r in whole]
+        for threshold in THRESHOLDS:
+            for speck in SPECK_CELLS:
+                for hole in HOLE_CELLS:
+                    trial = replace(base, threshold=float(threshold), min_region_cells=speck, max_hole_cells=hole)
+                    errors, dices = [], []
+                    for slide, probability in judged:
+                        mask = predicted_mask(slide, probability, trial)
+                        truth = slide.labels == 1
+                        errors.append(abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth)))
+                        dices.append(dice(slide, mask, truth))
+                    results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),
+                                    float(np.mean(errors)), trial))
+    simplest_first = lambda r: (r[0], -r[3].smoothing_sigma, -r[3].min_region_cells, -r[3].max_hole_cells)  # noqa: E731
+    objective, val_dice, val_error, best = max(results, key=simplest_first)
     choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
               "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
-              "slides": [s.patient for s, _ in judged]}
+              "slides": [s.patient for s, _ in whole]}
     return best, choice
 
 
@@ -243,7 +247,8 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     folders = patient_ids(data_root)
     split = load_split(split_file or path.with_suffix(".split.json"), folders)
     val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
-    calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides))
+    calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
+                                          model.network.context_reach)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     payload["calibration"] = asdict(calibration)
     save_checkpoint(path, payload)
@@ -330,7 +335,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         network.eval()
         scored = collect_scores(scorer, val_slides)
         val_labels = np.concatenate([s.labels for s, _ in scored])
-        val_logits = np.concatenate([r.logit for _, r in scored])
+        val_logits = np.concatenate([r.context_logit for _, r in scored])
         record = {
             "epoch": epoch + 1,
             "train_loss": total_loss / max(seen, 1),
@@ -356,7 +361,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         })
     network.load_state_dict(best_state)
     network.eval()
-    calibration, choice = fit_calibration(collect_scores(scorer, val_slides))
+    calibration, choice = fit_calibration(collect_scores(scorer, val_slides), network.context_reach)
     save_checkpoint(out, {
         "model": model_name,
         "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},

@@ -215,3 +215,52 @@ def test_patches_beyond_reach_do_not_change_context_scores(name, tmp_path):
     alone = scorer.score(_cells_slide(tmp_path / "c", pair))
     with_far = scorer.score(_cells_slide(tmp_path / "d", pair + [(1, 1 + step)]))
     np.testing.assert_allclose(with_far.logit[:2], alone.logit, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# smoothing over the slide grid (the fitted second stage)
+
+
+def test_has_neighbours_matches_brute_force(tmp_path):
+    from idcmap.scoring import has_neighbours
+
+    cells = [(0, 0), (0, 1), (3, 3), (5, 7), (7, 7), (9, 0)]
+    slide = load_slide(make_patient(tmp_path, "P", {(c * 50 + 1, r * 50 + 1): (0, textured(i)) for i, (r, c) in
+                                                    enumerate(cells)}))
+    rc = slide.cells.tolist()
+    for reach in (0, 1, 2, 3):
+        expected = [any(max(abs(a - c), abs(b - d)) <= reach and (a, b) != (c, d) for c, d in rc) for a, b in rc]
+        assert has_neighbours(slide, reach).tolist() == expected, reach
+
+
+def test_smoothing_keeps_constant_fields_and_ignores_gaps(tmp_path):
+    from idcmap.scoring import smooth_on_grid
+
+    slide = load_slide(make_patient(tmp_path, "P", grid_patches(6, 7, skip={(2, 3), (0, 0), (5, 6)})))
+    constant = np.full(len(slide), -1.25, dtype=np.float32)
+    np.testing.assert_allclose(smooth_on_grid(slide, constant, 1.5), constant, atol=1e-6)
+    values = np.random.default_rng(0).normal(size=len(slide)).astype(np.float32)
+    np.testing.assert_array_equal(smooth_on_grid(slide, values, 0.0), values)
+    smoothed = smooth_on_grid(slide, values, 1.0)
+    assert smoothed.std() < values.std()
+    assert values.min() <= smoothed.min() and smoothed.max() <= values.max()  # a weighted mean of real patches
+
+
+def test_smoothing_refines_and_falls_back(tmp_path):
+    from idcmap.models import Calibration
+    from idcmap.scoring import calibrated_scores, smoothing_reach
+
+    patches = grid_patches(3, 3)
+    patches[(30 * 50 + 1, 30 * 50 + 1)] = (0, textured(5))  # far from the block
+    slide = load_slide(make_patient(tmp_path, "P", patches))
+    rng = np.random.default_rng(1)
+    patch_logit = rng.normal(size=len(slide)).astype(np.float32)
+    calibration = Calibration(temperature=2.0, patch_temperature=3.0, smoothing_sigma=1.0)
+    assert smoothing_reach(1.0) == 3 and smoothing_reach(0.0) == 0
+    scores = calibrated_scores(slide, patch_logit, patch_logit, 0, calibration)
+    far = slide.xy[:, 0] == 30 * 50 + 1
+    assert scores.refined.tolist() == (~far).tolist()
+    assert scores.logit[far] == pytest.approx(patch_logit[far])
+    assert ((scores.probability >= 0) & (scores.probability <= 1)).all()
+    np.testing.assert_allclose(scores.probability[far], 1 / (1 + np.exp(-patch_logit[far] / 3.0)), atol=1e-6)
+    np.testing.assert_allclose(scores.probability[~far], 1 / (1 + np.exp(-scores.logit[~far] / 2.0)), atol=1e-6)

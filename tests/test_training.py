@@ -106,3 +106,27 @@ def test_single_class_validation_patients_do_not_crash(tmp_path):
         train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"))
     except IdcmapError:
         pass  # refusing with a clear message is fine too
+
+
+def test_calibration_smooths_noisy_logits_of_a_coherent_region(tmp_path):
+    from idcmap.models import Calibration
+    from idcmap.regions import dice, predicted_mask
+    from idcmap.scoring import calibrated_scores
+    from idcmap.training import fit_calibration
+
+    from conftest import grid_patches
+
+    rng = np.random.default_rng(0)
+    scored = []
+    for i in range(2):
+        slide = load_slide(make_patient(tmp_path, f"P{i}", grid_patches(12, 12, label_of=lambda r, c: int(c < 5 + i))))
+        truth = slide.labels == 1
+        logit = (np.where(truth, 1.0, -1.0) + rng.normal(0, 2.0, len(slide))).astype(np.float32)
+        scored.append((slide, calibrated_scores(slide, logit, logit, 0, Calibration())))
+    best, choice = fit_calibration(scored, context_reach=0)
+    assert best.smoothing_sigma > 0
+    assert 0 < best.threshold < 1 and best.temperature > 0
+    unsmoothed = np.mean([dice(s, predicted_mask(s, r.probability, Calibration(threshold=0.5)), s.labels == 1)
+                          for s, r in scored])
+    assert choice["val_dice"] > unsmoothed + 0.1
+    assert choice["slides"] == ["P0", "P1"]
