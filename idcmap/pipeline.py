@@ -171,6 +171,7 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
                 + (f" · labelled {row['labelled_idc_area_fraction']:.1%} · Dice {row['dice']:.2f}"
                    if slide.has_labels else "")
                 + f" · {scorer.model.name}, threshold {calibration.threshold:.2f}")
+    _remove_leftovers(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         staging.mkdir(parents=True)
@@ -188,6 +189,15 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return row
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove what a killed earlier render of this patient left beside `out_dir` (its hidden staging
+    or trash folders). Only one process renders a given patient, so none of them is in use."""
+    if out_dir.parent.is_dir():
+        for pattern in (f".{out_dir.name}.*.tmp", f".{out_dir.name}.old.*"):
+            for leftover in out_dir.parent.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
