@@ -53,7 +53,8 @@ def slide_metrics(rows: list[dict]) -> dict:
 
 
 def _group(patient_id: str) -> str:
-    return patient_id.rpartition("/")[0] or "all"
+    """The folder a patient lies in below the data root (e.g. `patients`, `sparse`), or `root`."""
+    return patient_id.rpartition("/")[0] or "root"
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -107,7 +108,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
                 "area_fraction_error": abs(predicted_fraction - labelled_fraction),
                 "dice": dice(slide, predicted, truth),
             })
-        for group in sorted(set(groups)) + ["all"]:
+        for group in sorted(set(groups)) + ["all"]:  # "all": every test patient together
             chosen = [i for i, g in enumerate(groups) if group in (g, "all")]
             labels = np.concatenate([slides[i].labels for i in chosen]).astype(int)
             probability = np.concatenate([scored[i].probability for i in chosen])
@@ -147,37 +148,45 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
 
 
 def models_table(report: dict, loaded: list, split: dict) -> str:
-    """The README's model table (markdown): one row per model, test figures and how to reproduce them."""
+    """The README's model table (markdown): one row per model, test figures per patient group
+    (whole slides: patch and slide figures; scattered samples: patch figures) and how to
+    reproduce them."""
 
     def trio(figures: dict) -> str:
-        return " / ".join(f"{figures[k]:.3f}" for k in ("balanced_accuracy", "f1_idc", "roc_auc")) if figures else "–"
+        return " / ".join(f"{figures[k]:.3f}" for k in ("balanced_accuracy", "f1_idc", "roc_auc"))
 
     def with_interval(figures: dict, key: str) -> str:
-        if not figures:
-            return "–"
         low, high = figures[f"{key}_ci95"]
         return f"{figures[key]:.3f} [{low:.2f}, {high:.2f}]"
 
     groups = sorted({_group(pid) for pid in report["test_patients"]})
+    whole = [g for g in groups if any(f"slides_{g}" in report["summary"][m.name] for m in loaded)]
     sets = ", ".join(f"{name} {len(split[name])}" for name in SPLIT_SETS)
+    header = ["model", "parameters"]
+    for g in groups:
+        header.append(f"{g}: BAC / F1 / AUC")
+        if g in whole:
+            header += [f"{g}: area-fraction MAE", f"{g}: Dice"]
+    header += ["scoring patches/s", "reproduce"]
     lines = [
-        f"{len(report['test_patients'])} test patients (split: {sets}; groups: {', '.join(groups)}). "
-        "Patch figures at each model's validation-fitted threshold; slide figures on the whole test "
-        "slides, mean and 95% bootstrap interval over patients.",
+        f"{len(report['test_patients'])} test patients (split: {sets} patients). Patch figures at each "
+        "model's validation-fitted threshold; slide figures on the whole test slides, mean and 95% "
+        "bootstrap interval over patients.",
         "",
-        "| model | parameters | whole slides: BAC / F1 / AUC | area-fraction MAE | Dice "
-        "| sparse: BAC / F1 / AUC | scoring patches/s | reproduce |",
-        "|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for model in loaded:
         summary = report["summary"][model.name]
-        slides = summary.get("slides_patients", {})
+        cells = [f"`{model.name}`", f"{model.card.get('parameters', 0):,}"]
+        for g in groups:
+            cells.append(trio(summary[f"patch_{g}"]))
+            if g in whole:
+                slides = summary.get(f"slides_{g}")
+                cells += [with_interval(slides, "area_fraction_mae"), with_interval(slides, "dice")] if slides else ["–"] * 2
         command = model.card.get("training", {}).get("command", f"idcmap train DATA_ROOT --model {model.name}")
-        lines.append(
-            f"| `{model.name}` | {model.card.get('parameters', 0):,} | {trio(summary.get('patch_patients', {}))} "
-            f"| {with_interval(slides, 'area_fraction_mae')} | {with_interval(slides, 'dice')} "
-            f"| {trio(summary.get('patch_sparse', {}))} | {summary['scoring_patches_per_s']:,.0f} | `{command}` |"
-        )
+        cells += [f"{summary['scoring_patches_per_s']:,.0f}", f"`{command}`"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -174,11 +174,13 @@ class ModelSpec:
     name: str
     build: Callable[[], nn.Module]
     context_dilations: tuple[int, ...] | None
+    smoothing: bool
     description: str
 
     @property
     def context(self) -> bool:
-        return self.context_dilations is not None
+        """True for a slide-aware model: a learned context head, or smoothing over the slide grid."""
+        return self.context_dilations is not None or self.smoothing
 
     @property
     def weights_path(self) -> Path:
@@ -188,11 +190,16 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        ModelSpec("cancernet", CancerNet, None, "CancerNet, patch only"),
-        ModelSpec("cancernet-context", CancerNet, (1, 1, 1), "CancerNet + context head over 7x7 grid cells"),
-        ModelSpec("cancernet-context-wide", CancerNet, (1, 2, 2, 1), "CancerNet + dilated context head over 13x13 grid cells"),
-        ModelSpec("resnet18", ResNet18, None, "ResNet-18 adapted to 50x50, patch only"),
-        ModelSpec("resnet18-context", ResNet18, (1, 1, 1), "ResNet-18 + context head over 7x7 grid cells"),
+        ModelSpec("cancernet", CancerNet, None, False, "CancerNet, patch only"),
+        ModelSpec("cancernet-smooth", CancerNet, None, True,
+                  "CancerNet + Gaussian smoothing of its logits over the slide grid, sigma fitted on validation"),
+        ModelSpec("cancernet-context", CancerNet, (1, 1, 1), True,
+                  "CancerNet + context head over 7x7 grid cells + fitted grid smoothing"),
+        ModelSpec("cancernet-context-wide", CancerNet, (1, 2, 2, 1), True,
+                  "CancerNet + dilated context head over 13x13 grid cells + fitted grid smoothing"),
+        ModelSpec("resnet18", ResNet18, None, False, "ResNet-18 adapted to 50x50, patch only"),
+        ModelSpec("resnet18-context", ResNet18, (1, 1, 1), True,
+                  "ResNet-18 + context head over 7x7 grid cells + fitted grid smoothing"),
     ]
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -192,12 +193,16 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
 
 
 def _remove_leftovers(out_dir: Path) -> None:
-    """Remove what a killed earlier render of this patient left beside `out_dir` (its hidden staging
-    or trash folders). Only one process renders a given patient, so none of them is in use."""
-    if out_dir.parent.is_dir():
-        for pattern in (f".{out_dir.name}.*.tmp", f".{out_dir.name}.old.*"):
-            for leftover in out_dir.parent.glob(pattern):
-                shutil.rmtree(leftover, ignore_errors=True)
+    """Remove what a killed earlier render of this patient left beside `out_dir`: its hidden
+    staging folders, and its trash folders once `out_dir` exists (else a trash folder holds the
+    only copy of the earlier outputs and is kept). Only one process renders a given patient."""
+    if not out_dir.parent.is_dir():
+        return
+    staging = re.compile(rf"\.{re.escape(out_dir.name)}\.[0-9a-f]{{8}}\.tmp")
+    trash = re.compile(rf"\.{re.escape(out_dir.name)}\.old\.[0-9a-f]{{8}}")
+    for leftover in out_dir.parent.iterdir():
+        if staging.fullmatch(leftover.name) or (trash.fullmatch(leftover.name) and out_dir.is_dir()):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shlex
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,7 +24,7 @@ from .dataset import load_slides, load_split, make_split, patient_ids, save_spli
 from .errors import IdcmapError
 from .export import write_json
 from .loader import Slide
-from .models import (Calibration, LoadedModel, build_model, card_path, get_spec, load_model, save_checkpoint,
+from .models import (Calibration, LoadedModel, ModelSpec, build_model, card_path, get_spec, load_model, save_checkpoint,
                      sha256_of)
 from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, SlideScores, calibrated_scores
@@ -193,12 +194,13 @@ SPECK_CELLS = (0, 2, 3, 4, 6, 9)
 HOLE_CELLS = (0, 1, 2, 4, 8)
 
 
-def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int) -> tuple[Calibration, dict]:
+def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
+                    sigmas: tuple[float, ...] = SMOOTHING_SIGMAS) -> tuple[Calibration, dict]:
     """Smoothing, temperatures, threshold and region post-processing fitted on validation patients.
 
     Every validation patient weighs the same (patches weighted 1/patches of their patient), so
     one large, atypical slide cannot set the calibration. The patch temperature minimises the
-    weighted log loss of the patch logits; for each smoothing sigma, the temperature of the
+    weighted log loss of the patch logits; for each smoothing sigma of `sigmas`, the temperature of the
     final logits minimises that of the patches they refine. Smoothing, threshold, speck and hole
     sizes are chosen together on the whole validation slides (all slides when none is whole) to
     maximise mean Dice minus mean area-fraction error: regions that overlap the labelled ones
@@ -209,7 +211,7 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int)
     patch_temperature = metrics.fit_temperature(labels, np.concatenate([r.patch_logit for _, r in scored]), weights)
     whole = [(s, r) for s, r in scored if s.is_whole] or scored
     results = []
-    for sigma in SMOOTHING_SIGMAS:
+    for sigma in sigmas:
         base = Calibration(patch_temperature=patch_temperature, temperature=patch_temperature, smoothing_sigma=sigma)
         final = [calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, base) for s, r in scored]
         refined = np.concatenate([f.refined for f in final])
@@ -238,6 +240,11 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int)
     return best, choice
 
 
+def smoothing_sigmas(spec: ModelSpec) -> tuple[float, ...]:
+    """The grid-smoothing sigmas calibration may choose from: none for a patch-only model."""
+    return SMOOTHING_SIGMAS if spec.smoothing else (0.0,)
+
+
 def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | None = None,
                 split_file: str | Path | None = None, device: str = "auto") -> dict:
     """Refit a trained model's calibration on its validation patients; rewrite weights and card."""
@@ -248,7 +255,7 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     split = load_split(split_file or path.with_suffix(".split.json"), folders)
     val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
-                                          model.network.context_reach)
+                                          model.network.context_reach, smoothing_sigmas(spec))
     payload = torch.load(path, map_location="cpu", weights_only=True)
     payload["calibration"] = asdict(calibration)
     save_checkpoint(path, payload)
@@ -258,12 +265,15 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     return card
 
 
-def training_command(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig) -> str:
+def training_command(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
+                     split_file: str | Path | None = None) -> str:
     """The `idcmap train` command line that reproduces a run (recorded in the model card)."""
-    return (f"idcmap train {data_root} --model {model_name} -o {out} --epochs {config.epochs} "
-            f"--patience {config.patience} --window {config.window} --batch-patches {config.batch_patches} "
-            f"--lr {config.learning_rate:g} --stain-jitter {config.stain_jitter:g} "
-            f"--test-fraction {config.test_fraction:g} --val-fraction {config.val_fraction:g} --seed {config.seed}")
+    split = (f"--split {shlex.quote(str(split_file))}" if split_file else
+             f"--test-fraction {config.test_fraction:g} --val-fraction {config.val_fraction:g}")
+    return (f"idcmap train {shlex.quote(str(data_root))} --model {model_name} -o {shlex.quote(str(out))} {split} "
+            f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
+            f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
+            f"--stain-jitter {config.stain_jitter:g} --seed {config.seed} --device {config.device}")
 
 
 def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
@@ -323,7 +333,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 patch_logit, context_logit = network(x, index, grid_shape)
             loss = F.binary_cross_entropy_with_logits(patch_logit.float(), y)
-            if spec.context:
+            if network.context is not None:
                 loss = loss + F.binary_cross_entropy_with_logits(context_logit.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -361,7 +371,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         })
     network.load_state_dict(best_state)
     network.eval()
-    calibration, choice = fit_calibration(collect_scores(scorer, val_slides), network.context_reach)
+    calibration, choice = fit_calibration(collect_scores(scorer, val_slides), network.context_reach,
+                                          smoothing_sigmas(spec))
     save_checkpoint(out, {
         "model": model_name,
         "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
@@ -375,7 +386,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         "mean": mean, "std": std,
         "calibration": asdict(calibration),
         "calibration_fit": choice,
-        "training": {**asdict(config), "command": training_command(data_root, model_name, out, config),
+        "training": {**asdict(config), "command": training_command(data_root, model_name, out, config, split_file),
                      "data_root": str(data_root), "split_file": split_path.name,
                      "train_patients": len(split["train"]), "val_patients": len(split["val"]),
                      "test_patients": len(split["test"]),

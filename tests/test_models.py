@@ -18,7 +18,9 @@ def test_registry_names():
     assert models.DEFAULT_MODEL in REGISTRY
     for name, spec in REGISTRY.items():
         assert spec.name == name
-        assert spec.context == ("-context" in name), name
+        assert (spec.context_dilations is not None) == ("-context" in name), name
+        assert spec.context == (name.endswith(("-context", "-context-wide", "-smooth"))), name
+        assert spec.smoothing == spec.context  # every slide-aware model may smooth; patch-only ones never
         assert spec.weights_path == models.WEIGHTS_DIR / f"{name}.pt"
         assert spec.description
 
@@ -26,7 +28,7 @@ def test_registry_names():
 @pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n.startswith("cancernet")))
 def test_registry_builds_what_it_names(name):
     net = build_model(name)
-    assert (net.context is not None) == get_spec(name).context
+    assert (net.context is not None) == (get_spec(name).context_dilations is not None)
 
 
 def test_unknown_model_name():

@@ -254,13 +254,25 @@ def test_rendering_again_replaces_outputs_cleanly(tmp_path, tiny_weights):
 def test_leftovers_of_a_killed_render_are_removed(tmp_path, tiny_weights):
     folder = make_patient(tmp_path / "in", "P", _patches())
     out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
     for leftover in (".P.0badc0de.tmp", ".P.old.0badc0de"):  # what a kill -9 mid-render leaves
         (out / leftover).mkdir(parents=True)
         (out / leftover / "mosaic.png").write_bytes(b"half")
     (out / ".Q.12345678.tmp").mkdir()  # another patient's, maybe in use by another shard: kept
+    (out / ".P.x.12345678.tmp").mkdir()  # patient "P.x"'s: kept
     render_folder(folder, out, _options(tiny_weights))
-    assert [p.name for p in _hidden(out)] == [".Q.12345678.tmp"]
+    assert sorted(p.name for p in _hidden(out)) == [".P.x.12345678.tmp", ".Q.12345678.tmp"]
     assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
+
+
+def test_trash_holding_the_only_earlier_render_is_kept(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    (out / ".P.old.0badc0de").mkdir(parents=True)  # killed between the two renames of a swap
+    render_folder(folder, out, _options(tiny_weights))
+    assert [p.name for p in _hidden(out)] == [".P.old.0badc0de"]
+    render_folder(folder, out, _options(tiny_weights))  # now out/P exists: the trash goes
+    assert _hidden(out) == []
 
 
 def test_unwritable_output_is_an_error_not_a_failed_patient(tmp_path, tiny_weights):

@@ -181,7 +181,7 @@ def test_batch_size_zero_is_refused(tiny_weights):
         Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", batch_size=0, backend="torch")
 
 
-CONTEXT_MODELS = sorted(name for name, spec in REGISTRY.items() if spec.context)
+CONTEXT_MODELS = sorted(name for name, spec in REGISTRY.items() if spec.context_dilations is not None)
 
 
 def _cells_slide(root, cells, seed=0):

@@ -130,3 +130,13 @@ def test_calibration_smooths_noisy_logits_of_a_coherent_region(tmp_path):
                           for s, r in scored])
     assert choice["val_dice"] > unsmoothed + 0.1
     assert choice["slides"] == ["P0", "P1"]
+
+
+def test_patch_only_models_are_never_smoothed():
+    from idcmap.models import REGISTRY
+    from idcmap.training import SMOOTHING_SIGMAS, smoothing_sigmas
+
+    assert smoothing_sigmas(REGISTRY["cancernet"]) == (0.0,)
+    assert smoothing_sigmas(REGISTRY["resnet18"]) == (0.0,)
+    assert smoothing_sigmas(REGISTRY["cancernet-smooth"]) == SMOOTHING_SIGMAS
+    assert 0.0 in SMOOTHING_SIGMAS  # calibration may still choose no smoothing
