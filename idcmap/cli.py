@@ -34,7 +34,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
               help="Output folder; each patient gets out/<patient>/.")
-@click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help="Model from the registry.")
+@click.option("--model", type=MODEL_CHOICE, default=None,
+              help=f"Model from the registry [default: {DEFAULT_MODEL}, or the model a --weights file holds].")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights file (default: weights/<model>.pt shipped with idcmap).")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU if present), cpu or cuda.")
@@ -60,7 +61,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
                    "torchrun. Each shard writes summary-I-of-N.csv; `idcmap export` merges them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-patient summary as JSON on stdout.")
 @click.pass_obj
-def render(obj: dict, folder: Path, out: Path, model: str, weights: Path | None, device: str,
+def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path | None, device: str,
            backend: str, mixed_precision: bool, batch_size: int | None, threshold: float | None, min_region_cells: int | None,
            max_hole_cells: int | None, max_mosaic_pixels: int, jobs: int | None, resume: bool, shard: str | None,
            as_json: bool) -> None:

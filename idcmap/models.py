@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from .errors import WeightsError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_MODEL = "cancernet-context"
+DEFAULT_MODEL = "resnet18-context"
 
 
 class SeparableConv2d(nn.Sequential):
@@ -265,13 +265,15 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> LoadedModel:
+def load_model(name: str | None = None, weights: str | Path | None = None) -> LoadedModel:
     """Load a registry model with its weights (default `weights/<name>.pt`), checking the sha256
-    recorded in its model card."""
-    spec = get_spec(name)
-    path = Path(weights) if weights is not None else spec.weights_path
+    recorded in its model card. Without a name: the model the `weights` file holds, or
+    DEFAULT_MODEL when no file is given either."""
+    if name is None and weights is None:
+        name = DEFAULT_MODEL
+    path = Path(weights) if weights is not None else get_spec(name).weights_path
     if not path.is_file():
-        raise WeightsError(f"{path}: no weights for model {name!r}; train them with `idcmap train`")
+        raise WeightsError(f"{path}: no weights for model {name or 'of that file'!r}; train them with `idcmap train`")
     digest = sha256_of(path)
     card_file = card_path(path)
     card: dict = {}
@@ -287,6 +289,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> 
             )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        name = payload.get("model") if name is None else name
         if payload.get("model") != name:
             raise WeightsError(f"{path}: holds model {payload.get('model')!r}, not {name!r}; pick --model accordingly")
         network = build_model(name)

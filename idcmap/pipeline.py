@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .errors import IdcmapError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, write_csv, write_json, write_npy, write_png
 from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files, load_slide
-from .models import DEFAULT_MODEL, Calibration, load_model
+from .models import Calibration, load_model
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
 from .render import overlay_png
 from .scoring import Scorer, SlideScores
@@ -38,7 +38,7 @@ PROBABILITY_FIELDS = ["file", "x", "y", "width", "height", "label", "patch_proba
 class RenderOptions:
     """What `idcmap render` takes besides its folders (None = the model's fitted default)."""
 
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: the model the weights file holds, or DEFAULT_MODEL
     weights: Path | None = None
     device: str = "auto"
     backend: str = "auto"

@@ -161,3 +161,13 @@ def test_save_checkpoint_leaves_no_temp(tmp_path):
     path = write_tiny_weights(tmp_path / "sub" / "m.pt")
     assert [p.name for p in path.parent.iterdir()] == ["m.pt"]
     shutil.rmtree(path.parent)
+
+
+def test_model_name_is_read_from_the_weights_file(tmp_path):
+    from conftest import write_tiny_weights
+
+    path = write_tiny_weights(tmp_path / "any-name.pt", model="cancernet-smooth")
+    loaded = load_model(weights=path)
+    assert loaded.name == "cancernet-smooth" and loaded.network.context is None
+    with pytest.raises(WeightsError, match="holds model 'cancernet-smooth', not 'cancernet'"):
+        load_model("cancernet", path)
