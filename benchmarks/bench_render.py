@@ -1,6 +1,7 @@
 """Speed of idcmap against the decode floor and a naive per-patch loop, side by side in one run.
 
     python benchmarks/bench_render.py [--patients N] [--naive-patches 600] [--device auto] [--model NAME]
+                                      [--repeat-largest N]
 
 Stages, each over the same real patients of ../shared/data/patients:
   1. decode        load_slide: read + decode every PNG (thread pool) and place it (the floor)
@@ -16,6 +17,7 @@ time and RSS as patients accumulate (time per patch should stay flat, RSS should
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import sys
 import tempfile
@@ -32,14 +34,20 @@ sys.path.insert(0, str(ROOT))
 from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
 from idcmap.pipeline import RenderOptions, effective_calibration, render_patient  # noqa: E402
-from idcmap.scoring import Scorer  # noqa: E402
+from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "patients"
 
 
-def rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MB."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def naive_loop(model, paths: list[Path]) -> float:
@@ -56,6 +64,28 @@ def naive_loop(model, paths: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float]:
+    """Seconds of the patch network and of the slide-aware stages (context head, grid smoothing,
+    calibration) on one slide, timed apart on the scorer's device."""
+    with torch.inference_mode():
+        x = to_input(torch.from_numpy(slide.pixels).to(scorer.device), scorer.mean, scorer.std)
+        started = time.perf_counter()
+        features, logits = zip(*(scorer.backbone(x[i : i + scorer.batch_size])
+                                 for i in range(0, len(slide), scorer.batch_size)))
+        features, logits = torch.cat(features).to(scorer.device), torch.cat(logits).to(scorer.device)
+        sync(scorer.device)
+        network_s = time.perf_counter() - started
+        cells = torch.from_numpy(slide.cells).to(scorer.device)
+        index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
+        started = time.perf_counter()
+        context = logits
+        if model.network.context is not None:
+            context = model.network.context(features, logits, index, (1, *slide.grid_shape))
+        calibrated_scores(slide, logits.cpu().numpy(), context.cpu().numpy(), model.network.context_reach,
+                          model.calibration)
+        return network_s, time.perf_counter() - started
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -69,6 +99,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, default=DATA, help="folder of patient folders")
+    parser.add_argument("--repeat-largest", type=int, default=0, metavar="N",
+                        help="then render the largest patient N more times, printing RSS after each")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
@@ -105,9 +137,11 @@ def main() -> None:
             render_patient(folder, Path(out) / folder.name, scorer, calibration, options)
             seconds = time.perf_counter() - started
             render_s += seconds
-            patches += len(slide)
-            per_patient.append((folder.name, len(slide), seconds, rss_mb()))
+            n = len(slide)
+            patches += n
             del slide
+            gc.collect()
+            per_patient.append((folder.name, n, seconds, rss_mb(), peak_rss_mb()))
     paths = sorted(p for folder in folders for p in folder.glob("*/*.png"))[: args.naive_patches]
     naive_s = naive_loop(model, paths) / len(paths)
 
@@ -123,10 +157,23 @@ def main() -> None:
     print(f"score / decode            {score / rate['decode (floor)']:.2f}x")
     print(f"{scorer.backend} / torch eager       {score / rate['idcmap score (torch eager)']:.2f}x")
     print(f"render time / decode time {render_s / decode_s:.1f}x  (target <= 2x)")
-    print(f"peak RSS {rss_mb():.0f} MB")
-    print(f"\n{'patient':10s} {'patches':>8s} {'render s':>9s} {'ms/patch':>9s} {'peak RSS MB':>12s}")
-    for name, n, seconds, rss in per_patient:
-        print(f"{name:10s} {n:8d} {seconds:9.2f} {1000 * seconds / n:9.2f} {rss:12.0f}")
+    print(f"peak RSS {peak_rss_mb():.0f} MB")
+    print(f"\n{'patient':10s} {'patches':>8s} {'render s':>9s} {'ms/patch':>9s} {'RSS after MB':>13s} {'peak RSS MB':>12s}")
+    for name, n, seconds, rss, peak in per_patient:
+        print(f"{name:10s} {n:8d} {seconds:9.2f} {1000 * seconds / n:9.2f} {rss:13.0f} {peak:12.0f}")
+    largest = max(per_patient, key=lambda row: row[1])[0]
+    folder = next(f for f in folders if f.name == largest)
+    network_s, stages_s = context_stage_share(model, scorer, load_slide(folder))
+    print(f"\nslide-aware stages on {largest}: {1000 * stages_s:.1f} ms against {network_s:.2f} s for the patch "
+          f"network ({100 * stages_s / network_s:.1f}%)")
+    if args.repeat_largest:
+        print(f"\n{largest} rendered again {args.repeat_largest} times; RSS after each (MB):", end="")
+        with tempfile.TemporaryDirectory() as out:
+            for _ in range(args.repeat_largest):
+                render_patient(folder, Path(out) / largest, scorer, calibration, options)
+                gc.collect()
+                print(f" {rss_mb():.0f}", end="", flush=True)
+        print()
     print(f"\nextrapolated to the whole data set (277,524 patches, from these {patches:,}): "
           f"scored in {277_524 / score:.0f} s, rendered end to end in {277_524 / rate['idcmap render end-to-end']:.0f} s")
 
