@@ -234,7 +234,7 @@ def load_slide(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise EmptyFolderError(f"{folder}: not a folder")
+        raise EmptyFolderError(f"{folder}: {_not_a_folder(folder)}")
     patient = folder.name
     files, skipped = list_patch_files(folder)
     parsed: list[tuple[Path, PatchName]] = []
@@ -319,6 +319,11 @@ def _drop_duplicates(paths: list[Path], xy: np.ndarray, labels: list[int | None]
     return keep
 
 
+def _not_a_folder(path: Path) -> str:
+    what = "a file, not a folder" if path.is_file() else "no such folder"
+    return f"{what}; pass a patient folder (<patient>/0|1/*.png, or flat) or a folder of patient folders"
+
+
 def find_patient_folders(root: str | Path) -> list[Path]:
     """Patient folders at or below `root`, sorted: folders with PNGs directly or in 0/ or 1/.
 
@@ -326,7 +331,7 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise EmptyFolderError(f"{root}: not a folder")
+        raise EmptyFolderError(f"{root}: {_not_a_folder(root)}")
     found: list[Path] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
