@@ -1,7 +1,11 @@
 """Shared helpers: synthetic patient folders with known pixels, a tiny deterministic model, the real data."""
 from __future__ import annotations
 
+import io
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -124,6 +128,26 @@ def cpu_scorer(tiny_weights):
     from idcmap.scoring import Scorer
 
     return Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def run_main(args: list[str]) -> tuple[int, str, str]:
+    """idcmap.cli.main() with ARGS in this process: (exit status, stdout, stderr).
+
+    Any exception other than SystemExit escapes (that is the traceback a user would see)."""
+    from idcmap import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", ["idcmap", *args]), redirect_stdout(out), redirect_stderr(err):
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as done:
+            code = 0 if done.code is None else done.code
+    return code, out.getvalue(), err.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------

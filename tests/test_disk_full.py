@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import builtins
 import errno
-import io
 import json
 import os
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 
-from conftest import MODEL_NAME, grid_patches, make_patient, textured
-from idcmap import cli as cli_module
+from conftest import MODEL_NAME, grid_patches, make_patient, run_main, textured
 from idcmap import export
 from idcmap.errors import OutputError
 from idcmap.pipeline import PATIENT_FILES, RenderOptions, render_folder
@@ -320,22 +315,13 @@ def test_disk_full_at_the_final_rename_keeps_the_earlier_render(tmp_path, tiny_w
 # the command
 
 
-def _run_main(args):
-    out, err = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", ["idcmap", *args]), redirect_stdout(out), redirect_stderr(err):
-        try:
-            cli_module.main()
-            code = 0
-        except SystemExit as done:
-            code = 0 if done.code is None else done.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_cli_disk_full_exits_2_with_one_line(tmp_path, tiny_weights, monkeypatch):
     folder = _patient(tmp_path / "in")
     out = tmp_path / "out"
     disk = FullDisk(fail_at=3, room=25).install(monkeypatch)
-    code, stdout, stderr = _run_main(["-q", "render", str(folder), "-o", str(out), "--weights", str(tiny_weights),
+    code, stdout, stderr = run_main(["-q", "render", str(folder), "-o", str(out), "--weights", str(tiny_weights),
                                       "--device", "cpu"])
     assert disk.full
     assert code == 2, stderr
@@ -352,9 +338,9 @@ def test_cli_disk_full_keeps_the_earlier_render(tmp_path, tiny_weights, monkeypa
     folder = _patient(tmp_path / "in")
     out = tmp_path / "out"
     args = ["-q", "render", str(folder), "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu"]
-    assert _run_main(args)[0] == 0
+    assert run_main(args)[0] == 0
     before = _everything(out)
     FullDisk(fail_at=2, room=0).install(monkeypatch)
-    code, stdout, stderr = _run_main([*args, "--threshold", "1.0"])
+    code, stdout, stderr = run_main([*args, "--threshold", "1.0"])
     assert code == 2 and "Traceback" not in stderr and stderr.startswith("idcmap: error: ")
     assert _everything(out) == before

@@ -13,11 +13,8 @@ import json
 
 import io
 import re
-import sys
 import tempfile
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,8 +22,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import textured, write_png
-from idcmap import cli as cli_module
+from conftest import run_main, textured, write_png
 from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 
@@ -40,18 +36,6 @@ INT64_SAFE = 10**18  # coordinates used by the properties; beyond 10**12 see the
 # helpers
 
 
-def run_main(args: list[str]) -> tuple[int, str, str]:
-    """idcmap.cli.main() with ARGS in this process: (exit status, stdout, stderr).
-
-    Any exception other than SystemExit escapes (that is the traceback a user would see)."""
-    out, err = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", ["idcmap", *args]), redirect_stdout(out), redirect_stderr(err):
-        try:
-            cli_module.main()
-            code = 0
-        except SystemExit as done:
-            code = 0 if done.code is None else done.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def save_patch(path: Path, rgb: np.ndarray, mode: str) -> None:
@@ -284,7 +268,7 @@ def check_load(folder: Path, odd: Path, content: bytes, max_pixels: int | None =
 @example(name=f"{PATIENT}_idx5_x-51_y1_class0.png", where="0", content=("png", VALID_BYTES))
 @example(name=f"{PATIENT}_idx5_x51_y1_class2.png", where="0", content=("png", VALID_BYTES))
 @example(name=f"{PATIENT}_idx5_x51_y1_class0", where="0", content=("png", VALID_BYTES))
-@example(name=f"Q_idx5_x51_y1_class0.png", where="0", content=("png", VALID_BYTES))
+@example(name="Q_idx5_x51_y1_class0.png", where="0", content=("png", VALID_BYTES))
 @example(name=f"{PATIENT}_idx5_x51_y1_class1.png", where="0", content=("png", VALID_BYTES))
 @example(name=f"{PATIENT}_idx5_x1_y1_class0.png", where="", content=("copy", VALID_BYTES))
 @example(name=f"{PATIENT}_idx5_x2_y1_class0.png", where="0", content=("copy", VALID_BYTES))
