@@ -37,16 +37,21 @@ def classification_report(labels: np.ndarray, predicted: np.ndarray) -> dict:
     }
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every distinct score, from (0,0) to (1,1)."""
+def _ranked_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorting by score, highest first: (true positives, predicted positives) at each distinct
+    score as the threshold, and the labels as booleans."""
     order = np.argsort(-np.asarray(scores), kind="stable")
     scores = np.asarray(scores)[order]
-    labels = np.asarray(labels).astype(bool)[order]
+    labels = np.asarray(labels).astype(bool)
     distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(labels)[distinct]
-    fps = (distinct + 1) - tps
+    return np.cumsum(labels[order])[distinct], distinct + 1, labels
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct score, from (0,0) to (1,1)."""
+    tps, predicted, labels = _ranked_counts(labels, scores)
     tpr = np.r_[0.0, tps / max(labels.sum(), 1)]
-    fpr = np.r_[0.0, fps / max((~labels).sum(), 1)]
+    fpr = np.r_[0.0, (predicted - tps) / max((~labels).sum(), 1)]
     return fpr, tpr
 
 
@@ -61,14 +66,8 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def pr_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) at every distinct score, highest score first."""
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    scores = np.asarray(scores)[order]
-    labels = np.asarray(labels).astype(bool)[order]
-    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(labels)[distinct]
-    precision = tps / (distinct + 1)
-    recall = tps / max(labels.sum(), 1)
-    return recall, precision
+    tps, predicted, labels = _ranked_counts(labels, scores)
+    return tps / max(labels.sum(), 1), tps / predicted
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
