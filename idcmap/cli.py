@@ -40,7 +40,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Weights file (default: weights/<model>.pt shipped with idcmap).")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU if present), cpu or cuda.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-              help="Patch network runtime: auto = ONNX Runtime on CPU (about 1.9x PyTorch eager), PyTorch on GPU.")
+              help="Patch network runtime: auto = ONNX Runtime on CPU (1.3-4x PyTorch eager), PyTorch on GPU.")
 @click.option("--mixed-precision", is_flag=True, help="fp16 autocast on the GPU (probabilities within 1e-3 of fp32).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Patches per batch [default: 512 on CPU, 1024 on GPU].")

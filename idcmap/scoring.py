@@ -19,8 +19,9 @@ BACKENDS = ("auto", "torch", "onnx")
 
 
 class OnnxBackbone:
-    """The patch network exported to ONNX and run by ONNX Runtime: about 1.9x PyTorch eager
-    (channels_last) on the 2-core CPU for CancerNet (benchmarks/bench_render.py). Returns (features, logits) like the torch module."""
+    """The patch network exported to ONNX and run by ONNX Runtime: 1.8-4.4x PyTorch eager
+    (channels_last) on the 2-core CPU for CancerNet, 1.3x for ResNet-18 (benchmarks/RESULTS.md).
+    Returns (features, logits) like the torch module."""
 
     def __init__(self, backbone: torch.nn.Module, threads: int | None = None) -> None:
         import onnxruntime
