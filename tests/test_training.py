@@ -140,3 +140,38 @@ def test_patch_only_models_are_never_smoothed():
     assert smoothing_sigmas(REGISTRY["resnet18"]) == (0.0,)
     assert smoothing_sigmas(REGISTRY["cancernet-smooth"]) == SMOOTHING_SIGMAS
     assert 0.0 in SMOOTHING_SIGMAS  # calibration may still choose no smoothing
+
+
+def test_training_is_deterministic_and_resumes_where_it_stopped(trained, tmp_path, monkeypatch):
+    import torch
+
+    from idcmap import training
+
+    root, out, card = trained
+    config = TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0)
+    # the same run again: the same weights, bit for bit
+    again = train(root, MODEL, tmp_path / "again" / out.name, config)
+    assert again["sha256"] == card["sha256"]
+
+    # a run killed after its first epoch's checkpoint, then resumed: the same weights again
+    real_collect = training.collect_scores
+    calls = []
+
+    def killed_in_epoch_two(scorer, slides):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_collect(scorer, slides)
+
+    target = tmp_path / "resumed" / out.name
+    monkeypatch.setattr(training, "collect_scores", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(root, MODEL, target, config)
+    assert target.with_suffix(".ckpt").is_file() and not target.exists()
+    monkeypatch.setattr(training, "collect_scores", real_collect)
+    resumed = train(root, MODEL, target, config, resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    first = torch.load(out, weights_only=True)["state_dict"]
+    second = torch.load(target, weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not target.with_suffix(".ckpt").exists()
