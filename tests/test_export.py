@@ -108,6 +108,22 @@ def test_unwritable_directory_raises_output_error(tmp_path):
         locked.chmod(0o700)
 
 
+def test_permission_denied_raises_output_error(tmp_path, monkeypatch):
+    """The same refusal as a read-only folder, simulated so that it also runs as root."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError) as info:
+        export.write_json(tmp_path / "x.json", {})
+    message = str(info.value)
+    assert str(tmp_path / "x.json") in message and "Permission denied" in message and "-o" in message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_parent_that_is_a_file_raises_output_error(tmp_path):
     """Works for root too: a path whose parent is a regular file can never be written."""
     (tmp_path / "afile").write_text("")
