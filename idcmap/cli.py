@@ -46,6 +46,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Patches per batch [default: 512 on CPU, 1024 on GPU].")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               help="IDC probability threshold [default: the model's, fitted on validation patients].")
+@click.option("--smoothing", "smoothing_sigma", type=click.FloatRange(0, 10), default=None,
+              help="Sigma, in grid cells, of the Gaussian smoothing of the final logits over the slide "
+                   "(0 = none) [default: the model's, fitted on validation patients].")
 @click.option("--min-region", "min_region_cells", type=click.IntRange(0), default=None,
               help="Drop predicted regions smaller than this many patches [default: the model's].")
 @click.option("--max-hole", "max_hole_cells", type=click.IntRange(0), default=None,
@@ -62,7 +65,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the per-patient summary as JSON on stdout.")
 @click.pass_obj
 def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path | None, device: str,
-           backend: str, mixed_precision: bool, batch_size: int | None, threshold: float | None, min_region_cells: int | None,
+           backend: str, mixed_precision: bool, batch_size: int | None, threshold: float | None,
+           smoothing_sigma: float | None, min_region_cells: int | None,
            max_hole_cells: int | None, max_mosaic_pixels: int, jobs: int | None, resume: bool, shard: str | None,
            as_json: bool) -> None:
     """Render FOLDER (one patient folder, or a folder of patient folders) into OUT.
@@ -76,7 +80,7 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     options = RenderOptions(model=model, weights=weights, device=device, backend=backend,
                             mixed_precision=mixed_precision, batch_size=batch_size,
-                            threshold=threshold, min_region_cells=min_region_cells,
+                            threshold=threshold, smoothing_sigma=smoothing_sigma, min_region_cells=min_region_cells,
                             max_hole_cells=max_hole_cells, max_mosaic_pixels=max_mosaic_pixels,
                             jobs=jobs, resume=resume, progress=not obj["quiet"],
                             shard=parse_shard(shard, dict(os.environ)) if shard else None)

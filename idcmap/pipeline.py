@@ -45,6 +45,7 @@ class RenderOptions:
     mixed_precision: bool = False
     batch_size: int | None = None
     threshold: float | None = None
+    smoothing_sigma: float | None = None
     min_region_cells: int | None = None
     max_hole_cells: int | None = None
     max_mosaic_pixels: int = DEFAULT_MAX_MOSAIC_PIXELS
@@ -89,7 +90,7 @@ def patient_folders(folder: Path) -> list[Path]:
 
 def effective_calibration(model_calibration: Calibration, options: RenderOptions) -> Calibration:
     """The model's calibration with the user's overrides applied."""
-    overrides = {k: getattr(options, k) for k in ("threshold", "min_region_cells", "max_hole_cells")
+    overrides = {k: getattr(options, k) for k in ("threshold", "smoothing_sigma", "min_region_cells", "max_hole_cells")
                  if getattr(options, k) is not None}
     return replace(model_calibration, **overrides)
 
@@ -248,6 +249,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     folders = patient_folders(folder)
     model = load_model(options.model, options.weights)
     calibration = effective_calibration(model.calibration, options)
+    model = replace(model, calibration=calibration)  # the scorer applies its smoothing and temperatures
     scorer = Scorer(model, options.device, options.batch_size, options.mixed_precision, options.backend, options.jobs)
     if folders == [folder]:
         names = [folder.name]

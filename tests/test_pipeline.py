@@ -342,3 +342,15 @@ def test_render_real_patient(tmp_path, tiny_weights):
     assert not math.isnan(row["dice"])
     assert _hidden(out) == []
     assert sorted(os.listdir(out)) == ["8916", "summary.csv"]
+
+
+def test_smoothing_override_reaches_the_scores(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    plain = render_folder(folder, tmp_path / "plain", _options(tiny_weights, smoothing_sigma=0.0))
+    smooth = render_folder(folder, tmp_path / "smooth", _options(tiny_weights, smoothing_sigma=2.0))
+    assert plain[0]["status"] == smooth[0]["status"] == "ok"
+    a = np.load(tmp_path / "plain" / "P" / "probabilities.npy")
+    b = np.load(tmp_path / "smooth" / "P" / "probabilities.npy")
+    assert np.nanstd(b) < np.nanstd(a)
+    summary = json.loads((tmp_path / "smooth" / "P" / "summary.json").read_text())
+    assert summary["calibration"]["smoothing_sigma"] == 2.0
