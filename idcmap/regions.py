@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.ops import unary_union
+from scipy import ndimage
 from skimage import measure, morphology
 
 from .loader import PATCH_SIZE, Slide
@@ -13,7 +14,9 @@ from .models import Calibration
 def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibration) -> np.ndarray:
     """(N,) bool: patches in predicted IDC regions, after dropping specks and filling holes.
 
-    Specks: 8-connected positive regions of fewer than `min_region_cells` patches.
+    Specks: 8-connected positive regions of fewer than `min_region_cells` patches that touch
+    negative tissue (a patch with no tissue around it, as in scattered samples, is no speck:
+    nothing around it says it is noise).
     Holes: negative regions of at most `max_hole_cells` cells enclosed by positive ones
     (filled only where a patch exists: no IDC is predicted on bare glass).
     """
@@ -22,13 +25,25 @@ def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibrati
         return positive
     grid = slide.grid_values(positive.astype(np.float64), fill=0.0) > 0.5
     if calibration.min_region_cells > 1:
-        grid = morphology.remove_small_objects(grid, max_size=calibration.min_region_cells - 1, connectivity=2)
+        grid = _remove_specks(grid, slide.grid_values(~positive, fill=0.0) > 0.5, calibration.min_region_cells)
     if calibration.max_hole_cells > 0:
         # padded so that negative cells on the grid's edge, which border bare glass, are no holes
         padded = morphology.remove_small_holes(np.pad(grid, 1), max_size=calibration.max_hole_cells, connectivity=1)
         grid = padded[1:-1, 1:-1]
     rc = slide.cells
     return grid[rc[:, 0], rc[:, 1]]
+
+
+def _remove_specks(positive: np.ndarray, negative: np.ndarray, min_cells: int) -> np.ndarray:
+    """`positive` without its 8-connected regions of fewer than `min_cells` cells that touch a
+    `negative` cell (8-neighbourhood)."""
+    labels = measure.label(positive, connectivity=2)
+    sizes = np.bincount(labels.ravel())
+    touches = np.zeros(len(sizes), dtype=bool)
+    touches[np.unique(labels[ndimage.binary_dilation(negative, np.ones((3, 3), bool)) & positive])] = True
+    drop = (sizes < min_cells) & touches
+    drop[0] = False
+    return positive & ~drop[labels]
 
 
 def idc_area_fraction(slide: Slide, mask: np.ndarray) -> float:

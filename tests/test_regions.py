@@ -59,6 +59,16 @@ def test_min_region_cells_removes_specks_8_connected(patient_factory):
     assert _cells_of(slide, predicted_mask(slide, probability, Calibration(min_region_cells=10))) == set()
 
 
+def test_isolated_positive_patches_are_no_specks(patient_factory):
+    # scattered samples: (0,0) alone, (0,4)+(1,5) a diagonal pair with no other tissue, (4,0) next to negative tissue
+    cells = [(0, 0), (0, 4), (1, 5), (4, 0), (4, 1)]
+    skip = {(r, c) for r in range(6) for c in range(6)} - set(cells)
+    slide = _grid_slide(patient_factory, 6, 6, skip=skip)
+    probability = _probability(slide, {(0, 0), (0, 4), (1, 5), (4, 0)})
+    kept = _cells_of(slide, predicted_mask(slide, probability, Calibration(min_region_cells=3)))
+    assert kept == {(0, 0), (0, 4), (1, 5)}  # (4, 0) touches the negative (4, 1): a speck
+
+
 def test_max_hole_cells_fills_enclosed_holes(patient_factory):
     slide = _grid_slide(patient_factory, 6, 6)
     everything = {(r, c) for r in range(6) for c in range(6)}
