@@ -1,69 +1,136 @@
-"""Pictures a person looks at: the heatmap overlay beside the labelled region."""
+"""Pictures a person looks at: the heatmap overlay beside the labelled region.
+
+Drawn with pillow on numpy arrays rather than through a matplotlib figure: the same picture in
+~40 ms instead of ~300-900 ms per patient, which had been the largest fixed cost of `render`.
+"""
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .loader import PATCH_SIZE, Slide  # noqa: E402
-from .regions import region_contours  # noqa: E402
+from .loader import PATCH_SIZE, Slide
+from .regions import region_contours
 
 HEATMAP = "viridis"  # perceptually uniform
-DISPLAY_MAX_SIDE = 1600  # the mosaic is box-reduced to this before plotting (the figure shows ~800 px)
-PREDICTED_COLOUR = "#00e5ff"
-LABELLED_COLOUR = "#ff2d2d"
+HEAT_ALPHA = 0.55
+LABELLED_ALPHA = 0.4
+PREDICTED_COLOUR = (0, 229, 255)
+LABELLED_COLOUR = (255, 45, 45)
+PANEL_MAX_SIZE = (760, 900)  # (width, height) in px that a slide panel is scaled to fit
+MARGIN = 14
+COLORBAR = (18, 70)  # bar width, space for its tick labels and title
+HEADER, CAPTION = 56, 22  # px above the panels: title and subtitle, then the panel titles
+
+
+@lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+@lru_cache(maxsize=1)
+def _heat_colours() -> np.ndarray:
+    """(256, 3) uint8 colours of the heatmap's colour map."""
+    return (colormaps[HEATMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def _cell_layer(slide: Slide, colours: np.ndarray, alpha: np.ndarray, size: tuple[int, int],
+                scale: float) -> Image.Image:
+    """RGBA panel layer: one flat colour (rows, cols, 3) and opacity (rows, cols) per grid cell."""
+    rows, cols = slide.grid_shape
+    cells = Image.fromarray(np.dstack([colours, (alpha * 255).round().astype(np.uint8)]), "RGBA")
+    full = cells.resize((max(1, round(cols * PATCH_SIZE * scale)), max(1, round(rows * PATCH_SIZE * scale))),
+                        Image.Resampling.NEAREST)
+    return full.crop((0, 0, *size))  # edge patches are smaller than a cell: the slide ends inside it
+
+
+def _polyline(points: np.ndarray, scale: float) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in points * scale]
+
+
+def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colour: tuple[int, int, int],
+            width: int, dash: float = 6.0, gap: float = 4.0) -> None:
+    """Draw a polyline dashed: `dash` px on, `gap` px off, the pattern running on across vertices."""
+    period, travelled = dash + gap, 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length = float(np.hypot(x1 - x0, y1 - y0))
+        at = 0.0
+        while at < length:
+            phase = (travelled + at) % period
+            step = min((dash - phase) if phase < dash else (period - phase), length - at)
+            if phase < dash:
+                a, b = at / length, (at + step) / length
+                draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                          fill=colour, width=width)
+            at += max(step, 1e-3)
+        travelled += length
+
+
+def _colorbar(canvas: Image.Image, left: int, top: int, height: int) -> None:
+    """Vertical heatmap scale from 0 (bottom) to 1 (top), ticks every 0.2, with its title."""
+    draw = ImageDraw.Draw(canvas)
+    ramp = _heat_colours()[np.linspace(255, 0, height).round().astype(int)]
+    bar = (ramp.astype(np.float64) * HEAT_ALPHA + 255 * (1 - HEAT_ALPHA)).round().astype(np.uint8)
+    canvas.paste(Image.fromarray(np.repeat(bar[:, None, :], COLORBAR[0], axis=1)), (left, top))
+    draw.rectangle((left, top, left + COLORBAR[0], top + height), outline=(0, 0, 0))
+    for tick in np.linspace(0.0, 1.0, 6):
+        y = top + round((1 - tick) * height)
+        draw.line([(left + COLORBAR[0], y), (left + COLORBAR[0] + 4, y)], fill=(0, 0, 0))
+        draw.text((left + COLORBAR[0] + 7, y), f"{tick:.1f}", fill=(0, 0, 0), font=_font(12), anchor="lm")
+    label = Image.new("RGB", (height, 18), "white")
+    ImageDraw.Draw(label).text((height // 2, 9), "IDC probability", fill=(0, 0, 0), font=_font(12), anchor="mm")
+    canvas.paste(label.rotate(90, expand=True), (left + COLORBAR[0] + 40, top))
 
 
 def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predicted: np.ndarray,
                 title: str, subtitle: str) -> bytes:
     """PNG bytes: the mosaic with the probability heatmap and predicted contours, and, when the
     file names carry labels, a second panel with the labelled IDC region for comparison."""
-    panels = 2 if slide.has_labels else 1
     height, width = mosaic.shape[:2]
-    panel_width = 7.0
-    panel_height = float(np.clip(panel_width * height / width, 2.5, 9.0))
-    fig, axes = plt.subplots(1, panels, figsize=(panel_width * panels + 1.2, panel_height + 1.1), dpi=110,
-                             squeeze=False, constrained_layout=True)
-    rows, cols = slide.grid_shape
-    extent = (0, cols * PATCH_SIZE, rows * PATCH_SIZE, 0)
-    heat = np.ma.masked_invalid(slide.grid_values(probability))
-    predicted_lines = region_contours(slide, predicted)
-    factor = max(1, int(np.ceil(max(height, width) / DISPLAY_MAX_SIDE)))
-    shown = np.asarray(Image.fromarray(mosaic).reduce(factor)) if factor > 1 else mosaic
-    mosaic_extent = (0, width, height, 0)
+    scale = min(PANEL_MAX_SIZE[0] / width, PANEL_MAX_SIZE[1] / height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    factor = max(1, int(1 / scale))
+    image = Image.fromarray(mosaic)
+    base = (image.reduce(factor) if factor > 1 else image).resize(size, Image.Resampling.BILINEAR).convert("RGBA")
 
-    ax = axes[0, 0]
-    ax.imshow(shown, extent=mosaic_extent, interpolation="antialiased")
-    image = ax.imshow(heat, cmap=HEATMAP, vmin=0, vmax=1, alpha=0.55, extent=extent, interpolation="nearest")
+    heat = slide.grid_values(probability)
+    present = np.isfinite(heat)
+    colours = _heat_colours()[(np.nan_to_num(heat).clip(0, 1) * 255).round().astype(int)]
+    prediction = Image.alpha_composite(base, _cell_layer(slide, colours, present * HEAT_ALPHA, size, scale))
+    draw = ImageDraw.Draw(prediction)
+    predicted_lines = [_polyline(line, scale) for line in region_contours(slide, predicted)]
     for line in predicted_lines:
-        ax.plot(line[:, 0], line[:, 1], color=PREDICTED_COLOUR, linewidth=1.4)
-    ax.set_title("Predicted IDC probability, regions outlined", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="IDC probability")
+        draw.line(line, fill=PREDICTED_COLOUR, width=2)
+    panels = [(prediction, "Predicted IDC probability, regions outlined")]
 
-    if panels == 2:
-        ax = axes[0, 1]
+    if slide.has_labels:
         labelled = slide.labels == 1
-        ax.imshow(shown, extent=mosaic_extent, interpolation="antialiased")
-        truth = np.ma.masked_equal(slide.grid_values(labelled.astype(float), fill=0.0), 0)
-        ax.imshow(truth, cmap=ListedColormap([LABELLED_COLOUR]), alpha=0.4, extent=extent, interpolation="nearest")
+        truth = slide.grid_values(labelled.astype(float), fill=0.0) > 0.5
+        red = np.broadcast_to(np.array(LABELLED_COLOUR, dtype=np.uint8), (*truth.shape, 3))
+        comparison = Image.alpha_composite(base, _cell_layer(slide, red, truth * LABELLED_ALPHA, size, scale))
+        draw = ImageDraw.Draw(comparison)
         for line in region_contours(slide, labelled):
-            ax.plot(line[:, 0], line[:, 1], color=LABELLED_COLOUR, linewidth=1.4)
+            draw.line(_polyline(line, scale), fill=LABELLED_COLOUR, width=2)
         for line in predicted_lines:
-            ax.plot(line[:, 0], line[:, 1], color=PREDICTED_COLOUR, linewidth=1.0, linestyle="--")
-        ax.set_title("Labelled IDC (file names, red) vs predicted (cyan, dashed)", fontsize=10)
-    for ax in axes[0]:
-        ax.set_xlim(0, width)
-        ax.set_ylim(height, 0)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+            _dashed(draw, line, PREDICTED_COLOUR, width=2)
+        panels.append((comparison, "Labelled IDC (file names, red) vs predicted (cyan, dashed)"))
+
+    colorbar_space = MARGIN + sum(COLORBAR)
+    canvas_width = MARGIN + size[0] + colorbar_space + (MARGIN + size[0]) * (len(panels) - 1) + MARGIN
+    canvas = Image.new("RGB", (canvas_width, HEADER + CAPTION + size[1] + MARGIN), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((canvas_width // 2, 8), title, fill=(0, 0, 0), font=_font(16), anchor="ma")
+    draw.text((canvas_width // 2, 30), subtitle, fill=(0, 0, 0), font=_font(14), anchor="ma")
+    top = HEADER + CAPTION
+    for i, (panel, panel_title) in enumerate(panels):
+        left = MARGIN + i * (size[0] + colorbar_space + MARGIN)
+        canvas.paste(panel.convert("RGB"), (left, top))
+        draw.rectangle((left - 1, top - 1, left + size[0], top + size[1]), outline=(0, 0, 0))
+        draw.text((left + size[0] // 2, HEADER + 2), panel_title, fill=(0, 0, 0), font=_font(13), anchor="ma")
+    _colorbar(canvas, MARGIN + size[0] + MARGIN, top, size[1])
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
+    canvas.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

@@ -1,0 +1,79 @@
+"""The overlay picture: heat colours, labelled fill and outlines land on the right cells."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import grid_patches, make_patient, solid
+from idcmap.loader import load_slide
+from idcmap.render import (CAPTION, HEAT_ALPHA, HEADER, LABELLED_ALPHA, LABELLED_COLOUR, MARGIN, PANEL_MAX_SIZE,
+                           PREDICTED_COLOUR, _dashed, _heat_colours, overlay_png)
+
+GREY = 128
+
+
+def _overlay(tmp_path, labelled_cell=None, layout="class"):
+    """A 4 x 6 slide of flat grey patches, scored 0 except cell (1, 4) at 1 (predicted IDC)."""
+    patches = grid_patches(4, 6, label_of=lambda r, c: None if layout == "flat" else int((r, c) == labelled_cell),
+                           pixels_of=lambda r, c: solid((GREY, GREY, GREY)))
+    slide = load_slide(make_patient(tmp_path, "P", patches, layout=layout))
+    hot = np.array([tuple(cell) == (1, 4) for cell in slide.cells])
+    picture = Image.open(io.BytesIO(overlay_png(slide, slide.mosaic(), hot.astype(float), hot, "Patient P", "test")))
+    return slide, np.asarray(picture.convert("RGB")).astype(int)
+
+
+def _cell_centre(slide, row, col, panel=0):
+    """(y, x) in the picture of the centre of grid cell (row, col) in a panel."""
+    height, width = slide.mosaic().shape[:2]
+    scale = min(PANEL_MAX_SIZE[0] / width, PANEL_MAX_SIZE[1] / height)
+    panel_width = round(width * scale)
+    left = MARGIN + panel * (panel_width + MARGIN + 18 + 70 + MARGIN)
+    return HEADER + CAPTION + int((row + 0.5) * 50 * scale), left + int((col + 0.5) * 50 * scale)
+
+
+def _blend(colour, alpha):
+    return np.asarray(colour) * alpha + GREY * (1 - alpha)
+
+
+def test_heat_colours_sit_on_their_cells(tmp_path):
+    slide, picture = _overlay(tmp_path)
+    cold, hot = _heat_colours()[0], _heat_colours()[255]
+    np.testing.assert_allclose(picture[_cell_centre(slide, 1, 4)], _blend(hot, HEAT_ALPHA), atol=3)
+    for row, col in [(0, 0), (1, 3), (3, 5), (2, 4)]:
+        np.testing.assert_allclose(picture[_cell_centre(slide, row, col)], _blend(cold, HEAT_ALPHA), atol=3)
+
+
+def test_predicted_region_is_outlined(tmp_path):
+    slide, picture = _overlay(tmp_path)
+    y, x = _cell_centre(slide, 1, 4)
+    _, right = _cell_centre(slide, 1, 5)
+    reach = int(0.6 * (right - x))
+    row = picture[y, x - reach : x + reach]  # across the cell's left and right edges, not beyond the next
+    cyan = np.all(np.abs(row - np.asarray(PREDICTED_COLOUR)) <= 3, axis=1)
+    assert cyan.sum() >= 2  # both vertical edges of the outline cross this row
+
+
+def test_labelled_panel_fills_labelled_cells_only(tmp_path):
+    slide, picture = _overlay(tmp_path, labelled_cell=(2, 1))
+    np.testing.assert_allclose(picture[_cell_centre(slide, 2, 1, panel=1)], _blend(LABELLED_COLOUR, LABELLED_ALPHA),
+                               atol=3)
+    np.testing.assert_allclose(picture[_cell_centre(slide, 0, 0, panel=1)], [GREY] * 3, atol=3)
+
+
+def test_unlabelled_slide_has_one_panel(tmp_path):
+    one_slide, one = _overlay(tmp_path / "a", layout="flat")
+    two_slide, two = _overlay(tmp_path / "b", labelled_cell=(0, 0))
+    assert not one_slide.has_labels and two_slide.has_labels
+    assert one.shape[0] == two.shape[0] and one.shape[1] < two.shape[1]
+
+
+@pytest.mark.parametrize("start", [0.0, 3.0])
+def test_dashed_line_alternates(start):
+    image = Image.new("RGB", (120, 10), "white")
+    _dashed(ImageDraw.Draw(image), [(start, 5.0), (60.0, 5.0), (110.0, 5.0)], (0, 0, 0), width=1)
+    inked = np.asarray(image)[5, :, 0] < 128
+    runs = np.flatnonzero(np.diff(inked.astype(int)))  # switches between ink and gap
+    assert inked[int(start) + 1] and len(runs) >= 15  # ~110 px of 6 on / 4 off: ~11 dashes
