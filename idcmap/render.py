@@ -120,6 +120,8 @@ def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predi
 
     colorbar_space = MARGIN + sum(COLORBAR)
     canvas_width = MARGIN + size[0] + colorbar_space + (MARGIN + size[0]) * (len(panels) - 1) + MARGIN
+    text_width = max(_font(16).getlength(title), _font(14).getlength(subtitle))
+    canvas_width = max(canvas_width, int(text_width) + 2 * MARGIN)  # a narrow slide keeps its titles whole  # a narrow slide keeps its titles whole
     canvas = Image.new("RGB", (canvas_width, HEADER + CAPTION + size[1] + MARGIN), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((canvas_width // 2, 8), title, fill=(0, 0, 0), font=_font(16), anchor="ma")

@@ -77,3 +77,13 @@ def test_dashed_line_alternates(start):
     inked = np.asarray(image)[5, :, 0] < 128
     runs = np.flatnonzero(np.diff(inked.astype(int)))  # switches between ink and gap
     assert inked[int(start) + 1] and len(runs) >= 15  # ~110 px of 6 on / 4 off: ~11 dashes
+
+
+def test_narrow_slide_keeps_its_title_whole(tmp_path):
+    patches = grid_patches(12, 1, pixels_of=lambda r, c: solid((GREY, GREY, GREY)))  # one tall column
+    slide = load_slide(make_patient(tmp_path, "P", patches))
+    subtitle = "a long subtitle " * 8
+    picture = Image.open(io.BytesIO(overlay_png(slide, slide.mosaic(), np.zeros(len(slide)), np.zeros(len(slide), bool),
+                                                "Patient P", subtitle)))
+    ink = np.flatnonzero((np.asarray(picture.convert("L"))[30:50] < 128).any(axis=0))  # the subtitle's row
+    assert ink.min() > 0 and ink.max() < picture.width - 1
