@@ -5,13 +5,13 @@ Drawn with pillow on numpy arrays rather than through a matplotlib figure: the s
 """
 from __future__ import annotations
 
-import io
 from functools import lru_cache
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
+from .export import encode_png
 from .loader import PATCH_SIZE, Slide
 from .regions import region_contours
 
@@ -133,6 +133,4 @@ def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predi
         draw.rectangle((left - 1, top - 1, left + size[0], top + size[1]), outline=(0, 0, 0))
         draw.text((left + size[0] // 2, HEADER + 2), panel_title, fill=(0, 0, 0), font=_font(13), anchor="ma")
     _colorbar(canvas, MARGIN + size[0] + MARGIN, top, size[1])
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    return encode_png(np.asarray(canvas))

@@ -145,3 +145,26 @@ def test_png_bytes_are_a_png(tmp_path):
     data = (tmp_path / "x.png").read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert Image.open(io.BytesIO(data)).size == (2, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (9, 1, 3), (37, 53, 3)])
+def test_encode_png_round_trips_exactly(shape):
+    image = np.random.default_rng(sum(shape)).integers(0, 256, size=shape, dtype=np.uint8)
+    image[0, 0] = (255, 0, 1)  # a filter difference that wraps around 0 and 255
+    decoded = Image.open(io.BytesIO(export.encode_png(image)))
+    decoded.load()  # pillow checks every chunk's CRC while reading
+    assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
+    np.testing.assert_array_equal(np.asarray(decoded), image)
+
+
+def test_encode_png_compresses_flat_background():
+    image = np.full((400, 600, 3), 255, dtype=np.uint8)  # a mosaic's white gaps
+    image[100:150, 200:250] = (200, 120, 180)
+    assert len(export.encode_png(image)) < image.nbytes / 50
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8),
+                                 np.zeros((4, 4, 3), np.float32), np.zeros((0, 4, 3), np.uint8)])
+def test_encode_png_rejects_what_it_cannot_write(bad):
+    with pytest.raises(ValueError, match="uint8"):
+        export.encode_png(bad)
