@@ -94,7 +94,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
         scored = [scorer.score(slide) for slide in slides]
         seconds = time.perf_counter() - started
         calibration = model.calibration
-        entry: dict = {"calibration": vars(calibration), "sha256": model.sha256,
+        entry: dict = {"calibration": vars(calibration), "sha256": model.sha256, "backend": scorer.backend,
                        "scoring_patches_per_s": sum(len(s) for s in slides) / seconds, "patch": {}, "slides": {}}
         per_patient = []
         for slide, scores, group in zip(slides, scored, groups):
@@ -133,6 +133,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             **{f"patch_{g}": {k: round(entry["patch"][g][k], 4) for k in ("balanced_accuracy", "f1_idc", "roc_auc")}
                for g in sorted(set(groups))},
             "scoring_patches_per_s": round(entry["scoring_patches_per_s"], 1),
+            "backend": scorer.backend,
         }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", report)
@@ -185,7 +186,10 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
                 slides = summary.get(f"slides_{g}")
                 cells += [with_interval(slides, "area_fraction_mae"), with_interval(slides, "dice")] if slides else ["–"] * 2
         command = model.card.get("training", {}).get("command", f"idcmap train DATA_ROOT --model {model.name}")
-        cells += [f"{summary['scoring_patches_per_s']:,.0f}", f"`{command}`"]
+        if summary.get("backend") == "onnx-int8":
+            data_root = model.card.get("training", {}).get("data_root", "DATA_ROOT")
+            command += f" && idcmap quantize {data_root} --model {model.name}"
+        cells += [f"{summary['scoring_patches_per_s']:,.0f} ({summary.get('backend', '?')})", f"`{command}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

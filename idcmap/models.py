@@ -241,6 +241,12 @@ class LoadedModel:
     calibration: Calibration
     sha256: str
     card: dict = field(default_factory=dict)
+    path: Path | None = None  # the weights file it was loaded from
+
+    @property
+    def int8_path(self) -> Path | None:
+        """The int8 ONNX patch network beside the weights (`idcmap quantize` writes it)."""
+        return self.path.with_suffix(".int8.onnx") if self.path is not None else None
 
 
 def sha256_of(path: Path) -> str:
@@ -313,4 +319,5 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
         calibration=calibration,
         sha256=digest,
         card=card,
+        path=path,
     )

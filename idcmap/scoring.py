@@ -1,10 +1,13 @@
 """Score a slide's patches: batched inference on the CPU or the GPU, then the slide-grid context."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,27 +18,53 @@ from .loader import Slide
 from .models import Calibration, LoadedModel
 
 DEFAULT_BATCH_SIZE = {"cpu": 512, "cuda": 1024}
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+
+
+def export_onnx(backbone: torch.nn.Module) -> bytes:
+    """The patch network as ONNX bytes: input `x` (N, 3, 50, 50), outputs `features` and `logit`."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(backbone.cpu().eval(), (torch.zeros(2, 3, 50, 50),), buffer, input_names=["x"],
+                          output_names=["features", "logit"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    return buffer.getvalue()
+
+
+def quantize_backbone(backbone: torch.nn.Module, inputs: np.ndarray) -> bytes:
+    """The patch network quantised to int8 by ONNX Runtime (static, QDQ, per-channel weights),
+    activation ranges calibrated on `inputs`: normalised (N, 3, 50, 50) float32 patches."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": inputs[i : i + 64]} for i in range(0, len(inputs), 64)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        plain, prepared, quantised = (Path(folder) / name for name in ("plain.onnx", "prepared.onnx", "int8.onnx"))
+        plain.write_bytes(export_onnx(backbone))
+        quant_pre_process(str(plain), str(prepared))
+        quantize_static(str(prepared), str(quantised), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True)
+        return quantised.read_bytes()
 
 
 class OnnxBackbone:
-    """The patch network exported to ONNX and run by ONNX Runtime: 1.8-4.4x PyTorch eager
-    (channels_last) on the 2-core CPU for CancerNet, 1.3x for ResNet-18 (benchmarks/RESULTS.md).
+    """A patch network in ONNX Runtime: 1.8-4.4x PyTorch eager (channels_last) on the 2-core CPU
+    for CancerNet, 1.3x for ResNet-18, and 3.4x more for ResNet-18 in int8 (benchmarks/RESULTS.md).
     Returns (features, logits) like the torch module."""
 
-    def __init__(self, backbone: torch.nn.Module, threads: int | None = None) -> None:
+    def __init__(self, onnx_model: bytes, threads: int | None = None) -> None:
         import onnxruntime
 
-        buffer = io.BytesIO()
-        example = torch.zeros(2, 3, 50, 50)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(backbone.cpu().eval(), (example,), buffer, input_names=["x"],
-                              output_names=["features", "logit"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.session.run(None, {"x": x.contiguous().numpy()})
@@ -140,14 +169,30 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z.astype(np.float64))).astype(np.float32)
 
 
+def stored_int8_model(model: LoadedModel) -> tuple[bytes | None, str]:
+    """(the int8 ONNX patch network stored beside `model`'s weights, "") when its model card lists
+    it for these very weights; (None, why not) otherwise."""
+    path = model.int8_path
+    if path is None or not path.is_file():
+        return None, (f"{path or model.name}: no int8 patch network for {model.name}; make one with "
+                      f"`idcmap quantize DATA_ROOT --model {model.name}` or use --backend onnx")
+    data = path.read_bytes()
+    record = model.card.get("int8", {})
+    if record.get("weights_sha256") != model.sha256 or record.get("sha256") != hashlib.sha256(data).hexdigest():
+        return None, (f"{path}: not made from these weights (its model card does not list it for them); "
+                      f"rerun `idcmap quantize DATA_ROOT --model {model.name}` or use --backend onnx")
+    return data, ""
+
+
 class Scorer:
     """Holds one model on one device; scores slide after slide without reloading.
 
-    backend `auto` runs the patch network in ONNX Runtime on the CPU (when installed) and in
-    PyTorch on the GPU; the context head always runs in PyTorch. `threads` caps the CPU threads
-    of either runtime (default: every core). `mixed_precision` (GPU only)
-    runs the patch network under fp16 autocast; the default fp32 keeps GPU and CPU
-    probabilities within 1e-4 of each other.
+    backend `auto` runs the patch network in ONNX Runtime on the CPU (when installed): in int8
+    when `idcmap quantize` stored an int8 network for these weights (`onnx-int8`), else in fp32
+    (`onnx`); on the GPU in PyTorch. The context head always runs in PyTorch. `threads` caps the
+    CPU threads of either runtime (default: every core). `mixed_precision` (GPU only) runs the
+    patch network under fp16 autocast; the default fp32 keeps GPU and CPU probabilities within
+    1e-4 of each other.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", batch_size: int | None = None,
@@ -156,10 +201,15 @@ class Scorer:
         self.device = resolve_device(device)
         if backend not in BACKENDS:
             raise IdcmapError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-        if backend == "onnx" and (self.device.type != "cpu" or not onnx_available()):
-            raise IdcmapError("--backend onnx needs --device cpu and the onnxruntime package (pip install onnxruntime)")
+        if backend.startswith("onnx") and (self.device.type != "cpu" or not onnx_available()):
+            raise IdcmapError(f"--backend {backend} needs --device cpu and the onnxruntime package (pip install onnxruntime)")
+        int8 = None
+        if backend in ("auto", "onnx-int8") and self.device.type == "cpu" and onnx_available():
+            int8, why_not = stored_int8_model(model)
+            if int8 is None and backend == "onnx-int8":
+                raise IdcmapError(why_not)
         if backend == "auto":
-            backend = "onnx" if self.device.type == "cpu" and onnx_available() else "torch"
+            backend = "torch" if self.device.type != "cpu" or not onnx_available() else "onnx-int8" if int8 else "onnx"
         self.backend = backend
         self.batch_size = DEFAULT_BATCH_SIZE[self.device.type] if batch_size is None else batch_size
         if self.batch_size < 1:
@@ -170,7 +220,12 @@ class Scorer:
             if threads < 1:
                 raise IdcmapError(f"--jobs {threads}: must be at least 1")
             torch.set_num_threads(threads)
-        self.backbone = OnnxBackbone(self.network.backbone, threads) if backend == "onnx" else self.network.backbone
+        if backend == "onnx":
+            self.backbone = OnnxBackbone(export_onnx(self.network.backbone), threads)
+        elif backend == "onnx-int8":
+            self.backbone = OnnxBackbone(int8, threads)
+        else:
+            self.backbone = self.network.backbone
         self.mean = torch.tensor(model.mean, device=self.device)
         self.std = torch.tensor(model.std, device=self.device)
 

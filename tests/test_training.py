@@ -12,7 +12,7 @@ from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 from idcmap.models import card_path, load_model, sha256_of
 from idcmap.scoring import Scorer
-from idcmap.training import TrainConfig, recalibrate, train
+from idcmap.training import TrainConfig, quantize, recalibrate, train
 
 MODEL = "cancernet-context"
 
@@ -175,3 +175,56 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(trained, tmp_pat
     second = torch.load(target, weights_only=True)["state_dict"]
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not target.with_suffix(".ckpt").exists()
+
+
+@pytest.fixture(scope="module")
+def quantised(trained, tmp_path_factory):
+    """A copy of the trained weights with their int8 patch network made by `quantize`."""
+    root, out, _ = trained
+    folder = tmp_path_factory.mktemp("quantised")
+    for source in (out, card_path(out), out.with_suffix(".split.json")):
+        (folder / source.name).write_bytes(source.read_bytes())
+    card = quantize(root, MODEL, folder / out.name, patches=64)
+    return root, folder / out.name, card
+
+
+def test_quantize_writes_an_int8_network_the_card_vouches_for(quantised):
+    _, weights, card = quantised
+    int8 = weights.with_suffix(".int8.onnx")
+    assert int8.is_file() and json.loads(card_path(weights).read_text())["int8"] == card["int8"]
+    assert card["int8"]["sha256"] == sha256_of(int8) and card["int8"]["weights_sha256"] == sha256_of(weights)
+    assert card["int8"]["calibration_patches"] == 64
+    validation = card["int8"]["validation"]
+    assert validation["patches"] == 20 * validation["patients"] > 0
+    assert 0 <= validation["max_probability_difference"] < 0.2 and 0 <= validation["decisions_changed"] <= 1
+
+
+def test_int8_backend_scores_close_to_fp32_and_auto_picks_it(quantised):
+    root, weights, _ = quantised
+    model = load_model(MODEL, weights)
+    slide = load_slide(root / json.loads(weights.with_suffix(".split.json").read_text())["test"][0])
+    auto = Scorer(model, device="cpu")
+    assert auto.backend == "onnx-int8"
+    int8 = auto.score(slide).probability
+    fp32 = Scorer(model, device="cpu", backend="onnx").score(slide).probability
+    assert ((int8 >= 0) & (int8 <= 1)).all()
+    assert np.abs(int8 - fp32).max() < 0.2  # a tiny 2-epoch model; the shipped one stays within 0.02
+    np.testing.assert_array_equal(int8, Scorer(model, device="cpu", backend="onnx-int8").score(slide).probability)
+
+
+def test_int8_network_of_other_weights_is_refused(quantised, tmp_path):
+    _, weights, _ = quantised
+    for source in (weights, card_path(weights), weights.with_suffix(".int8.onnx")):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    copy = tmp_path / weights.name
+    assert Scorer(load_model(MODEL, copy), device="cpu").backend == "onnx-int8"
+    card = json.loads(card_path(copy).read_text())
+    card["int8"]["weights_sha256"] = "0" * 64  # as after the weights were retrained
+    card_path(copy).write_text(json.dumps(card))
+    stale = load_model(MODEL, copy)
+    assert Scorer(stale, device="cpu").backend == "onnx"  # auto falls back to fp32
+    with pytest.raises(IdcmapError, match="idcmap quantize"):
+        Scorer(stale, device="cpu", backend="onnx-int8")
+    copy.with_suffix(".int8.onnx").unlink()
+    with pytest.raises(IdcmapError, match="no int8 patch network"):
+        Scorer(load_model(MODEL, copy), device="cpu", backend="onnx-int8")
