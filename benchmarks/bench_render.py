@@ -8,8 +8,9 @@ Stages, each over the same real patients of ../shared/data/patients:
   2. naive         the tutorials' loop: PIL open -> torchvision transforms -> model on one patch
                    -> sigmoid().item() (first --naive-patches patches only)
   3. score         idcmap's Scorer on the decoded slides, as render runs it (batched,
-                   inference_mode; ONNX Runtime on the CPU, PyTorch on the GPU), and beside it
-                   PyTorch eager channels_last on the same slides
+                   inference_mode; ONNX Runtime on the CPU, in int8 where the model has an int8
+                   network, PyTorch on the GPU), and beside it PyTorch eager channels_last and,
+                   for an int8 model, fp32 ONNX Runtime on the same slides
   4. render        render_patient end to end: decode, score, mosaic/overlay PNGs, CSV/NPY/GeoJSON/JSON
 Prints patches/s, the ratios score/naive, score/decode and render/decode, peak RSS, and per-patient
 time and RSS as patients accumulate (time per patch should stay flat, RSS should not grow).
@@ -108,16 +109,20 @@ def main() -> None:
     folders = folders[: args.patients] if args.patients else folders
     model = load_model(args.model)
     scorer = Scorer(model, args.device, args.batch_size)
-    eager = Scorer(model, args.device, args.batch_size, backend="torch")
+    others = {"torch eager": Scorer(model, args.device, args.batch_size, backend="torch")}
+    if scorer.backend == "onnx-int8":
+        others["onnx fp32"] = Scorer(model, args.device, args.batch_size, backend="onnx")
     calibration = effective_calibration(model.calibration, RenderOptions())
     options = RenderOptions(model=args.model, device=args.device, progress=False)
     warm = load_slide(folders[0])
-    scorer.score(warm), eager.score(warm)  # warm-up: first-call allocations and kernels
+    for warming in (scorer, *others.values()):  # warm-up: first-call allocations and kernels
+        warming.score(warm)
     del warm
 
     print(f"device {scorer.device}, backend {scorer.backend}, batch {scorer.batch_size}, "
           f"torch threads {torch.get_num_threads()}, {len(folders)} patients, model {model.name}")
-    decode_s = score_s = eager_s = render_s = 0.0
+    decode_s = score_s = render_s = 0.0
+    other_s = dict.fromkeys(others, 0.0)
     patches = 0
     per_patient = []
     with tempfile.TemporaryDirectory() as out:
@@ -129,10 +134,11 @@ def main() -> None:
             scorer.score(slide)
             sync(scorer.device)
             score_s += time.perf_counter() - started
-            started = time.perf_counter()
-            eager.score(slide)
-            sync(eager.device)
-            eager_s += time.perf_counter() - started
+            for name, other in others.items():
+                started = time.perf_counter()
+                other.score(slide)
+                sync(other.device)
+                other_s[name] += time.perf_counter() - started
             started = time.perf_counter()
             render_patient(folder, Path(out) / folder.name, scorer, calibration, options)
             seconds = time.perf_counter() - started
@@ -147,7 +153,7 @@ def main() -> None:
 
     rate = {"decode (floor)": patches / decode_s, "naive per-patch loop": 1 / naive_s,
             f"idcmap score ({scorer.backend})": patches / score_s,
-            "idcmap score (torch eager)": patches / eager_s,
+            **{f"idcmap score ({name})": patches / seconds for name, seconds in other_s.items()},
             "idcmap render end-to-end": patches / render_s}
     score = patches / score_s
     print(f"\n{'stage':28s} {'patches/s':>10s}")
@@ -155,7 +161,8 @@ def main() -> None:
         print(f"{name:28s} {value:10.0f}")
     print(f"\nscore / naive             {score * naive_s:.1f}x  (target >= 10x)")
     print(f"score / decode            {score / rate['decode (floor)']:.2f}x")
-    print(f"{scorer.backend} / torch eager       {score / rate['idcmap score (torch eager)']:.2f}x")
+    for name in others:
+        print(f"{scorer.backend} / {name:14s} {score / rate[f'idcmap score ({name})']:.2f}x")
     print(f"render time / decode time {render_s / decode_s:.1f}x  (target <= 2x)")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     print(f"\n{'patient':10s} {'patches':>8s} {'render s':>9s} {'ms/patch':>9s} {'RSS after MB':>13s} {'peak RSS MB':>12s}")
