@@ -234,6 +234,12 @@ def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights):
     assert _stamps(out / "A")["summary.json"] != a_before["summary.json"]
     assert json.loads((out / "A" / "summary.json").read_text())["threshold"] == 0.25
 
+    # another runtime of the patch network, too
+    stamp = _stamps(out / "A")["summary.json"]
+    render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25, backend="torch"))
+    assert _stamps(out / "A")["summary.json"] != stamp
+    assert json.loads((out / "A" / "summary.json").read_text())["backend"] == "torch"
+
     # an empty file counts as incomplete
     (out / "A" / "regions.geojson").write_text("")
     render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25))
