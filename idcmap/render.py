@@ -24,11 +24,24 @@ PANEL_MAX_SIZE = (760, 900)  # (width, height) in px that a slide panel is scale
 MARGIN = 14
 COLORBAR = (18, 70)  # bar width, space for its tick labels and title
 HEADER, CAPTION = 56, 22  # px above the panels: title and subtitle, then the panel titles
+MIN_PANEL_HEIGHT = 160
 
 
 @lru_cache(maxsize=None)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+    """Pillow's own scalable font; its small bitmap font where pillow was built without FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _text(draw: ImageDraw.ImageDraw, x: float, y: float, text: str, size: int, align: str = "centre") -> None:
+    """Draw `text` with its top at `y`, centred on `x` (or starting at `x` for align "left");
+    placed by hand, since bitmap fonts take no anchors."""
+    font = _font(size)
+    left = x - font.getlength(text) / 2 if align == "centre" else x
+    draw.text((left, y), text, fill=(0, 0, 0), font=font)
 
 
 @lru_cache(maxsize=1)
@@ -75,13 +88,13 @@ def _colorbar(canvas: Image.Image, left: int, top: int, height: int) -> None:
     ramp = _heat_colours()[np.linspace(255, 0, height).round().astype(int)]
     bar = (ramp.astype(np.float64) * HEAT_ALPHA + 255 * (1 - HEAT_ALPHA)).round().astype(np.uint8)
     canvas.paste(Image.fromarray(np.repeat(bar[:, None, :], COLORBAR[0], axis=1)), (left, top))
-    draw.rectangle((left, top, left + COLORBAR[0], top + height), outline=(0, 0, 0))
+    draw.rectangle((left, top, left + COLORBAR[0], top + height - 1), outline=(0, 0, 0))
     for tick in np.linspace(0.0, 1.0, 6):
-        y = top + round((1 - tick) * height)
+        y = top + round((1 - tick) * (height - 1))
         draw.line([(left + COLORBAR[0], y), (left + COLORBAR[0] + 4, y)], fill=(0, 0, 0))
-        draw.text((left + COLORBAR[0] + 7, y), f"{tick:.1f}", fill=(0, 0, 0), font=_font(12), anchor="lm")
+        _text(draw, left + COLORBAR[0] + 7, y - 7, f"{tick:.1f}", 12, align="left")
     label = Image.new("RGB", (height, 18), "white")
-    ImageDraw.Draw(label).text((height // 2, 9), "IDC probability", fill=(0, 0, 0), font=_font(12), anchor="mm")
+    _text(ImageDraw.Draw(label), height / 2, 2, "IDC probability", 12)
     canvas.paste(label.rotate(90, expand=True), (left + COLORBAR[0] + 40, top))
 
 
@@ -119,18 +132,21 @@ def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predi
         panels.append((comparison, "Labelled IDC (file names, red) vs predicted (cyan, dashed)"))
 
     colorbar_space = MARGIN + sum(COLORBAR)
-    canvas_width = MARGIN + size[0] + colorbar_space + (MARGIN + size[0]) * (len(panels) - 1) + MARGIN
+    panel_height = max(size[1], MIN_PANEL_HEIGHT)  # a very wide slide is letterboxed, not squashed
+    offset = (panel_height - size[1]) // 2
+    content_width = size[0] + colorbar_space + (MARGIN + size[0]) * (len(panels) - 1)
     text_width = max(_font(16).getlength(title), _font(14).getlength(subtitle))
-    canvas_width = max(canvas_width, int(text_width) + 2 * MARGIN)  # a narrow slide keeps its titles whole  # a narrow slide keeps its titles whole
-    canvas = Image.new("RGB", (canvas_width, HEADER + CAPTION + size[1] + MARGIN), "white")
+    canvas_width = max(content_width, int(text_width)) + 2 * MARGIN  # a narrow slide keeps its titles whole
+    canvas = Image.new("RGB", (canvas_width, HEADER + CAPTION + panel_height + MARGIN), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((canvas_width // 2, 8), title, fill=(0, 0, 0), font=_font(16), anchor="ma")
-    draw.text((canvas_width // 2, 30), subtitle, fill=(0, 0, 0), font=_font(14), anchor="ma")
+    _text(draw, canvas_width / 2, 8, title, 16)
+    _text(draw, canvas_width / 2, 30, subtitle, 14)
     top = HEADER + CAPTION
+    first = (canvas_width - content_width) // 2
     for i, (panel, panel_title) in enumerate(panels):
-        left = MARGIN + i * (size[0] + colorbar_space + MARGIN)
-        canvas.paste(panel.convert("RGB"), (left, top))
-        draw.rectangle((left - 1, top - 1, left + size[0], top + size[1]), outline=(0, 0, 0))
-        draw.text((left + size[0] // 2, HEADER + 2), panel_title, fill=(0, 0, 0), font=_font(13), anchor="ma")
-    _colorbar(canvas, MARGIN + size[0] + MARGIN, top, size[1])
+        left = first + i * (size[0] + colorbar_space + MARGIN)
+        canvas.paste(panel.convert("RGB"), (left, top + offset))
+        draw.rectangle((left - 1, top + offset - 1, left + size[0], top + offset + size[1]), outline=(0, 0, 0))
+        _text(draw, left + size[0] / 2, HEADER + 2, panel_title, 13)
+    _colorbar(canvas, first + size[0] + MARGIN, top, panel_height)
     return encode_png(np.asarray(canvas))

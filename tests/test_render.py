@@ -9,8 +9,8 @@ from PIL import Image, ImageDraw
 
 from conftest import grid_patches, make_patient, solid
 from idcmap.loader import load_slide
-from idcmap.render import (CAPTION, HEAT_ALPHA, HEADER, LABELLED_ALPHA, LABELLED_COLOUR, MARGIN, PANEL_MAX_SIZE,
-                           PREDICTED_COLOUR, _dashed, _heat_colours, overlay_png)
+from idcmap.render import (CAPTION, HEAT_ALPHA, HEADER, LABELLED_ALPHA, LABELLED_COLOUR, MARGIN, MIN_PANEL_HEIGHT,
+                           PANEL_MAX_SIZE, PREDICTED_COLOUR, _dashed, _heat_colours, overlay_png)
 
 GREY = 128
 
@@ -87,3 +87,33 @@ def test_narrow_slide_keeps_its_title_whole(tmp_path):
                                                 "Patient P", subtitle)))
     ink = np.flatnonzero((np.asarray(picture.convert("L"))[30:50] < 128).any(axis=0))  # the subtitle's row
     assert ink.min() > 0 and ink.max() < picture.width - 1
+
+
+def test_very_wide_slide_is_letterboxed_not_squashed(tmp_path):
+    patches = grid_patches(1, 60, pixels_of=lambda r, c: solid((GREY, GREY, GREY)))  # one long row
+    slide = load_slide(make_patient(tmp_path, "P", patches))
+    picture = Image.open(io.BytesIO(overlay_png(slide, slide.mosaic(), np.zeros(len(slide)), np.zeros(len(slide), bool),
+                                                "Patient P", "wide")))
+    assert picture.height >= HEADER + CAPTION + MIN_PANEL_HEIGHT
+
+
+def test_overlay_without_freetype_uses_the_bitmap_font(tmp_path, monkeypatch):
+    from PIL import ImageFont
+
+    from idcmap import render
+
+    plain = ImageFont.load_default
+
+    def no_freetype(size=None):
+        if size is not None:
+            raise ImportError("The _imagingft C module is not installed")
+        return plain()
+
+    monkeypatch.setattr(ImageFont, "load_default", no_freetype)
+    render._font.cache_clear()
+    try:
+        slide, picture = _overlay(tmp_path)
+        assert (picture[:HEADER] < 128).any()  # the title is drawn
+        np.testing.assert_allclose(picture[_cell_centre(slide, 1, 4)], _blend(_heat_colours()[255], HEAT_ALPHA), atol=3)
+    finally:
+        render._font.cache_clear()
