@@ -196,14 +196,17 @@ def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Pat
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
               help="Folder for metrics.json and the figures.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]), default="auto", show_default=True,
+              help="Patch network runtime, as for render (auto: int8 where a model ships an int8 network).")
 @click.option("--record", is_flag=True, help="Write the test figures into each model's card in weights/.")
 def evaluate(data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str,
-             record: bool) -> None:
+             backend: str, record: bool) -> None:
     """Evaluate models side by side on the test patients of DATA_ROOT: patch and slide metrics
     (whole and sparse patients apart, 95% bootstrap intervals), speed, figures."""
     from .evaluation import evaluate_models
 
-    report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device, record=record)
+    report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device,
+                             backend=backend, record=record)
     click.echo(json.dumps(report["summary"], indent=2))
 
 

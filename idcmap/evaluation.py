@@ -67,7 +67,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, split_file: str | Path | None = None,
-                    device: str = "auto", record: bool = False) -> dict:
+                    device: str = "auto", record: bool = False, backend: str = "auto") -> dict:
     """Evaluate `models` (default: every registry model with weights) on the split's test patients;
     write metrics.json and figures to `out`; with `record`, add the test figures to each model's
     card in weights/. Return the report."""
@@ -89,7 +89,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
                     "models": {}, "summary": {}}
     curves = {}
     for model in loaded:
-        scorer = Scorer(model, device)
+        scorer = Scorer(model, device, backend=backend)
         started = time.perf_counter()
         scored = [scorer.score(slide) for slide in slides]
         seconds = time.perf_counter() - started

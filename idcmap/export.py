@@ -87,6 +87,9 @@ def write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+PNG_CHUNK_BYTES = 1 << 24
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of an (H, W, 3) uint8 RGB array, lossless.
 
@@ -103,13 +106,16 @@ def encode_png(image: np.ndarray) -> bytes:
     rows[:, 1:4] = flat[:, :3]
     np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:])
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    data = deflate.compress(rows) + deflate.flush()
+    data = memoryview(deflate.compress(rows) + deflate.flush())
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    def chunk(kind: bytes, body: bytes | memoryview) -> list[bytes | memoryview]:
+        return [struct.pack(">I", len(body)), kind, body, struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))]
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, filtered, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    parts: list[bytes | memoryview] = [b"\x89PNG\r\n\x1a\n", *chunk(b"IHDR", header)]
+    for start in range(0, len(data), PNG_CHUNK_BYTES):  # the spec caps a chunk below 2^31 bytes
+        parts += chunk(b"IDAT", data[start : start + PNG_CHUNK_BYTES])
+    return b"".join([*parts, *chunk(b"IEND", b"")])
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:

@@ -167,7 +167,7 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
                          "y = origin_y + r*cell_px; NaN where no patch"},
         "mosaic_origin_xy": list(slide.origin_xy),
         "calibration": asdict(calibration),
-        "backend": scorer.backend,  # the patch network's runtime: onnx-int8, onnx (fp32) or torch
+        "runtime": scorer.runtime,  # how the patch network ran: backend, int8 network, fp16
         "skipped": slide.skipped,
     }
     subtitle = (f"{len(slide)} patches · predicted IDC area {row['predicted_idc_area_fraction']:.1%}"
@@ -227,7 +227,7 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def completed_summary(out_dir: Path, sha256: str, calibration: Calibration, backend: str) -> dict | None:
+def completed_summary(out_dir: Path, sha256: str, calibration: Calibration, runtime: dict) -> dict | None:
     """The summary row of a complete, valid earlier render with the same model, runtime and settings."""
     try:
         summary = json.loads((out_dir / "summary.json").read_text())
@@ -235,7 +235,7 @@ def completed_summary(out_dir: Path, sha256: str, calibration: Calibration, back
         return None
     complete = all((out_dir / name).is_file() and (out_dir / name).stat().st_size > 0 for name in PATIENT_FILES)
     same = (summary.get("weights_sha256") == sha256 and summary.get("calibration") == asdict(calibration)
-            and summary.get("backend") == backend)
+            and summary.get("runtime") == runtime)
     if not (complete and same and summary.get("status") == "ok"):
         return None
     return {field: summary.get(field) for field in SUMMARY_FIELDS}
@@ -264,7 +264,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
                                      disable=not options.progress or len(folders) == 1):
         out_dir = out / name
-        row = completed_summary(out_dir, model.sha256, calibration, scorer.backend) if options.resume else None
+        row = completed_summary(out_dir, model.sha256, calibration, scorer.runtime) if options.resume else None
         if row is not None:
             log.info("%s: complete in %s, skipped (--resume)", name, out_dir)
         else:

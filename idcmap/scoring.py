@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -15,7 +16,9 @@ from tqdm import tqdm
 
 from .errors import IdcmapError
 from .loader import Slide
-from .models import Calibration, LoadedModel
+from .models import Calibration, LoadedModel, get_spec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = {"cpu": 512, "cuda": 1024}
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
@@ -173,14 +176,17 @@ def stored_int8_model(model: LoadedModel) -> tuple[bytes | None, str]:
     """(the int8 ONNX patch network stored beside `model`'s weights, "") when its model card lists
     it for these very weights; (None, why not) otherwise."""
     path = model.int8_path
+    weights = f" --weights {model.path}" if model.path is not None and model.path != get_spec(model.name).weights_path else ""
+    remedy = f"run `idcmap quantize DATA_ROOT --model {model.name}{weights}` or use --backend onnx"
     if path is None or not path.is_file():
-        return None, (f"{path or model.name}: no int8 patch network for {model.name}; make one with "
-                      f"`idcmap quantize DATA_ROOT --model {model.name}` or use --backend onnx")
-    data = path.read_bytes()
+        return None, f"{path or model.name}: no int8 patch network for {model.name}; {remedy}"
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return None, f"{path}: unreadable ({err.strerror}); {remedy}"
     record = model.card.get("int8", {})
     if record.get("weights_sha256") != model.sha256 or record.get("sha256") != hashlib.sha256(data).hexdigest():
-        return None, (f"{path}: not made from these weights (its model card does not list it for them); "
-                      f"rerun `idcmap quantize DATA_ROOT --model {model.name}` or use --backend onnx")
+        return None, f"{path}: not made from these weights (its model card does not list it for them); {remedy}"
     return data, ""
 
 
@@ -190,27 +196,32 @@ class Scorer:
     backend `auto` runs the patch network in ONNX Runtime on the CPU (when installed): in int8
     when `idcmap quantize` stored an int8 network for these weights (`onnx-int8`), else in fp32
     (`onnx`); on the GPU in PyTorch. The context head always runs in PyTorch. `threads` caps the
-    CPU threads of either runtime (default: every core). `mixed_precision` (GPU only) runs the
+    CPU threads of either runtime (default: every core). `int8_network` (ONNX bytes) replaces the
+    stored int8 network, for checking a new one before it is stored. `mixed_precision` (GPU only) runs the
     patch network under fp16 autocast; the default fp32 keeps GPU and CPU probabilities within
     1e-4 of each other.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", batch_size: int | None = None,
-                 mixed_precision: bool = False, backend: str = "auto", threads: int | None = None) -> None:
+                 mixed_precision: bool = False, backend: str = "auto", threads: int | None = None,
+                 int8_network: bytes | None = None) -> None:
         self.model = model
         self.device = resolve_device(device)
         if backend not in BACKENDS:
             raise IdcmapError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
         if backend.startswith("onnx") and (self.device.type != "cpu" or not onnx_available()):
             raise IdcmapError(f"--backend {backend} needs --device cpu and the onnxruntime package (pip install onnxruntime)")
-        int8 = None
-        if backend in ("auto", "onnx-int8") and self.device.type == "cpu" and onnx_available():
+        int8 = int8_network
+        if int8 is None and backend in ("auto", "onnx-int8") and self.device.type == "cpu" and onnx_available():
             int8, why_not = stored_int8_model(model)
             if int8 is None and backend == "onnx-int8":
                 raise IdcmapError(why_not)
+            if int8 is None and model.int8_path is not None and model.int8_path.is_file():
+                log.warning("%s; scoring in fp32", why_not)
         if backend == "auto":
             backend = "torch" if self.device.type != "cpu" or not onnx_available() else "onnx-int8" if int8 else "onnx"
         self.backend = backend
+        self.int8_sha256 = hashlib.sha256(int8).hexdigest() if backend == "onnx-int8" else None
         self.batch_size = DEFAULT_BATCH_SIZE[self.device.type] if batch_size is None else batch_size
         if self.batch_size < 1:
             raise IdcmapError(f"--batch-size {self.batch_size}: must be at least 1")
@@ -228,6 +239,11 @@ class Scorer:
             self.backbone = self.network.backbone
         self.mean = torch.tensor(model.mean, device=self.device)
         self.std = torch.tensor(model.std, device=self.device)
+
+    @property
+    def runtime(self) -> dict:
+        """How the patch network runs: what a render records beside its outputs."""
+        return {"backend": self.backend, "int8_sha256": self.int8_sha256, "mixed_precision": self.autocast}
 
     @torch.inference_mode()
     def score(self, slide: Slide, progress: bool = False) -> SlideScores:

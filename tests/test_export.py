@@ -168,3 +168,13 @@ def test_encode_png_compresses_flat_background():
 def test_encode_png_rejects_what_it_cannot_write(bad):
     with pytest.raises(ValueError, match="uint8"):
         export.encode_png(bad)
+
+
+def test_encode_png_splits_long_data_into_chunks(monkeypatch):
+    monkeypatch.setattr(export, "PNG_CHUNK_BYTES", 100)
+    image = np.random.default_rng(7).integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+    data = export.encode_png(image)
+    assert data.count(b"IDAT") > 10
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()
+    np.testing.assert_array_equal(np.asarray(decoded), image)

@@ -238,7 +238,8 @@ def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights):
     stamp = _stamps(out / "A")["summary.json"]
     render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25, backend="torch"))
     assert _stamps(out / "A")["summary.json"] != stamp
-    assert json.loads((out / "A" / "summary.json").read_text())["backend"] == "torch"
+    assert json.loads((out / "A" / "summary.json").read_text())["runtime"] == {
+        "backend": "torch", "int8_sha256": None, "mixed_precision": False}
 
     # an empty file counts as incomplete
     (out / "A" / "regions.geojson").write_text("")

@@ -228,3 +228,12 @@ def test_int8_network_of_other_weights_is_refused(quantised, tmp_path):
     copy.with_suffix(".int8.onnx").unlink()
     with pytest.raises(IdcmapError, match="no int8 patch network"):
         Scorer(load_model(MODEL, copy), device="cpu", backend="onnx-int8")
+
+
+def test_recalibrating_keeps_the_int8_network_usable(quantised, tmp_path):
+    root, weights, _ = quantised
+    for source in (weights, card_path(weights), weights.with_suffix(".int8.onnx"), weights.with_suffix(".split.json")):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    card = recalibrate(root, MODEL, tmp_path / weights.name, device="cpu")
+    assert card["int8"]["weights_sha256"] == card["sha256"] == sha256_of(tmp_path / weights.name)
+    assert Scorer(load_model(MODEL, tmp_path / weights.name), device="cpu").backend == "onnx-int8"
