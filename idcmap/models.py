@@ -200,6 +200,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("resnet18", ResNet18, None, False, "ResNet-18 adapted to 50x50, patch only"),
         ModelSpec("resnet18-context", ResNet18, (1, 1, 1), True,
                   "ResNet-18 + context head over 7x7 grid cells + fitted grid smoothing"),
+        ModelSpec("resnet18-context-wide", ResNet18, (1, 2, 2, 1), True,
+                  "ResNet-18 + dilated context head over 13x13 grid cells + fitted grid smoothing"),
     ]
 }
 
