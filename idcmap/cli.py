@@ -151,13 +151,27 @@ def train(data_root: Path, model: str, out: Path, split_file: Path | None, test_
                            "best_val_auc": card["training"]["best_val_auc"]}, indent=2))
 
 
+def trained_model_options(verb: str, weights_note: str):
+    """DATA_ROOT, --model, --weights and --split: the arguments of commands that work on trained weights."""
+    options = [
+        click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help=f"Model to {verb}."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help=f"Weights file [default: weights/<model>.pt]; {weights_note}."),
+        click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Split JSON [default: the one beside the weights]."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @cli.command()
-@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help="Model to quantise.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Weights file [default: weights/<model>.pt]; the int8 network is written beside it.")
-@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Split JSON [default: the one beside the weights].")
+@trained_model_options("quantise", "the int8 network is written beside it")
 @click.option("--patches", type=click.IntRange(16), default=1024, show_default=True,
               help="Training patches that calibrate the int8 activation ranges.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -172,12 +186,7 @@ def quantize(data_root: Path, model: str, weights: Path | None, split_file: Path
 
 
 @cli.command()
-@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help="Model to calibrate.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Weights file [default: weights/<model>.pt]; rewritten with the new calibration.")
-@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Split JSON [default: the one beside the weights].")
+@trained_model_options("calibrate", "rewritten with the new calibration")
 @click.option("--device", default="auto", show_default=True)
 def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Path | None, device: str) -> None:
     """Refit temperatures, grid smoothing, threshold and region post-processing on the validation patients."""

@@ -43,7 +43,9 @@ def _run_main(args, monkeypatch, capsys):
     (["render"], ["FOLDER", "--weights", "--threshold", "--resume", "--json", "--device", "--shard"]),
     (["export"], ["OUT", "--output"]),
     (["train"], ["DATA_ROOT", "--epochs", "--batch-patches", "--split"]),
-    (["evaluate"], ["DATA_ROOT", "--model", "--split"]),
+    (["evaluate"], ["DATA_ROOT", "--model", "--split", "--backend"]),
+    (["quantize"], ["DATA_ROOT", "--model", "--weights", "--split", "--patches"]),
+    (["calibrate"], ["DATA_ROOT", "--model", "--weights", "--split", "--device"]),
 ])
 def test_help_of_each_command(command, expected):
     for flag in ("--help", "-h"):
@@ -111,6 +113,15 @@ def test_bad_shard_via_main(tmp_path, monkeypatch, capsys, tiny_weights):
                                 "--shard", "5/2"], monkeypatch, capsys)
     assert code == 2
     assert "--shard" in _one_line_error(err)
+
+
+def test_int8_backend_without_an_int8_network_via_main(tmp_path, monkeypatch, capsys, tiny_weights):
+    folder = _patient(tmp_path / "in")
+    code, out, err = _run_main(["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights),
+                                "--device", "cpu", "--backend", "onnx-int8"], monkeypatch, capsys)
+    assert code == 2
+    line = _one_line_error(err)
+    assert "no int8 patch network" in line and "idcmap quantize" in line and "--backend onnx" in line
 
 
 def test_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
