@@ -25,8 +25,8 @@ from .dataset import load_slides, load_split, make_split, patient_ids, save_spli
 from .errors import IdcmapError
 from .export import atomic_write_bytes, write_json
 from .loader import Slide
-from .models import (Calibration, LoadedModel, ModelSpec, build_model, card_path, get_spec, load_model, save_checkpoint,
-                     sha256_of)
+from .models import (Calibration, LoadedModel, ModelSpec, build_model, card_path, get_spec, load_model, read_weights,
+                     save_checkpoint, save_weights, sha256_of, stored_precision)
 from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, to_input
 
@@ -257,9 +257,9 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
                                           model.network.context_reach, smoothing_sigmas(spec))
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = read_weights(path)
     payload["calibration"] = asdict(calibration)
-    save_checkpoint(path, payload)
+    save_weights(path, payload)
     card = dict(model.card)
     card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path))
     if card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version still holds
@@ -416,11 +416,11 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
         })
-    network.load_state_dict(best_state)
+    network.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
     network.eval()
     calibration, choice = fit_calibration(collect_scores(scorer, val_slides), network.context_reach,
                                           smoothing_sigmas(spec))
-    save_checkpoint(out, {
+    save_weights(out, {
         "model": model_name,
         "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
         "mean": mean, "std": std, "calibration": asdict(calibration),

@@ -171,3 +171,22 @@ def test_model_name_is_read_from_the_weights_file(tmp_path):
     assert loaded.name == "cancernet-smooth" and loaded.network.context is None
     with pytest.raises(WeightsError, match="holds model 'cancernet-smooth', not 'cancernet'"):
         load_model("cancernet", path)
+
+
+def test_shipped_weights_format_round_trips_in_bfloat16(tmp_path):
+    torch.manual_seed(0)
+    state = build_model("resnet18").state_dict()
+    payload = {"model": "resnet18", "state_dict": state, "mean": [0.5] * 3, "std": [0.25] * 3}
+    plain, compact = tmp_path / "plain.pt", tmp_path / "compact.pt"
+    models.save_checkpoint(plain, payload)
+    models.save_weights(compact, payload)
+    assert compact.stat().st_size < plain.stat().st_size / 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compact.pt", "plain.pt"]  # no temp file left
+    read = models.read_weights(compact)["state_dict"]
+    expected = models.stored_precision(state)
+    assert all(read[k].dtype == state[k].dtype and torch.equal(read[k], expected[k]) for k in state)
+    for k, v in state.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(read[k], v, rtol=2 ** -8, atol=1e-30)
+    loaded = load_model("resnet18", compact).network.state_dict()
+    assert all(torch.equal(loaded[k], expected[k]) for k in state)

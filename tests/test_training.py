@@ -10,7 +10,7 @@ from conftest import make_patient, textured
 from idcmap.dataset import SPLIT_SETS
 from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
-from idcmap.models import card_path, load_model, sha256_of
+from idcmap.models import card_path, load_model, read_weights, sha256_of
 from idcmap.scoring import Scorer
 from idcmap.training import TrainConfig, quantize, recalibrate, train
 
@@ -171,8 +171,8 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(trained, tmp_pat
     monkeypatch.setattr(training, "collect_scores", real_collect)
     resumed = train(root, MODEL, target, config, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
-    first = torch.load(out, weights_only=True)["state_dict"]
-    second = torch.load(target, weights_only=True)["state_dict"]
+    first = read_weights(out)["state_dict"]
+    second = read_weights(target)["state_dict"]
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not target.with_suffix(".ckpt").exists()
 
