@@ -12,10 +12,12 @@ import click
 from .errors import IdcmapError
 from .loader import DEFAULT_MAX_MOSAIC_PIXELS
 from .models import DEFAULT_MODEL, REGISTRY
+from .scoring import BACKENDS
 
 log = logging.getLogger("idcmap")
 
 MODEL_CHOICE = click.Choice(sorted(REGISTRY))
+BACKEND_CHOICE = click.Choice(list(BACKENDS))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -39,7 +41,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights file (default: weights/<model>.pt shipped with idcmap).")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU if present), cpu or cuda.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]), default="auto", show_default=True,
+@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
               help="Patch network runtime: auto = ONNX Runtime on CPU (1.3-4x PyTorch eager), PyTorch on GPU; "
                    "onnx-int8 = the int8 network `idcmap quantize` made (CPU; ResNet-18 3.4x faster).")
 @click.option("--mixed-precision", is_flag=True, help="fp16 autocast on the GPU (probabilities within 1e-3 of fp32).")
@@ -205,7 +207,7 @@ def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Pat
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
               help="Folder for metrics.json and the figures.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "onnx-int8"]), default="auto", show_default=True,
+@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
               help="Patch network runtime, as for render (auto: int8 where a model ships an int8 network).")
 @click.option("--record", is_flag=True, help="Write the test figures into each model's card in weights/.")
 def evaluate(data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str,

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import WeightsError
+from .export import atomic_write_bytes
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "resnet18-context"
@@ -275,16 +276,17 @@ def stored_precision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
+def _torch_bytes(payload: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
 def save_weights(path: Path, payload: dict) -> None:
     """Write shipped weights atomically: float tensors in bfloat16, the whole zlib-compressed
     (a ResNet-18 in 18 MB instead of 45 MB). `read_weights` gives them back in float32."""
     state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    buffer = io.BytesIO()
-    torch.save({**payload, "state_dict": state}, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(COMPACT_WEIGHTS_MAGIC + zlib.compress(buffer.getvalue(), 9))
-    tmp.replace(path)
+    atomic_write_bytes(path, COMPACT_WEIGHTS_MAGIC + zlib.compress(_torch_bytes({**payload, "state_dict": state}), 9))
 
 
 def read_weights(path: Path) -> dict:
@@ -300,11 +302,8 @@ def read_weights(path: Path) -> dict:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write a checkpoint atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    """Write a checkpoint (`torch.save`, full precision) atomically."""
+    atomic_write_bytes(path, _torch_bytes(payload))
 
 
 def load_model(name: str | None = None, weights: str | Path | None = None) -> LoadedModel:
