@@ -1,0 +1,160 @@
+"""Options tried for the default model and not adopted, measured on the VALIDATION patients only.
+
+    python benchmarks/validation_experiments.py [--data ../shared/data] [--skip-tta]
+
+Prints, side by side in one run (each against `resnet18-context` as shipped, fp32 ONNX Runtime):
+  1. test-time augmentation: logits and features averaged over 1, 2, 4 or 8 flips/rotations,
+     calibration refitted on validation (objective: mean Dice - mean area-fraction error);
+  2. ensembles: temperature-scaled logits of resnet18-context averaged with a CancerNet model,
+     calibration refitted; and per whole validation slide the AUC of each member and of the mix;
+  3. smoothing alone on the patch-only resnet18 (sigma fitted on validation) against its
+     unsmoothed calibration and the learned head;
+  4. an expected-area estimator (area-weighted mean probability) against the thresholded regions;
+  5. ONNX Runtime scoring speed of CancerNet and resnet18-context by batch size (patient 10262).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from idcmap import metrics  # noqa: E402
+from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
+from idcmap.loader import load_slide  # noqa: E402
+from idcmap.models import get_spec, load_model  # noqa: E402
+from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
+from idcmap.scoring import Scorer  # noqa: E402
+from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc  # noqa: E402
+
+DEFAULT = "resnet18-context"
+
+
+def objective(scored, reach: int, sigmas=SMOOTHING_SIGMAS) -> str:
+    _, choice = fit_calibration(scored, reach, sigmas)
+    return (f"objective {choice['value']:.4f} (Dice {choice['val_dice']:.4f}, area MAE "
+            f"{choice['val_area_fraction_mae']:.4f}), patient AUC {mean_patient_auc(scored):.4f}")
+
+
+def dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.rot90(x.flip(3) if t >= 4 else x, t % 4, (2, 3)).contiguous()
+
+
+def tta(model, slides) -> None:
+    print("\n1. test-time augmentation (resnet18-context)")
+    scorer = Scorer(model, "cpu", backend="onnx")
+    plain = scorer.backbone
+    for transforms in ([0], [0, 4], [0, 1, 2, 3], list(range(8))):
+        def averaged(x, transforms=transforms):
+            features, logits = zip(*(plain(dihedral(x, t)) for t in transforms))
+            return torch.stack(features).mean(0), torch.stack(logits).mean(0)
+
+        scorer.backbone = averaged
+        started = time.perf_counter()
+        scored = collect_scores(scorer, slides)
+        print(f"  {len(transforms)} views: {objective(scored, model.network.context_reach)}, "
+              f"{time.perf_counter() - started:.0f} s")
+
+
+def scaled(model, slides):
+    """Scores with patch and context logits divided by the model's patch temperature."""
+    t = model.calibration.patch_temperature
+    return [(s, replace(r, patch_logit=r.patch_logit / t, context_logit=r.context_logit / t))
+            for s, r in collect_scores(Scorer(model, "cpu", backend="onnx"), slides)]
+
+
+def ensembles(slides) -> None:
+    print("\n2. ensembles with resnet18-context (logits averaged after each model's patch temperature)")
+    members = ["resnet18-context", "cancernet-smooth", "cancernet-context-wide"]
+    scored = {name: scaled(load_model(name), slides) for name in members}
+    reach = load_model(DEFAULT).network.context_reach
+    print(f"  resnet18-context alone: {objective(scored[DEFAULT], reach)}")
+    mixes = {}
+    for other in members[1:]:
+        for weight in (0.5, 0.67):
+            mix = [(s, replace(a, patch_logit=weight * a.patch_logit + (1 - weight) * b.patch_logit,
+                               context_logit=weight * a.context_logit + (1 - weight) * b.context_logit))
+                   for (s, a), (_, b) in zip(scored[DEFAULT], scored[other])]
+            mixes[(other, weight)] = mix
+            print(f"  + {other}, weight {weight}: {objective(mix, reach)}")
+    print("  per whole slide, AUC of the context logits: resnet18-context / cancernet-smooth / 0.5 mix")
+    for i, (slide, r) in enumerate(scored[DEFAULT]):
+        if slide.is_whole:
+            other = scored["cancernet-smooth"][i][1].context_logit
+            mix = mixes[("cancernet-smooth", 0.5)][i][1].context_logit
+            print(f"    {slide.patient}: " + " / ".join(f"{metrics.roc_auc(slide.labels, x):.3f}"
+                                                      for x in (r.context_logit, other, mix)))
+
+
+def smoothing_alone(slides) -> None:
+    print("\n3. the patch-only resnet18: unsmoothed (as shipped) vs grid smoothing alone")
+    scored = collect_scores(Scorer(load_model("resnet18"), "cpu", backend="onnx"), slides)
+    print(f"  unsmoothed: {objective(scored, 0, (0.0,))}")
+    print(f"  smoothing fitted on validation: {objective(scored, 0)}")
+
+
+def expected_area(model, slides) -> None:
+    print("\n4. per-patient area fraction on the whole validation slides: regions vs expected area")
+    scorer = Scorer(model, "cpu", backend="onnx")
+    errors = {"thresholded regions": [], "mean calibrated probability": []}
+    for slide in (s for s in slides if s.is_whole):
+        scores = scorer.score(slide)
+        truth = idc_area_fraction(slide, slide.labels == 1)
+        area = slide.sizes.prod(1).astype(float)
+        errors["thresholded regions"].append(
+            abs(idc_area_fraction(slide, predicted_mask(slide, scores.probability, model.calibration)) - truth))
+        errors["mean calibrated probability"].append(abs(float((scores.probability * area).sum() / area.sum()) - truth))
+    for name, values in errors.items():
+        print(f"  {name}: MAE {np.mean(values):.4f}")
+
+
+def batch_sweep(data: Path) -> None:
+    print("\n5. ONNX Runtime scoring speed by batch size, patient 10262 (best of 3)")
+    slide = load_slide(data / "patients" / "10262")
+    for name in ("cancernet", DEFAULT):
+        model = load_model(name)
+        rates = []
+        for batch in (16, 64, 128, 256, 512):
+            scorer = Scorer(model, "cpu", batch_size=batch, backend="onnx")
+            scorer.score(slide)
+            best = min(_seconds(scorer, slide) for _ in range(3))
+            rates.append(f"{batch}: {len(slide) / best:,.0f}")
+        print(f"  {name} (fp32) patches/s by batch: " + ", ".join(rates))
+
+
+def _seconds(scorer: Scorer, slide) -> float:
+    started = time.perf_counter()
+    scorer.score(slide)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
+    folders = patient_ids(args.data)
+    split = load_split(get_spec(DEFAULT).weights_path.with_suffix(".split.json"), folders)
+    slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
+          f"{sum(len(s) for s in slides):,} patches")
+    model = load_model(DEFAULT)
+    if not args.skip_tta:
+        tta(model, slides)
+    ensembles(slides)
+    smoothing_alone(slides)
+    expected_area(model, slides)
+    batch_sweep(args.data)
+
+
+if __name__ == "__main__":
+    main()
