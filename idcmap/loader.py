@@ -6,6 +6,7 @@ the mosaic and the model.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import (
     DuplicatePatchError,
@@ -36,9 +37,12 @@ DEFAULT_MAX_MOSAIC_PIXELS = 250_000_000
 MAX_COORDINATE = 10**12
 """Largest x or y a patch name may carry (keeps every pixel computation inside int64)."""
 
-PATCH_NAME = re.compile(
-    r"^(?P<patient>.+?)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.png$"
-)
+PATCH_NAME = re.compile(r"(?P<patient>.+?)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.(?i:png)")
+"""A patch file name (matched whole); the extension in any case (`.png`, `.PNG`)."""
+CLASS_FOLDERS = ("0", "1")
+"""Subfolders of a patient folder that hold its patches by class; patches elsewhere are not read."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+"""The first 8 bytes of every PNG file; its IHDR chunk follows, with the bit depth at byte 24."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class PatchName:
 
 def parse_patch_name(name: str) -> PatchName:
     """Parse `<patient>_idx5_x<X>_y<Y>[_class<C>].png`; raise PatchNameError otherwise."""
-    match = PATCH_NAME.match(name)
+    match = PATCH_NAME.fullmatch(name)
     if match is None:
         raise PatchNameError(
             f"{name}: not a patch name; expected <patient>_idx5_x<X>_y<Y>_class<0|1>.png"
@@ -93,20 +97,17 @@ class Slide:
 
     @property
     def cells(self) -> np.ndarray:
-        """(N, 2) grid cell (row, col) of each patch, relative to the slide's origin cell."""
-        rc = self.xy[:, ::-1] // PATCH_SIZE
-        return rc - self.origin_cell
-
-    @property
-    def origin_cell(self) -> np.ndarray:
-        """(row, col) of the top-left grid cell that holds a patch."""
-        return (self.xy[:, ::-1] // PATCH_SIZE).min(axis=0)
+        """(N, 2) grid cell (row, col) of each patch: cell [r, c] covers slide pixels from
+        x = origin_x + 50c, y = origin_y + 50r (see `grid_cells`)."""
+        return grid_cells(self.xy)
 
     @property
     def origin_xy(self) -> tuple[int, int]:
-        """Slide pixel (x, y) of the mosaic's top-left corner."""
-        row, col = self.origin_cell
-        return int(col * PATCH_SIZE), int(row * PATCH_SIZE)
+        """Slide pixel (x, y) of the mosaic's top-left corner and of grid cell (0, 0): the smallest
+        x and the smallest y of any patch, so the grid keeps the patches' own phase (the data set's
+        lie at 1 mod 50) and the mosaic starts with the first patch pixel, not a blank margin."""
+        x, y = self.xy.min(axis=0)
+        return int(x), int(y)
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -153,40 +154,107 @@ class Slide:
         return grid
 
 
+def grid_cells(xy: np.ndarray) -> np.ndarray:
+    """(N, 2) grid cell (row, col) of patches at top-left slide pixels `xy` (N, 2): whole 50 px
+    steps from the smallest x and y. A patch off that phase is rounded down into the cell it
+    starts in (never negative); two patches in one cell are refused by `load_slide`."""
+    return (xy - xy.min(axis=0))[:, ::-1] // PATCH_SIZE
+
+
 def _label_from_folder(path: Path, patient_folder: Path) -> int | None:
     """0 or 1 for a patch inside the patient's `0/` or `1/` class folder, None for a flat folder."""
-    if path.parent == patient_folder or path.parent.name not in ("0", "1"):
+    if path.parent == patient_folder or path.parent.name not in CLASS_FOLDERS:
         return None
     return int(path.parent.name)
 
 
+def _looks_like_patch(name: str) -> bool:
+    """True for a file name that reads as a patch name; hidden names (starting with '.', such as
+    macOS `._*` AppleDouble files, which copy the name of the file they describe) never do."""
+    return not name.startswith(".") and PATCH_NAME.fullmatch(name) is not None
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder`, sorted by name; EmptyFolderError naming it if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as err:
+        raise EmptyFolderError(f"{folder}: cannot list this folder ({err.strerror}); fix its permissions") from err
+
+
 def list_patch_files(folder: Path) -> tuple[list[Path], list[str]]:
-    """PNG files of a patient folder (flat, or in 0/ and 1/), and what was not a PNG."""
+    """Patch files of a patient folder (directly in it, or in 0/ and 1/), and why other files were skipped.
+
+    Skipped, each as "<path>: <reason>": files that are not PNGs, PNGs whose names are not patch
+    names, hidden PNGs (names starting with '.', e.g. macOS `._*` files), and patch PNGs in any
+    other subfolder (one level down, e.g. `2/`, `extra/`), which idcmap does not read. Other
+    hidden files (.DS_Store) are ignored without a note.
+    """
     files: list[Path] = []
     skipped: list[str] = []
-    for sub in [folder, folder / "0", folder / "1"]:
+    for sub in [folder, *(folder / name for name in CLASS_FOLDERS)]:
         if not sub.is_dir():
             continue
-        for entry in sorted(os.scandir(sub), key=lambda e: e.name):
+        for entry in _entries(sub):
+            png = entry.name.lower().endswith(".png")
             if entry.is_dir():
-                continue
-            if entry.name.lower().endswith(".png"):
-                files.append(Path(entry.path))
-            elif not entry.name.startswith("."):
+                if not entry.name.startswith(".") and not (sub == folder and entry.name in CLASS_FOLDERS):
+                    skipped += _misplaced_patches(Path(entry.path), folder)
+            elif entry.name.startswith("."):
+                if png:
+                    skipped.append(f"{entry.path}: hidden file (its name starts with '.', like the `._*` metadata "
+                                   "files macOS leaves beside copies), not a patch; ignored, delete it to silence this")
+            elif not png:
                 skipped.append(f"{entry.path}: not a .png file")
+            else:
+                try:
+                    parse_patch_name(entry.name)
+                except PatchNameError as err:
+                    skipped.append(f"{entry.path}: {str(err).removeprefix(f'{entry.name}: ')}")
+                    continue
+                files.append(Path(entry.path))
     return files, skipped
 
 
-def _decode(path: Path) -> np.ndarray:
-    """Decode one patch into an (h, w, 3) uint8 array, or raise PatchImageError."""
+def _misplaced_patches(sub: Path, folder: Path) -> list[str]:
+    """Skip reasons for the patch PNGs directly in `sub`, a subfolder of `folder` idcmap does not read."""
     try:
-        with Image.open(path) as image:
+        entries = _entries(sub)
+    except EmptyFolderError as err:
+        return [f"{err}; patches in it, if any, are not read"]
+    where = sub.relative_to(folder).as_posix()
+    return [
+        f"{entry.path}: patch in {where}/, a subfolder idcmap does not read (only the patient folder itself "
+        "and its 0/ and 1/); move it into 0/ or 1/ by its class, or delete it"
+        for entry in entries
+        if not entry.is_dir() and _looks_like_patch(entry.name)
+    ]
+
+
+def _missing_file(path: Path) -> str:
+    """Why a listed patch file could not be opened: a broken symbolic link, or gone meanwhile."""
+    if path.is_symlink():
+        return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist); fix or delete the link"
+    return f"{path}: file vanished while reading; was the folder changed during the run? run again"
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Decode one patch into an (h, w, 3) uint8 array, or raise PatchImageError.
+
+    16-bit PNGs are refused whatever their colour type: pillow would open 16-bit grey as an
+    integer image but 16-bit RGB/RGBA silently reduced to 8 bits, so the bit depth is read from
+    the PNG header itself (IHDR, byte 24 of the file).
+    """
+    try:
+        data = path.read_bytes()
+        if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24:25] == b"\x10":
+            raise PatchImageError(
+                f"{path}: a 16-bit PNG (16 bits per channel); idcmap reads 8-bit patches only, "
+                "save the patch as 8-bit RGB"
+            )
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") or image.mode.startswith("I;"):
-                raise PatchImageError(
-                    f"{path}: {image.mode} (16/32-bit) images are not supported; "
-                    "save the patch as 8-bit RGB"
-                )
             if image.format != "PNG":
                 raise PatchImageError(f"{path}: a {image.format} image with a .png name; save it as PNG")
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -197,9 +265,14 @@ def _decode(path: Path) -> np.ndarray:
     except PatchImageError:
         raise
     except FileNotFoundError as err:
-        raise PatchImageError(f"{path}: file vanished while reading") from err
+        raise PatchImageError(_missing_file(path)) from err
     except PermissionError as err:
         raise PatchImageError(f"{path}: not readable (permission denied); fix its permissions") from err
+    except UnidentifiedImageError as err:
+        raise PatchImageError(
+            f"{path}: cannot decode (not an image format pillow knows); the file is corrupt or truncated, "
+            "replace or delete it"
+        ) from err
     except (OSError, SyntaxError, ValueError) as err:
         raise PatchImageError(
             f"{path}: cannot decode ({err}); the file is corrupt or truncated, replace or delete it"
@@ -221,6 +294,39 @@ def decode_patches(paths: list[Path], threads: int | None = None) -> list[np.nda
         return list(pool.map(_decode, paths, chunksize=64))
 
 
+def _patient_id(folder: Path, files: list[Path], names: list[PatchName]) -> str:
+    """The patient of a folder's patches, from the ids in their file names.
+
+    When the folder's name is one of the ids, it is the patient and a file naming another
+    patient is an error. Otherwise, when every file names one and the same patient, that id is
+    used: the file names are the data set's own record of the patient, while a folder's name
+    can differ for harmless reasons (`patient_8916_copy/`, a class folder passed on its own),
+    and nothing is ambiguous when all files agree. Files naming several patients, none of them
+    the folder's name, are an error. The folder's name comes from its absolute path, so `.` and
+    `..` work (symbolic links are not resolved: a link's own name counts).
+    """
+    folder_name = Path(os.path.abspath(folder)).name
+    ids = sorted({name.patient for name in names})
+    if folder_name in ids:
+        for path, name in zip(files, names):
+            if name.patient != folder_name:
+                raise PatientMismatchError(
+                    f"{path}: names patient {name.patient!r} but lies in folder {folder_name!r}, whose other "
+                    "files name that patient; move it to its own patient folder"
+                )
+    if len(ids) > 1:
+        first = {name.patient: path for path, name in reversed(list(zip(files, names)))}
+        raise PatientMismatchError(
+            f"{folder}: its files name {len(ids)} patients ({', '.join(map(repr, ids[:5]))}), none of them the "
+            f"folder's name {folder_name!r}, e.g. {first[ids[0]]} and {first[ids[1]]}; a patient folder holds "
+            "one patient's patches: move each patient's files into a folder named after it"
+        )
+    if ids[0] != folder_name:
+        log.warning("%s: folder name %r differs from the patient id %r in its file names; using %r",
+                    folder, folder_name, ids[0], ids[0])
+    return ids[0]
+
+
 def load_slide(
     folder: str | Path,
     max_mosaic_pixels: int = DEFAULT_MAX_MOSAIC_PIXELS,
@@ -228,27 +334,26 @@ def load_slide(
 ) -> Slide:
     """Load every patch of one patient folder into a Slide.
 
-    Files whose names do not parse are reported in `Slide.skipped` (and logged), not used.
+    Files that are not patches are reported in `Slide.skipped` (and logged), not used (see
+    `list_patch_files`). The patient id comes from the file names (see `_patient_id`).
     Raises EmptyFolderError, PatientMismatchError, DuplicatePatchError, MosaicTooLargeError,
     PatchImageError with the offending file named.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise EmptyFolderError(f"{folder}: {_not_a_folder(folder)}")
-    patient = folder.name
     files, skipped = list_patch_files(folder)
+    for reason in skipped:
+        log.warning("skipped %s", reason)
+    if not files:
+        raise EmptyFolderError(
+            f"{folder}: no patch PNGs named <patient>_idx5_x<X>_y<Y>_class<C>.png "
+            f"({len(skipped)} other files{', e.g. ' + skipped[0] if skipped else ''}); point idcmap at a patient folder"
+        )
+    names = [parse_patch_name(path.name) for path in files]
+    patient = _patient_id(folder, files, names)
     parsed: list[tuple[Path, PatchName]] = []
-    for path in files:
-        try:
-            name = parse_patch_name(path.name)
-        except PatchNameError as err:
-            skipped.append(f"{path}: {err}".replace(f"{path.name}: ", "", 1))
-            continue
-        if name.patient != patient:
-            raise PatientMismatchError(
-                f"{path}: names patient {name.patient!r} but lies in folder {patient!r}; "
-                "move it to its own patient folder"
-            )
+    for path, name in zip(files, names):
         folder_label = _label_from_folder(path, folder)
         if name.label is not None and folder_label is not None and name.label != folder_label:
             raise PatientMismatchError(
@@ -257,13 +362,6 @@ def load_slide(
             )
         label = name.label if name.label is not None else folder_label
         parsed.append((path, PatchName(name.patient, name.x, name.y, label)))
-    for reason in skipped:
-        log.warning("skipped %s", reason)
-    if not parsed:
-        raise EmptyFolderError(
-            f"{folder}: no patch PNGs named <patient>_idx5_x<X>_y<Y>_class<C>.png "
-            f"({len(skipped)} other files{', e.g. ' + skipped[0] if skipped else ''}); point idcmap at a patient folder"
-        )
     parsed.sort(key=lambda item: (item[1].y, item[1].x, str(item[0])))
     xy = np.array([[n.x, n.y] for _, n in parsed], dtype=np.int64)
     _check_mosaic_size(folder, xy, max_mosaic_pixels)
@@ -286,7 +384,8 @@ def load_slide(
 
 
 def _check_mosaic_size(folder: Path, xy: np.ndarray, max_pixels: int) -> None:
-    span = xy.max(axis=0) - (xy.min(axis=0) // PATCH_SIZE) * PATCH_SIZE + PATCH_SIZE
+    """MosaicTooLargeError when the mosaic, from the smallest x/y to the far patch edges, could exceed `max_pixels`."""
+    span = xy.max(axis=0) - xy.min(axis=0) + PATCH_SIZE
     pixels = int(span[0]) * int(span[1])
     if pixels > max_pixels:
         raise MosaicTooLargeError(
@@ -297,19 +396,19 @@ def _check_mosaic_size(folder: Path, xy: np.ndarray, max_pixels: int) -> None:
 
 def _drop_duplicates(paths: list[Path], xy: np.ndarray, labels: list[int | None],
                      decoded: list[np.ndarray]) -> list[int]:
-    """Indices to keep. Patches share a 50 px grid cell only as exact copies (same x/y and pixels,
-    no conflicting labels): kept once, with a warning. Anything else sharing a cell raises."""
+    """Indices to keep. Patches share a 50 px grid cell (`grid_cells`) only as exact copies (same
+    x/y and pixels, no conflicting labels): kept once, with a warning. Anything else sharing a cell raises."""
     keep: list[int] = []
     seen: dict[tuple[int, int], int] = {}
-    for i, (x, y) in enumerate(xy.tolist()):
-        first = seen.setdefault((x // PATCH_SIZE, y // PATCH_SIZE), i)
+    for i, ((x, y), cell) in enumerate(zip(xy.tolist(), grid_cells(xy).tolist())):
+        first = seen.setdefault(tuple(cell), i)
         if first == i:
             keep.append(i)
             continue
         other = f"{paths[i]}: {paths[first].name} already lies"
         if (x, y) != tuple(xy[first].tolist()):
             raise DuplicatePatchError(f"{other} in the same 50 px grid cell (x={xy[first][0]} y={xy[first][1]} vs "
-                                      f"x={x} y={y}); patches must lie on the 50 px grid, remove one")
+                                      f"x={x} y={y}); patches must lie on one 50 px grid, remove one")
         if None not in (labels[i], labels[first]) and labels[i] != labels[first]:
             raise DuplicatePatchError(f"{other} at x={x} y={y} with label {labels[first]}, this one says "
                                       f"{labels[i]}; remove the wrong one")
@@ -324,8 +423,26 @@ def _not_a_folder(path: Path) -> str:
     return f"{what}; pass a patient folder (<patient>/0|1/*.png, or flat) or a folder of patient folders"
 
 
+def _holds_patches(folder: Path, filenames: list[str], dirnames: list[str]) -> bool:
+    """True when `folder` holds files named like patches directly (`filenames`) or in its 0/ or 1/."""
+    if any(_looks_like_patch(name) for name in filenames):
+        return True
+    for name in CLASS_FOLDERS:
+        if name not in dirnames:
+            continue
+        try:
+            entries = _entries(folder / name)
+        except EmptyFolderError:
+            return True  # unreadable class folder: a patient whose load will say so
+        if any(not entry.is_dir() and _looks_like_patch(entry.name) for entry in entries):
+            return True
+    return False
+
+
 def find_patient_folders(root: str | Path) -> list[Path]:
-    """Patient folders at or below `root`, sorted: folders with PNGs directly or in 0/ or 1/.
+    """Patient folders at or below `root`, sorted: folders holding files named like patches
+    (`<patient>_idx5_x<X>_y<Y>…png`, not hidden) directly or in 0/ or 1/. Other PNGs (a stray
+    preview.png, idcmap's own mosaic.png and overlay.png) do not make a patient folder.
 
     Symbolic links to folders are followed once each, so link loops cannot trap the walk.
     """
@@ -341,13 +458,14 @@ def find_patient_folders(root: str | Path) -> list[Path]:
             dirnames.clear()
             continue
         visited.add(real)
-        if any(f.lower().endswith(".png") for f in filenames) or any(d in ("0", "1") for d in dirnames):
+        if _holds_patches(here, filenames, dirnames):
             found.append(here)
             dirnames.clear()
         else:
             dirnames.sort()
     if not found:
         raise EmptyFolderError(
-            f"{root}: no patient folder below (a patient folder holds patch PNGs, or 0/ and 1/)"
+            f"{root}: no patient folder below (a patient folder holds files named "
+            "<patient>_idx5_x<X>_y<Y>_class<C>.png, directly or in 0/ and 1/); point idcmap at the data set"
         )
     return sorted(found)

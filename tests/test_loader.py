@@ -32,6 +32,8 @@ from idcmap.loader import BACKGROUND, PatchName, find_patient_folders, load_slid
         ("8916_idx5_x1051_y2401_class1.png", PatchName("8916", 1051, 2401, 1)),
         ("10253_idx5_x501_y51.png", PatchName("10253", 501, 51, None)),
         ("a_b_idx5_x0_y0_class1.png", PatchName("a_b", 0, 0, 1)),
+        ("8916_idx5_x1_y1_class0.PNG", PatchName("8916", 1, 1, 0)),  # the extension in any case
+        ("8916_idx5_x1_y1.Png", PatchName("8916", 1, 1, None)),
     ],
 )
 def test_parse_patch_name_good(name, expected):
@@ -43,7 +45,7 @@ def test_parse_patch_name_good(name, expected):
     [
         "8916_idx5_x1_y1_class2.png",  # class other than 0/1
         "8916_idx5_x1_y1_class0.jpg",
-        "8916_idx5_x1_y1_class0.PNG",
+        "8916_idx5_x1_y1_class0.png\n",  # a trailing newline is no patch name
         "8916_idx5_x-1_y1_class0.png",
         "8916_idx5_xa_y1_class0.png",
         "8916_idx4_x1_y1_class0.png",
@@ -85,12 +87,12 @@ def test_mosaic_places_every_pixel(patient_factory):
     slide = load_slide(folder)
     assert slide.patient == "P"
     assert len(slide) == len(patches)
-    assert slide.origin_xy == (0, 0)
+    assert slide.origin_xy == (1, 1)  # the smallest x and y: the grid keeps the patches' phase
     assert slide.grid_shape == (3, 4)
-    # from the origin to the far patch edges: x up to 151 + 34, y up to 101 + 20
-    assert slide.mosaic_shape() == (121, 185)
+    # from the origin to the far patch edges: x from 1 up to 151 + 34, y from 1 up to 101 + 20
+    assert slide.mosaic_shape() == (120, 184)
     mosaic = slide.mosaic()
-    assert mosaic.shape == (121, 185, 3) and mosaic.dtype == np.uint8
+    assert mosaic.shape == (120, 184, 3) and mosaic.dtype == np.uint8
     expected = np.full_like(mosaic, BACKGROUND)
     x0, y0 = slide.origin_xy
     for (x, y), (_, array) in patches.items():
@@ -98,24 +100,23 @@ def test_mosaic_places_every_pixel(patient_factory):
         expected[y - y0 : y - y0 + h, x - x0 : x - x0 + w] = array
     np.testing.assert_array_equal(mosaic, expected)
     # spot checks written out by hand
-    assert mosaic[1, 1].tolist() == [10, 20, 30]
-    assert mosaic[0, 0].tolist() == [255, 255, 255]  # the 1 px offset of the grid is background
-    assert mosaic[75, 75].tolist() == [255, 255, 255]  # the gap at (51, 51)
-    assert mosaic[1, 184].tolist() == [200, 10, 10]  # last column of the 34 px edge patch
-    assert mosaic[120, 1].tolist() == [10, 200, 10]  # last row of the 20 px edge patch
-    assert mosaic[60, 184].tolist() == [255, 255, 255]  # below the edge patch: nothing
+    assert mosaic[0, 0].tolist() == [10, 20, 30]  # the first pixel of the patch at x=1, y=1
+    assert mosaic[74, 74].tolist() == [255, 255, 255]  # the gap at (51, 51)
+    assert mosaic[0, 183].tolist() == [200, 10, 10]  # last column of the 34 px edge patch
+    assert mosaic[119, 0].tolist() == [10, 200, 10]  # last row of the 20 px edge patch
+    assert mosaic[59, 183].tolist() == [255, 255, 255]  # below the edge patch: nothing
 
 
 def test_mosaic_relative_to_origin_when_slide_does_not_start_at_zero(patient_factory):
     patches = {(501, 1001): (0, solid((1, 2, 3))), (551, 1051): (1, solid((4, 5, 6), width=34))}
     slide = load_slide(patient_factory("P", patches))
-    assert slide.origin_xy == (500, 1000)
+    assert slide.origin_xy == (501, 1001)
     assert slide.cells.tolist() == [[0, 0], [1, 1]]
     mosaic = slide.mosaic()
-    assert mosaic.shape == (101, 85, 3)
-    assert (mosaic[1:51, 1:51] == [1, 2, 3]).all()
-    assert (mosaic[51:101, 51:85] == [4, 5, 6]).all()
-    assert (mosaic[0, :] == BACKGROUND).all() and (mosaic[51:, :51] == BACKGROUND).all()
+    assert mosaic.shape == (100, 84, 3)
+    assert (mosaic[:50, :50] == [1, 2, 3]).all()
+    assert (mosaic[50:100, 50:84] == [4, 5, 6]).all()
+    assert (mosaic[:50, 50:] == BACKGROUND).all() and (mosaic[50:, :50] == BACKGROUND).all()
 
 
 def test_sizes_areas_and_padding_of_edge_patch(patient_factory):
@@ -191,7 +192,7 @@ def test_real_patient_mosaic_matches_files(patient, patches, edge_patches):
     assert slide.has_labels
     mosaic = slide.mosaic()
     x0, y0 = slide.origin_xy
-    assert x0 % 50 == 0 and y0 % 50 == 0
+    assert x0 % 50 == 1 and y0 % 50 == 1  # the data set's phase: the mosaic starts at a patch edge
     assert mosaic.shape[:2] == slide.mosaic_shape()
     rng = np.random.default_rng(0)
     chosen = [files[i] for i in rng.choice(len(files), 12, replace=False)]
@@ -413,12 +414,12 @@ def test_absurd_coordinates_refused_before_decoding(tmp_path, monkeypatch):
 
 
 def test_custom_mosaic_limit(patient_factory):
-    # patches at x = 1, 101 and y = 1: the mosaic is 151 x 51 = 7,701 pixels
+    # patches at x = 1, 101 and y = 1: the mosaic is 150 x 50 = 7,500 pixels
     folder = patient_factory("P", {(1, 1): (0, solid((1, 1, 1))), (101, 1): (0, solid((2, 2, 2)))})
-    slide = load_slide(folder, max_mosaic_pixels=151 * 51)
-    assert slide.mosaic_shape() == (51, 151)
+    slide = load_slide(folder, max_mosaic_pixels=150 * 50)
+    assert slide.mosaic_shape() == (50, 150)
     with pytest.raises(MosaicTooLargeError):
-        load_slide(folder, max_mosaic_pixels=151 * 51 - 1)
+        load_slide(folder, max_mosaic_pixels=150 * 50 - 1)
 
 
 # ----------------------------------------------------------------------------------------------

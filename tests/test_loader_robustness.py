@@ -1,0 +1,274 @@
+"""idcmap.loader on the folders a user-acceptance test found: stray PNGs and output folders in a
+data set root, `.`/`..` and renamed folders, macOS `._*` files, patches in other subfolders,
+16-bit PNGs, broken links, upper-case extensions, and the grid's origin."""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_patient, read_png_rgb, real_patient_folder, solid, textured, write_png
+from idcmap import loader
+from idcmap.errors import DuplicatePatchError, EmptyFolderError, PatchImageError, PatientMismatchError
+from idcmap.loader import BACKGROUND, find_patient_folders, list_patch_files, load_slide, parse_patch_name
+
+ONE = {(1, 1): (0, solid((1, 2, 3)))}
+
+# ----------------------------------------------------------------------------------------------
+# 1. what counts as a patient folder
+
+
+def test_stray_png_in_data_set_root_does_not_hide_the_patients(tmp_path):
+    make_patient(tmp_path, "A", ONE)
+    make_patient(tmp_path, "B", ONE)
+    write_png(tmp_path / "preview.png", solid((9, 9, 9)))
+    write_png(tmp_path / "0" / "thumbnail.png", solid((9, 9, 9)))  # a 0/ without patches
+    assert find_patient_folders(tmp_path) == [tmp_path / "A", tmp_path / "B"]
+    assert list_patch_files(tmp_path)[0] == []  # the root holds no patch of its own
+
+
+def test_idcmap_output_folder_is_not_a_patient(tmp_path):
+    make_patient(tmp_path / "data", "A", ONE)
+    out = tmp_path / "data" / "out"
+    for name in ("mosaic.png", "overlay.png"):
+        write_png(out / "A" / name, solid((9, 9, 9)))
+    for name in ("summary.json", "probabilities.csv", "probabilities.npy", "regions.geojson"):
+        (out / "A" / name).write_text("{}")
+    (out / "summary.csv").write_text("patient\nA\n")
+    assert find_patient_folders(tmp_path / "data") == [tmp_path / "data" / "A"]
+    with pytest.raises(EmptyFolderError):
+        find_patient_folders(out)
+    with pytest.raises(EmptyFolderError, match="no patch PNGs"):
+        load_slide(out / "A")
+
+
+def test_macos_metadata_mirror_is_not_a_patient(tmp_path):
+    make_patient(tmp_path, "A", ONE)
+    (tmp_path / "__MACOSX" / "A" / "0").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "A" / "0" / "._A_idx5_x1_y1_class0.png").write_bytes(b"\0\5\x16\7")
+    assert find_patient_folders(tmp_path) == [tmp_path / "A"]
+
+
+def test_upper_case_extension_makes_a_patient_folder(tmp_path):
+    write_png(tmp_path / "A" / "1" / "A_idx5_x1_y1_class1.PNG", solid((4, 5, 6)))
+    assert find_patient_folders(tmp_path) == [tmp_path / "A"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the patient id
+
+
+def test_dot_and_dot_dot_name_the_patient(tmp_path, monkeypatch):
+    folder = make_patient(tmp_path, "8916", {(1, 1): (0, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))})
+    monkeypatch.chdir(folder)
+    slide = load_slide(".")
+    assert slide.patient == "8916" and len(slide) == 2
+    monkeypatch.chdir(folder / "0")
+    assert load_slide("..").patient == "8916"
+
+
+def test_renamed_folder_takes_the_id_all_its_files_agree_on(tmp_path, caplog):
+    folder = tmp_path / "patient_8916_copy"
+    write_png(folder / "0" / "8916_idx5_x1_y1_class0.png", solid((1, 1, 1)))
+    write_png(folder / "1" / "8916_idx5_x51_y1_class1.png", solid((2, 2, 2)))
+    with caplog.at_level(logging.WARNING, logger="idcmap.loader"):
+        slide = load_slide(folder)
+    assert slide.patient == "8916" and slide.labels.tolist() == [0, 1]
+    assert "'patient_8916_copy' differs from the patient id '8916'" in caplog.text
+
+
+def test_class_folder_passed_alone_keeps_the_patient_and_labels(tmp_path):
+    folder = make_patient(tmp_path, "8916", {(1, 1): (1, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))})
+    slide = load_slide(folder / "1")
+    assert slide.patient == "8916" and slide.labels.tolist() == [1, 1]
+
+
+def test_files_of_several_patients_none_the_folders_name(tmp_path):
+    folder = tmp_path / "mixed"
+    write_png(folder / "0" / "A_idx5_x1_y1_class0.png", solid((1, 1, 1)))
+    b = write_png(folder / "0" / "B_idx5_x51_y1_class0.png", solid((2, 2, 2)))
+    with pytest.raises(PatientMismatchError) as info:
+        load_slide(folder)
+    message = str(info.value)
+    assert str(folder) in message and str(b) in message and "'A', 'B'" in message and "'mixed'" in message
+
+
+def test_stray_file_of_another_patient_in_a_named_folder(tmp_path):
+    folder = make_patient(tmp_path, "A", {(1, 1): (0, solid((1, 1, 1))), (51, 1): (0, solid((2, 2, 2)))})
+    stray = write_png(folder / "0" / "B_idx5_x101_y1_class0.png", solid((3, 3, 3)))
+    with pytest.raises(PatientMismatchError, match="move it to its own patient folder") as info:
+        load_slide(folder)
+    assert str(stray) in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. hidden files, 4. patches in other subfolders
+
+
+def test_apple_double_files_are_skipped_and_listed(tmp_path):
+    folder = make_patient(tmp_path, "P", {(1, 1): (0, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))})
+    hidden = [folder / "._P_idx5_x1_y1_class0.png", folder / "0" / "._P_idx5_x1_y1_class0.png",
+              folder / "1" / ".P_idx5_x51_y1_class1.png"]
+    for path in hidden:
+        path.write_bytes(b"\0\5\x16\7\0\2\0\0Mac OS X")  # AppleDouble header, not a PNG
+    (folder / "0" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    slide = load_slide(folder)
+    assert slide.patient == "P" and len(slide) == 2
+    assert [reason.split(": ")[0] for reason in slide.skipped] == [str(p) for p in hidden]
+    assert all("hidden file" in reason for reason in slide.skipped)
+
+
+def test_folder_of_apple_double_files_only_is_empty(tmp_path):
+    (tmp_path / "P" / "0").mkdir(parents=True)
+    (tmp_path / "P" / "0" / "._P_idx5_x1_y1_class0.png").write_bytes(b"\0\5\x16\7")
+    with pytest.raises(EmptyFolderError, match="hidden file"):
+        load_slide(tmp_path / "P")
+
+
+def test_patches_in_other_subfolders_are_skipped_and_listed(tmp_path, caplog):
+    folder = make_patient(tmp_path, "P", ONE)
+    misplaced = [write_png(folder / "2" / "P_idx5_x51_y1_class1.png", solid((3, 3, 3))),
+                 write_png(folder / "extra" / "P_idx5_x1_y51.png", solid((4, 4, 4))),
+                 write_png(folder / "0" / "old" / "P_idx5_x101_y1_class0.png", solid((5, 5, 5)))]
+    (folder / "extra" / "notes.txt").write_text("not a patch, in a folder idcmap does not read")
+    (folder / "extra" / "._P_idx5_x1_y51.png").write_bytes(b"\0\5\x16\7")
+    with caplog.at_level(logging.WARNING, logger="idcmap.loader"):
+        slide = load_slide(folder)
+    assert len(slide) == 1
+    assert [reason.split(": ")[0] for reason in slide.skipped] == [str(p) for p in misplaced]
+    for reason, where in zip(slide.skipped, ("2/", "extra/", "0/old/")):
+        assert f"patch in {where}," in reason and "move it into 0/ or 1/" in reason
+        assert reason in caplog.text
+
+
+def test_unreadable_subfolder_is_listed_not_fatal(tmp_path, monkeypatch):
+    folder = make_patient(tmp_path, "P", ONE)
+    (folder / "extra").mkdir()
+    scandir = os.scandir
+
+    def failing(path):
+        if Path(path) == folder / "extra":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(loader.os, "scandir", failing)
+    slide = load_slide(folder)
+    assert len(slide) == 1
+    assert len(slide.skipped) == 1 and slide.skipped[0].startswith(f"{folder / 'extra'}: cannot list")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. 16-bit PNGs, 6. broken links and upper-case extensions
+
+
+def _png16(path: Path, colour_type: int, channels: int) -> Path:
+    """A 50x50 PNG with 16 bits per channel, written by hand (pillow cannot write 16-bit RGB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + bytes(range(channels * 2)) * 50 for _ in range(50))
+    header = struct.pack(">IIBBBBB", 50, 50, 16, colour_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("colour_type, channels", [(2, 3), (6, 4), (0, 1), (4, 2)], ids=["RGB", "RGBA", "grey", "LA"])
+def test_16_bit_png_refused_whatever_its_colours(tmp_path, colour_type, channels):
+    folder = make_patient(tmp_path, "P", ONE)
+    bad = _png16(folder / "0" / "P_idx5_x51_y1_class0.png", colour_type, channels)
+    with pytest.raises(PatchImageError) as info:
+        load_slide(folder)
+    message = str(info.value)
+    assert message.startswith(f"{bad}: ") and "16-bit" in message and "save the patch as 8-bit RGB" in message
+
+
+def test_broken_symlink_is_called_a_broken_link(tmp_path):
+    folder = make_patient(tmp_path, "P", ONE)
+    link = folder / "0" / "P_idx5_x51_y1_class0.png"
+    os.symlink(tmp_path / "gone.png", link)
+    with pytest.raises(PatchImageError) as info:
+        load_slide(folder)
+    message = str(info.value)
+    assert message.startswith(f"{link}: broken symbolic link") and str(tmp_path / "gone.png") in message
+    assert "vanished" not in message
+
+
+def test_working_symlink_is_read(tmp_path):
+    folder = make_patient(tmp_path, "P", ONE)
+    target = write_png(tmp_path / "elsewhere.png", solid((7, 8, 9)))
+    os.symlink(target, folder / "0" / "P_idx5_x51_y1_class0.png")
+    assert load_slide(folder).pixels[1, 0, 0].tolist() == [7, 8, 9]
+
+
+def test_upper_case_extension_is_a_patch(tmp_path):
+    folder = make_patient(tmp_path, "P", ONE)
+    write_png(folder / "1" / "P_idx5_x51_y1_class1.PNG", solid((4, 5, 6)))
+    slide = load_slide(folder)
+    assert [p.name for p in slide.paths] == ["P_idx5_x1_y1_class0.png", "P_idx5_x51_y1_class1.PNG"]
+    assert slide.labels.tolist() == [0, 1] and slide.skipped == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. the grid's origin: the patches' own phase
+
+
+def test_mosaic_starts_with_the_top_left_patch_pixel(tmp_path):
+    coords = [(1001, 2051), (1051, 2051), (1101, 2101), (1001, 2151), (1151, 2151)]  # all 1 mod 50
+    patches = {xy: (i % 2, textured(i)) for i, xy in enumerate(coords)}
+    slide = load_slide(make_patient(tmp_path, "P", patches))
+    assert slide.origin_xy == (1001, 2051)
+    x0, y0 = slide.origin_xy
+    mosaic = slide.mosaic()
+    assert mosaic.shape == (150, 200, 3) and slide.mosaic_shape() == (150, 200)
+    assert mosaic[0, 0].tolist() == patches[(1001, 2051)][1][0, 0].tolist()
+    for (x, y), (_, pixels) in patches.items():
+        np.testing.assert_array_equal(mosaic[y - y0 : y - y0 + 50, x - x0 : x - x0 + 50], pixels)
+    # the grid note of summary.json holds exactly: cell [r, c] starts at x0 + 50c, y0 + 50r
+    assert (slide.cells[:, ::-1] * 50 + [x0, y0] == slide.xy).all()
+    assert slide.grid_shape == (3, 4)
+
+
+def test_origin_takes_smallest_x_and_y_from_different_patches(tmp_path):
+    slide = load_slide(make_patient(tmp_path, "P", {(51, 1): (0, solid((1, 1, 1))), (1, 101): (0, solid((2, 2, 2)))}))
+    assert slide.origin_xy == (1, 1)
+    assert slide.cells.tolist() == [[0, 1], [2, 0]]
+    mosaic = slide.mosaic()
+    assert mosaic.shape == (150, 100, 3)
+    assert (mosaic[:50, 50:] == 1).all() and (mosaic[100:, :50] == 2).all() and (mosaic[:50, :50] == BACKGROUND).all()
+
+
+def test_patch_off_the_grid_phase_rounds_down_and_stays_at_its_pixels(tmp_path):
+    # x=80 is 29 px off the phase of x=1: it starts in cell 1, and its pixels lie at x - origin_x
+    slide = load_slide(make_patient(tmp_path, "P", {(1, 1): (0, solid((1, 1, 1))), (80, 1): (0, solid((2, 2, 2)))}))
+    assert slide.cells.tolist() == [[0, 0], [0, 1]] and (slide.cells >= 0).all()
+    mosaic = slide.mosaic()
+    assert mosaic.shape == (50, 129, 3)
+    assert (mosaic[:, :50] == 1).all() and (mosaic[:, 50:79] == BACKGROUND).all() and (mosaic[:, 79:] == 2).all()
+
+
+def test_patches_in_one_cell_of_the_phased_grid_are_refused(tmp_path):
+    # x=1 and x=50 overlap by 49 px: one cell counted from x=1 (though two counted from x=0)
+    write_png(tmp_path / "P" / "0" / "P_idx5_x1_y1_class0.png", solid((1, 1, 1)))
+    write_png(tmp_path / "P" / "0" / "P_idx5_x50_y1_class0.png", solid((2, 2, 2)))
+    with pytest.raises(DuplicatePatchError, match="same 50 px grid cell"):
+        load_slide(tmp_path / "P")
+
+
+def test_real_patient_mosaic_has_no_blank_margin():
+    folder = real_patient_folder("8916")
+    slide = load_slide(folder)
+    x0, y0 = slide.origin_xy
+    mosaic = slide.mosaic()
+    assert not (mosaic[0] == BACKGROUND).all() and not (mosaic[:, 0] == BACKGROUND).all()
+    assert (slide.cells[:, ::-1] * 50 + [x0, y0] == slide.xy).all()  # every real patch on the phased grid
+    top_left = min(slide.paths, key=lambda p: (parse_patch_name(p.name).y, parse_patch_name(p.name).x))
+    name = parse_patch_name(top_left.name)
+    source = read_png_rgb(top_left)
+    np.testing.assert_array_equal(mosaic[name.y - y0 : name.y - y0 + 50, name.x - x0 : name.x - x0 + 50], source)
