@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,16 +290,79 @@ def save_weights(path: Path, payload: dict) -> None:
     atomic_write_bytes(path, COMPACT_WEIGHTS_MAGIC + zlib.compress(_torch_bytes({**payload, "state_dict": state}), 9))
 
 
+def _why_unloadable(err: Exception) -> str:
+    """A short reason why `load_torch_file` failed (torch's own messages run to ten lines)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    if isinstance(err, zlib.error):
+        return "its compressed data is corrupt or cut short"
+    if isinstance(err, EOFError):
+        return "empty or cut short"
+    if isinstance(err, pickle.UnpicklingError):
+        return "not PyTorch data, or it holds objects other than tensors and plain values"
+    return "not a readable PyTorch file, or a damaged one"
+
+
+def load_torch_file(path: Path, what: str, remedy: str) -> dict:
+    """The dict a `torch.save` file holds (zlib-compressed as `save_weights` writes it, or plain),
+    loaded with weights_only=True so that no code in it can run. WeightsError naming `path`,
+    `what` it should be and the `remedy` when it is not such a file."""
+    try:
+        data = path.read_bytes()
+        if data.startswith(COMPACT_WEIGHTS_MAGIC):
+            data = zlib.decompress(data[len(COMPACT_WEIGHTS_MAGIC):])
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a file it cannot read
+        raise WeightsError(f"{path}: not {what} ({_why_unloadable(err)}); {remedy}") from err
+    if not isinstance(payload, dict):
+        raise WeightsError(f"{path}: not {what} (it holds a {type(payload).__name__}, not a dict); {remedy}")
+    return payload
+
+
+WEIGHTS_REMEDY = "restore it, or pass a file written by `idcmap train`"
+
+
 def read_weights(path: Path) -> dict:
     """A weights file's payload, float tensors in float32: compact files of `save_weights` and
-    plain `torch.save` checkpoints alike."""
-    data = path.read_bytes()
-    if data.startswith(COMPACT_WEIGHTS_MAGIC):
-        data = zlib.decompress(data[len(COMPACT_WEIGHTS_MAGIC):])
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
-        payload["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    plain `torch.save` checkpoints alike. WeightsError for any other file."""
+    payload = load_torch_file(path, "an idcmap weights file", WEIGHTS_REMEDY)
+    if not isinstance(payload.get("state_dict"), dict):
+        raise WeightsError(f"{path}: not an idcmap weights file (it has no state_dict); {WEIGHTS_REMEDY}")
+    payload["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     return payload
+
+
+# The fields of a model card that idcmap reads, with their JSON types (other fields are kept as they are).
+CARD_FIELDS: dict[str, type] = {
+    "model": str, "architecture": str, "parameters": int, "input": str, "mean": list, "std": list,
+    "calibration": dict, "calibration_fit": dict, "training": dict, "history": list, "sha256": str,
+    "test": dict, "int8": dict, "weights_format": str,
+}
+JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+                   bool: "a boolean", type(None): "null"}
+
+
+def _card_error(path: Path, problem: str) -> WeightsError:
+    return WeightsError(f"{path}: {problem}; restore the card (e.g. from git), or delete it and "
+                        "re-run `idcmap calibrate` or `idcmap train` to write a new one")
+
+
+def read_card(path: Path) -> dict:
+    """The model card at `path` ({} when there is none): a JSON object whose CARD_FIELDS have their
+    types. WeightsError naming the card otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _card_error(path, f"unreadable model card ({err.strerror if isinstance(err, OSError) else err})") from err
+    if not isinstance(card, dict):
+        raise _card_error(path, f"a model card must be a JSON object, not {JSON_TYPE_NAMES[type(card)]}")
+    for key, kind in CARD_FIELDS.items():
+        if key in card and type(card[key]) is not kind:
+            raise _card_error(path, f"model card field {key!r} is {JSON_TYPE_NAMES[type(card[key])]}, "
+                                    f"not {JSON_TYPE_NAMES[kind]}")
+    return card
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -313,21 +377,20 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
     if name is None and weights is None:
         name = DEFAULT_MODEL
     path = Path(weights) if weights is not None else get_spec(name).weights_path
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a weights file; pass the .pt file written by `idcmap train`")
     if not path.is_file():
-        raise WeightsError(f"{path}: no weights for model {name or 'of that file'!r}; train them with `idcmap train`")
+        raise WeightsError(f"{path}: no such weights file; check the --weights path" if weights is not None else
+                           f"{path}: no weights for model {name!r}; train them with "
+                           f"`idcmap train DATA_ROOT --model {name} -o {path}`")
     digest = sha256_of(path)
     card_file = card_path(path)
-    card: dict = {}
-    if card_file.is_file():
-        try:
-            card = json.loads(card_file.read_text())
-        except (OSError, ValueError) as err:
-            raise WeightsError(f"{card_file}: unreadable model card ({err}); restore it or delete it") from err
-        if card.get("sha256") not in (None, digest):
-            raise WeightsError(
-                f"{path}: sha256 {digest[:12]}… differs from its card {card_file.name} "
-                f"({card['sha256'][:12]}…); the file is corrupt or was replaced, restore it"
-            )
+    card = read_card(card_file)
+    if card.get("sha256") not in (None, digest):
+        raise WeightsError(
+            f"{path}: sha256 {digest[:12]}… differs from its card {card_file.name} "
+            f"({card['sha256'][:12]}…); the file is corrupt or was replaced, restore it"
+        )
     try:
         payload = read_weights(path)
         name = payload.get("model") if name is None else name

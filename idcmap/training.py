@@ -9,11 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
+import os
 import shlex
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,13 +25,14 @@ from tqdm import tqdm
 
 from . import metrics
 from .dataset import load_slides, load_split, make_split, patient_ids, save_split
-from .errors import IdcmapError
+from .errors import IdcmapError, OutputError, SplitError, WeightsError
 from .export import atomic_write_bytes, write_json
 from .loader import Slide
-from .models import (Calibration, LoadedModel, ModelSpec, build_model, card_path, get_spec, load_model, read_weights,
-                     save_checkpoint, save_weights, sha256_of, stored_precision)
+from .models import (Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path, get_spec,
+                     load_model, load_torch_file, read_weights, save_checkpoint, save_weights, sha256_of,
+                     stored_precision)
 from .regions import dice, idc_area_fraction, predicted_mask
-from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, to_input
+from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, resolve_device, to_input
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,39 @@ class TrainConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     device: str = "auto"
+
+    def validate(self) -> None:
+        """IdcmapError naming the first setting training cannot use (and the device, if unusable)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, label, usable, requirement in CONFIG_RULES:
+            value = getattr(self, name)
+            if not usable(value):
+                raise IdcmapError(f"{label} {value!r}: must be {requirement} (default {defaults[name]!r})")
+        resolve_device(self.device)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# (TrainConfig field, how the user names it, test, what it must be)
+CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
+    ("epochs", "--epochs", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("batch_patches", "--batch-patches", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("window", "--window", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("learning_rate", "--lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("weight_decay", "weight decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("patience", "--patience", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("seed", "--seed", lambda v: _whole(v) and 0 <= v < 2**64, "a whole number from 0 to 2**64 - 1"),
+    ("cell_dropout", "cell dropout", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("stain_jitter", "--stain-jitter", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("test_fraction", "--test-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("val_fraction", "--val-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+)
 
 
 @dataclass
@@ -241,6 +278,14 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     return best, choice
 
 
+def require_mixed_validation(val_slides: list[Slide], source: str | Path, remedy: str) -> None:
+    """SplitError naming `source` unless a validation patient has both IDC and non-IDC patches:
+    early stopping (AUC) and calibration (temperatures, threshold) are meaningless without one."""
+    if not any(len(set(s.labels.tolist())) == 2 for s in val_slides):
+        raise SplitError(f"{source}: no validation patient has both IDC and non-IDC patches; "
+                         f"early stopping and calibration need one ({remedy})")
+
+
 def smoothing_sigmas(spec: ModelSpec) -> tuple[float, ...]:
     """The grid-smoothing sigmas calibration may choose from: none for a patch-only model."""
     return SMOOTHING_SIGMAS if spec.smoothing else (0.0,)
@@ -253,8 +298,10 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     path = Path(weights) if weights else spec.weights_path
     model = load_model(model_name, path)
     folders = patient_ids(data_root)
-    split = load_split(split_file or path.with_suffix(".split.json"), folders)
+    split_path = Path(split_file or path.with_suffix(".split.json"))
+    split = load_split(split_path, folders)
     val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    require_mixed_validation(val_slides, split_path, "pass a --split whose val patients include one")
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
                                           model.network.context_reach, smoothing_sigmas(spec))
     payload = read_weights(path)
@@ -323,12 +370,55 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
             f"--stain-jitter {config.stain_jitter:g} --seed {config.seed} --device {config.device}")
 
 
+def check_outputs(out: Path) -> None:
+    """OutputError before any training when `out`, its card, split or checkpoint could not be written:
+    one of them is a folder, or the folder they go in is not writable (or not a folder)."""
+    written = [out, card_path(out), out.with_suffix(".split.json"), out.with_suffix(".ckpt")]
+    if len(set(written)) < len(written):
+        raise OutputError(f"{out}: its model card or split would overwrite it; name the weights file <name>.pt")
+    for path in written:
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder, not a file training can write; move it away or pass another -o")
+    folder = next(p for p in out.absolute().parents if p.exists())  # the one to write in, or to create it in
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: not a writable folder, so {out} cannot be written; choose another -o")
+
+
+CHECKPOINT_REMEDY = "delete it, or train without --resume"
+
+
+def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler,
+                rng: np.random.Generator) -> tuple[list[dict], dict | None, float, int]:
+    """Restore a run from its checkpoint: network, optimizer, scheduler and both RNGs in place;
+    returns (history, best state, best AUC, stale epochs). WeightsError naming the checkpoint when
+    it is not one, or belongs to another run (another model, another idcmap version)."""
+    state = load_torch_file(path, "an idcmap training checkpoint", CHECKPOINT_REMEDY)
+    misfit = (f"{path}: this checkpoint does not fit a {model_name!r} training run (another model's, or from "
+              f"another idcmap version); {CHECKPOINT_REMEDY}")
+    try:
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise WeightsError(misfit) from err
+    if not (isinstance(history, list) and isinstance(best_auc, float) and isinstance(stale, int)
+            and (best_state is None or isinstance(best_state, dict) and best_state.keys() == state["network"].keys())):
+        raise WeightsError(misfit)
+    return history, best_state, best_auc, stale
+
+
 def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
           split_file: str | Path | None = None, resume: bool = False) -> dict:
     """Train `model_name` on the train patients of `data_root`, early-stop and calibrate on val,
     and write `out` (.pt weights), its model card (.json) and its split (.split.json)."""
+    config.validate()
     spec = get_spec(model_name)
     out = Path(out)
+    check_outputs(out)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     folders = patient_ids(data_root)
@@ -336,13 +426,10 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
                                                                        config.val_fraction)
     if not split["train"] or not split["val"]:
         raise IdcmapError(f"{data_root}: too few patients for a train/val split ({len(folders)} found)")
-    split_path = out.with_suffix(".split.json")
-    save_split(split, split_path)
     train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
     val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
-    if not any(len(set(s.labels.tolist())) == 2 for s in val_slides):
-        raise IdcmapError(f"{data_root}: no validation patient has both IDC and non-IDC patches; "
-                          "early stopping and calibration need one (use more patients or another --seed)")
+    remedy = "pass a --split whose val patients include one" if split_file else "use more patients or another --seed"
+    require_mixed_validation(val_slides, split_file or data_root, remedy)
     mean, std = pixel_statistics(train_slides)
     network = build_model(model_name)
     scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="")
@@ -355,15 +442,12 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     history: list[dict] = []
     best_state, best_auc, epoch0, stale = None, -1.0, 0, 0
     if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
+        history, best_state, best_auc, stale = resume_from(checkpoint_path, model_name, network, optimizer,
+                                                           scheduler, rng)
         epoch0 = len(history)
         log.info("resumed from %s at epoch %d", checkpoint_path, epoch0)
+    split_path = out.with_suffix(".split.json")
+    save_split(split, split_path)  # once the inputs passed every check: no orphan split from a refused run
     maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
     autocast = device.type == "cuda"
     started = time.time()
