@@ -1,8 +1,8 @@
 """The `idcmap` command: parses options and calls the library. Errors become one line, exit 2."""
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import IdcmapError
+from .export import json_text
 from .loader import DEFAULT_MAX_MOSAIC_PIXELS
 from .models import DEFAULT_MODEL, REGISTRY
 from .scoring import BACKENDS
@@ -17,6 +18,17 @@ from .scoring import BACKENDS
 log = logging.getLogger("idcmap")
 
 MODEL_CHOICE = click.Choice(sorted(REGISTRY))
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, which also refuses NaN and infinities (click's own lets NaN through)."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
 BACKEND_CHOICE = click.Choice(list(BACKENDS))
 
 
@@ -29,6 +41,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Reassemble IDC patch folders into slides, score every patch, and map the cancer."""
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="idcmap: %(levelname)s: %(message)s")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it: no progress bar anywhere, the library's included
     ctx.obj = {"quiet": quiet}
 
 
@@ -47,9 +61,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--mixed-precision", is_flag=True, help="fp16 autocast on the GPU (probabilities within 1e-3 of fp32).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Patches per batch [default: 512 on CPU, 1024 on GPU].")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+@click.option("--threshold", type=FiniteFloatRange(0, 1), default=None,
               help="IDC probability threshold [default: the model's, fitted on validation patients].")
-@click.option("--smoothing", "smoothing_sigma", type=click.FloatRange(0, 10), default=None,
+@click.option("--smoothing", "smoothing_sigma", type=FiniteFloatRange(0, 10), default=None,
               help="Sigma, in grid cells, of the Gaussian smoothing of the final logits over the slide "
                    "(0 = none) [default: the model's, fitted on validation patients].")
 @click.option("--min-region", "min_region_cells", type=click.IntRange(0), default=None,
@@ -79,7 +93,7 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
     """
     from .pipeline import RenderOptions, parse_shard, render_folder
 
-    if shard == "env" and device == "auto" and "LOCAL_RANK" in os.environ:
+    if shard == "env" and device == "auto" and "LOCAL_RANK" in os.environ and torch_has_cuda():
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     options = RenderOptions(model=model, weights=weights, device=device, backend=backend,
                             mixed_precision=mixed_precision, batch_size=batch_size,
@@ -89,7 +103,7 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
                             shard=parse_shard(shard, dict(os.environ)) if shard else None)
     rows = render_folder(folder, out, options)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json_text(rows))
     failed = [r for r in rows if r["status"] == "failed"]
     if not obj["quiet"]:
         click.echo(f"{len(rows) - len(failed)} of {len(rows)} patients rendered into {out}", err=True)
@@ -121,9 +135,9 @@ def export(out: Path, output: Path | None) -> None:
               help="Weights file to write (.pt); its card (.json) and split (.split.json) go beside it.")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Reuse a split JSON instead of drawing one by patient (see --test-fraction, --val-fraction).")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+@click.option("--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each patient group (e.g. patients/, sparse/) held out for test.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+@click.option("--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.1,
               show_default=True,
               help="Share of the remaining patients of each group used for early stopping and calibration.")
 @click.option("--epochs", type=click.IntRange(1), default=14, show_default=True)
@@ -131,10 +145,11 @@ def export(out: Path, output: Path | None) -> None:
               help="Patches per training batch (whole grid windows are kept together).")
 @click.option("--window", type=click.IntRange(1), default=16, show_default=True,
               help="Training windows of WINDOW x WINDOW grid cells (context seen in training).")
-@click.option("--lr", "learning_rate", type=float, default=2e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--lr", "learning_rate", type=FiniteFloatRange(0, min_open=True), default=2e-3, show_default=True,
+              help="AdamW learning rate.")
 @click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
-@click.option("--stain-jitter", type=click.FloatRange(0, 0.5), default=0.08, show_default=True,
+@click.option("--stain-jitter", type=FiniteFloatRange(0, 0.5), default=0.08, show_default=True,
               help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (bf16 autocast on cuda).")
@@ -149,8 +164,8 @@ def train(data_root: Path, model: str, out: Path, split_file: Path | None, test_
                          patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
                          val_fraction=val_fraction, seed=seed, device=device)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume)
-    click.echo(json.dumps({"weights": str(out), "calibration": card["calibration"],
-                           "best_val_auc": card["training"]["best_val_auc"]}, indent=2))
+    click.echo(json_text({"weights": str(out), "calibration": card["calibration"],
+                           "best_val_auc": card["training"]["best_val_auc"]}))
 
 
 def trained_model_options(verb: str, weights_note: str):
@@ -184,7 +199,7 @@ def quantize(data_root: Path, model: str, weights: Path | None, split_file: Path
     from .training import quantize as run_quantize
 
     card = run_quantize(data_root, model, weights, split_file, patches, seed)
-    click.echo(json.dumps(card["int8"], indent=2))
+    click.echo(json_text(card["int8"]))
 
 
 @cli.command()
@@ -195,7 +210,7 @@ def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Pat
     from .training import recalibrate
 
     card = recalibrate(data_root, model, weights, split_file, device)
-    click.echo(json.dumps({"calibration": card["calibration"], "fit": card["calibration_fit"]}, indent=2))
+    click.echo(json_text({"calibration": card["calibration"], "fit": card["calibration_fit"]}))
 
 
 @cli.command()
@@ -218,7 +233,14 @@ def evaluate(data_root: Path, models: tuple[str, ...], split_file: Path | None, 
 
     report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device,
                              backend=backend, record=record)
-    click.echo(json.dumps(report["summary"], indent=2))
+    click.echo(json_text(report["summary"]))
+
+
+def torch_has_cuda() -> bool:
+    """True when PyTorch sees a CUDA GPU (imported only when asked: torch is slow to import)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main() -> None:

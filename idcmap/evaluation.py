@@ -7,6 +7,7 @@ interval over patients. Also the scoring speed of each model, measured in the sa
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from .loader import Slide  # noqa: E402
 from .models import REGISTRY, card_path, load_model  # noqa: E402
 from .regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
 from .scoring import Scorer  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def patch_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict:
@@ -81,6 +84,10 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     split = load_split(split_file, folders)
     test_ids = split["test"]
     labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test")) if s.has_labels]
+    if len(labelled) < len(test_ids):
+        left_out = sorted(set(test_ids) - {pid for pid, _ in labelled})
+        log.warning("%d test patients left out: not every file name carries a class (_class0/_class1), e.g. %s",
+                    len(left_out), ", ".join(left_out[:5]))
     if not labelled:
         raise IdcmapError(f"{split_file}: no test patient carries labels (_class0/_class1 in its file names)")
     slides = [s for _, s in labelled]

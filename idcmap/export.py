@@ -72,9 +72,14 @@ def _strict_json(data: object) -> object:
     return data
 
 
+def json_text(data: object) -> str:
+    """Pretty, strict JSON text of `data` (NaN and infinities become null)."""
+    return json.dumps(_strict_json(data), indent=2, allow_nan=False)
+
+
 def write_json(path: str | Path, data: object) -> None:
     """Write pretty, strict JSON atomically (NaN and infinities become null)."""
-    atomic_write_text(path, json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json_text(data) + "\n")
 
 
 def write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:

@@ -5,13 +5,17 @@ all of them are complete, so an interrupted or failed patient never leaves half 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import shapely
@@ -82,10 +86,54 @@ def summary_name(shard: tuple[int, int] | None) -> str:
     return "summary.csv" if shard is None or shard[1] == 1 else f"summary-{shard[0]}-of-{shard[1]}.csv"
 
 
-def patient_folders(folder: Path) -> list[Path]:
-    """`folder` itself when it holds patches, else every patient folder below it."""
+def patient_folders(folder: Path, out: Path | None = None) -> list[Path]:
+    """`folder` itself when it holds patches, else every patient folder below it, leaving out
+    those inside `out` when `out` lies inside `folder` (a render's own outputs are no input)."""
     files, _ = list_patch_files(folder) if folder.is_dir() else ([], [])
-    return [folder] if files else find_patient_folders(folder)
+    if files:
+        return [folder]
+    found = find_patient_folders(folder)
+    if out is not None and _inside(out.resolve(), folder.resolve()):
+        kept = [f for f in found if not _inside(f.resolve(), out.resolve())]
+        if len(kept) < len(found):
+            log.info("%s: %d folders inside the output folder %s left out", folder, len(found) - len(kept), out)
+        found = kept
+    return found
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when `path` lies strictly below `folder` (both resolved)."""
+    return path != folder and path.is_relative_to(folder)
+
+
+def inputs_sha256(folder: Path) -> str:
+    """sha256 over a patient folder's patch files (relative paths and byte sizes): what
+    `--resume` compares to tell whether the inputs changed since a render."""
+    files, _ = list_patch_files(folder)
+    listing = "\n".join(f"{f.relative_to(folder).as_posix()}\t{f.stat().st_size}" for f in sorted(files))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_output_folder(out_dir: Path, input_folder: Path) -> None:
+    """Refuse, before anything is written, an output folder that is, holds or lies inside the
+    patient's input folder, that is a file, or that holds files idcmap did not write: replacing
+    it would lose them."""
+    target, source = out_dir.resolve(), input_folder.resolve()
+    if target == source or _inside(target, source) or _inside(source, target):
+        raise OutputError(f"{out_dir}: the output folder of {input_folder} would replace or lie inside its "
+                          "input folder; choose an -o folder outside the patient folders")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputError(f"{out_dir}: exists and is not an idcmap output folder; move it or choose another -o")
+    if out_dir.is_dir():
+        foreign = sorted(name for name in os.listdir(out_dir) if name not in PATIENT_FILES)
+        if foreign:
+            raise OutputError(f"{out_dir}: holds files idcmap did not write ({', '.join(foreign[:3])}); move them "
+                              "or choose another -o, so that re-rendering replaces nothing of yours")
 
 
 def effective_calibration(model_calibration: Calibration, options: RenderOptions) -> Calibration:
@@ -169,11 +217,38 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
         "calibration": asdict(calibration),
         "runtime": scorer.runtime,  # how the patch network ran: backend, int8 network, fp16
         "skipped": slide.skipped,
+        "inputs_sha256": inputs_sha256(folder),
     }
+    labelled = slide.labels >= 0
+    if labelled.any() and not labelled.all():
+        log.warning("%s: only %d of %d patch names carry a class; the labelled IDC area and Dice are left out",
+                    folder, int(labelled.sum()), len(slide))
     subtitle = (f"{len(slide)} patches · predicted IDC area {row['predicted_idc_area_fraction']:.1%}"
                 + (f" · labelled {row['labelled_idc_area_fraction']:.1%} · Dice {row['dice']:.2f}"
                    if slide.has_labels else "")
                 + f" · {scorer.model.name}, threshold {calibration.threshold:.2f}")
+    with _staged(out_dir) as staging:
+        write_png(staging / "mosaic.png", mosaic)
+        atomic_write_bytes(staging / "overlay.png", overlay_png(slide, mosaic, scores.probability, predicted,
+                                                                f"Patient {slide.patient}", subtitle))
+        write_csv(staging / "probabilities.csv", PROBABILITY_FIELDS, _probability_rows(slide, scores, predicted))
+        write_npy(staging / "probabilities.npy", slide.grid_values(scores.probability).astype(np.float32))
+        write_json(staging / "regions.geojson", regions_geojson(slide, scores.probability, predicted))
+        details["files"] = {name: _file_record(staging / name) for name in PATIENT_FILES if name != "summary.json"}
+        write_json(staging / "summary.json", details)
+    return row
+
+
+def record_failure(out_dir: Path, row: dict) -> None:
+    """Replace a failed patient's earlier outputs by a summary.json that says it failed and why,
+    so that `export` and `--resume` see the failure rather than outputs of older inputs."""
+    with _staged(out_dir) as staging:
+        write_json(staging / "summary.json", row)
+
+
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A hidden staging folder beside `out_dir`, swapped into its place if the block succeeds."""
     _remove_leftovers(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -181,17 +256,10 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
     except OSError as err:
         raise OutputError(f"{staging.parent}: cannot create output folder ({err.strerror}); choose a writable -o") from err
     try:
-        write_png(staging / "mosaic.png", mosaic)
-        atomic_write_bytes(staging / "overlay.png", overlay_png(slide, mosaic, scores.probability, predicted,
-                                                                f"Patient {slide.patient}", subtitle))
-        write_csv(staging / "probabilities.csv", PROBABILITY_FIELDS, _probability_rows(slide, scores, predicted))
-        write_npy(staging / "probabilities.npy", slide.grid_values(scores.probability).astype(np.float32))
-        write_json(staging / "regions.geojson", regions_geojson(slide, scores.probability, predicted))
-        write_json(staging / "summary.json", details)
+        yield staging
         _swap_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return row
 
 
 def _remove_leftovers(out_dir: Path) -> None:
@@ -227,18 +295,22 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def completed_summary(out_dir: Path, sha256: str, calibration: Calibration, runtime: dict) -> dict | None:
-    """The summary row of a complete, valid earlier render with the same model, runtime and settings."""
+def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibration: Calibration,
+                      runtime: dict) -> dict | None:
+    """The summary row of an earlier render of the same input files with the same model, runtime
+    and settings, whose output files are all there as written (sizes and sha256 match)."""
     try:
         summary = json.loads((out_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        if not isinstance(summary, dict) or summary.get("status") != "ok":
+            return None
+        same = (summary.get("weights_sha256") == sha256 and summary.get("calibration") == asdict(calibration)
+                and summary.get("runtime") == runtime and summary.get("inputs_sha256") == inputs_sha256(input_folder))
+        files = summary.get("files")
+        intact = isinstance(files, dict) and all(
+            files.get(name) == _file_record(out_dir / name) for name in PATIENT_FILES if name != "summary.json")
+    except (OSError, ValueError, IdcmapError):
         return None
-    complete = all((out_dir / name).is_file() and (out_dir / name).stat().st_size > 0 for name in PATIENT_FILES)
-    same = (summary.get("weights_sha256") == sha256 and summary.get("calibration") == asdict(calibration)
-            and summary.get("runtime") == runtime)
-    if not (complete and same and summary.get("status") == "ok"):
-        return None
-    return {field: summary.get(field) for field in SUMMARY_FIELDS}
+    return {field: summary.get(field) for field in SUMMARY_FIELDS} if same and intact else None
 
 
 def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -> list[dict]:
@@ -248,23 +320,26 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     error in summary.csv; the others go on. Returns the summary rows (also in out/summary.csv).
     """
     folder, out = Path(folder), Path(out)
-    folders = patient_folders(folder)
+    folders = patient_folders(folder, out)
     model = load_model(options.model, options.weights)
     calibration = effective_calibration(model.calibration, options)
     model = replace(model, calibration=calibration)  # the scorer applies its smoothing and temperatures
     scorer = Scorer(model, options.device, options.batch_size, options.mixed_precision, options.backend, options.jobs)
     if folders == [folder]:
-        names = [folder.name]
+        names = [folder.resolve().name]  # `render .` inside a patient folder
     else:
         names = [f.relative_to(folder).as_posix() for f in folders]
     if options.shard is not None:
         index, count = options.shard
         folders, names = folders[index::count], names[index::count]
+    for patient_folder, name in zip(folders, names):  # before anything is written
+        check_output_folder(out / name, patient_folder)
     rows = []
     for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
                                      disable=not options.progress or len(folders) == 1):
         out_dir = out / name
-        row = completed_summary(out_dir, model.sha256, calibration, scorer.runtime) if options.resume else None
+        row = (completed_summary(out_dir, patient_folder, model.sha256, calibration, scorer.runtime)
+               if options.resume else None)
         if row is not None:
             log.info("%s: complete in %s, skipped (--resume)", name, out_dir)
         else:
@@ -273,10 +348,11 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
             except IdcmapError as err:
                 if isinstance(err, OutputError):
                     raise
-                log.error("%s", err)
+                log.info("%s: failed: %s", name, err)  # the CLI prints every failure at the end
                 row = {field: None for field in SUMMARY_FIELDS}
-                row.update(patient=patient_folder.name, status="failed", error=str(err), model=model.name,
+                row.update(patient=name, status="failed", error=str(err), model=model.name,
                            weights_sha256=model.sha256)
+                record_failure(out_dir, row)
         rows.append(row)
     write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, rows)
     return rows

@@ -226,6 +226,8 @@ class Scorer:
         if self.batch_size < 1:
             raise IdcmapError(f"--batch-size {self.batch_size}: must be at least 1")
         self.autocast = mixed_precision and self.device.type == "cuda"
+        if mixed_precision and not self.autocast:
+            log.warning("--mixed-precision applies on a GPU only; scoring on the %s in fp32", self.device.type)
         self.network = model.network.to(self.device).to(memory_format=torch.channels_last).eval()
         if threads is not None:
             if threads < 1:

@@ -133,6 +133,44 @@ def test_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
     assert code == 2
 
 
+@pytest.mark.parametrize("args", [
+    ["render", ".", "--threshold", "nan"], ["render", ".", "--smoothing", "nan"],
+    ["render", ".", "--threshold", "inf"], ["train", ".", "-o", "w.pt", "--lr", "nan"],
+    ["train", ".", "-o", "w.pt", "--lr", "-1"], ["train", ".", "-o", "w.pt", "--val-fraction", "nan"],
+])
+def test_not_finite_or_out_of_range_numbers_exit_2(tmp_path, monkeypatch, capsys, args):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run_main(args, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and args[-2] in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quiet_silences_every_progress_bar(tmp_path, tiny_weights, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "")  # restored after the test: -q sets it for the process
+    root = tmp_path / "in"
+    _patient(root, "A")
+    _patient(root, "B")
+    args = ["render", str(root), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "--device", "cpu"]
+    loud = CliRunner().invoke(cli, args)
+    quiet = CliRunner().invoke(cli, ["-q", *args])
+    assert loud.exit_code == quiet.exit_code == 0
+    assert "patient/s" in loud.stderr
+    assert quiet.stderr == ""
+
+
+def test_shard_env_on_a_machine_without_a_gpu_stays_on_the_cpu(tmp_path, tiny_weights, monkeypatch):
+    monkeypatch.setattr(cli_module, "torch_has_cuda", lambda: False)
+    for name, value in {"LOCAL_RANK": "0", "RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    root = tmp_path / "in"
+    _patient(root, "A")
+    _patient(root, "B")
+    result = CliRunner().invoke(cli, ["-q", "render", str(root), "-o", str(tmp_path / "out"), "--weights",
+                                      str(tiny_weights), "--shard", "env", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["patient"] for r in json.loads(result.stdout)] == ["B"]
+
+
 def test_cli_runner_surfaces_the_idcmap_error(tmp_path):
     """Under CliRunner (standalone mode) the library error itself comes through; main() formats it."""
     result = CliRunner().invoke(cli, ["render", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])

@@ -19,6 +19,15 @@ def _leftovers(folder, keep):
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
+def test_json_is_strict_nan_and_infinities_become_null(tmp_path):
+    data = {"auc": float("nan"), "x": [float("inf"), -float("inf"), 0.5], "n": {"y": np.float64("nan")}}
+    expected = {"auc": None, "x": [None, None, 0.5], "n": {"y": None}}
+    assert json.loads(export.json_text(data)) == expected
+    export.write_json(tmp_path / "m.json", data)
+    assert "NaN" not in (tmp_path / "m.json").read_text()
+    assert json.loads((tmp_path / "m.json").read_text()) == expected
+
+
 def test_atomic_writes_leave_only_their_targets(tmp_path):
     export.atomic_write_bytes(tmp_path / "a.bin", b"\x00\x01")
     export.atomic_write_text(tmp_path / "b.txt", "héllo\n")

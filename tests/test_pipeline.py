@@ -115,8 +115,8 @@ def test_render_one_patient_writes_consistent_files(tmp_path, tiny_weights, cpu_
     assert summary["model"] == MODEL_NAME
     assert summary["weights_sha256"] == sha256_of(tiny_weights)
     assert summary["grid"]["shape"] == [4, 6]
-    assert (summary["grid"]["origin_x"], summary["grid"]["origin_y"]) == (0, 0)
-    assert summary["mosaic_origin_xy"] == [0, 0]
+    assert (summary["grid"]["origin_x"], summary["grid"]["origin_y"]) == (1, 1)  # the top-left patch's x, y
+    assert summary["mosaic_origin_xy"] == [1, 1]
     assert summary["calibration"]["threshold"] == threshold
     assert set(SUMMARY_FIELDS) <= set(summary)
 
@@ -194,7 +194,8 @@ def test_one_broken_patient_does_not_stop_the_others(tmp_path, tiny_weights):
     assert rows[1]["model"] == MODEL_NAME and rows[1]["patches"] is None
     for name in ("A", "C"):
         assert sorted(p.name for p in (out / name).iterdir()) == sorted(PATIENT_FILES)
-    assert not (out / "B").exists()
+    assert [p.name for p in (out / "B").iterdir()] == ["summary.json"]  # the failure, for export and --resume
+    assert json.loads((out / "B" / "summary.json").read_text())["status"] == "failed"
     assert _hidden(out) == []
     table = _read_csv(out / "summary.csv")
     assert [(r["patient"], r["status"]) for r in table] == [("A", "ok"), ("B", "failed"), ("C", "ok")]
@@ -241,21 +242,90 @@ def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights):
     assert json.loads((out / "A" / "summary.json").read_text())["runtime"] == {
         "backend": "torch", "int8_sha256": None, "mixed_precision": False}
 
-    # an empty file counts as incomplete
+    # an empty or truncated file counts as incomplete
     (out / "A" / "regions.geojson").write_text("")
+    mosaic = (out / "C" / "mosaic.png").read_bytes()
+    (out / "C" / "mosaic.png").write_bytes(mosaic[:100])
     render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25))
     assert (out / "A" / "regions.geojson").stat().st_size > 0
+    assert (out / "C" / "mosaic.png").read_bytes() == mosaic
+
+    # so do changed inputs: a patch added to A
+    stamp = _stamps(out / "A")["summary.json"]
+    stamp_c = _stamps(out / "C")["summary.json"]
+    make_patient(root, "A", {(451, 1): (1, textured(7))})
+    rows = render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25))
+    assert _stamps(out / "A")["summary.json"] != stamp and rows[0]["patches"] == first[0]["patches"] + 1
+    assert _stamps(out / "C")["summary.json"] == stamp_c  # unchanged: skipped
 
 
 def test_rendering_again_replaces_outputs_cleanly(tmp_path, tiny_weights):
     folder = make_patient(tmp_path / "in", "P", _patches())
     out = tmp_path / "out"
     render_folder(folder, out, _options(tiny_weights, threshold=0.0))
-    (out / "P" / "stale.txt").write_text("from an older run")
     render_folder(folder, out, _options(tiny_weights, threshold=1.0))
     assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
     assert json.loads((out / "P" / "summary.json").read_text())["threshold"] == 1.0
     assert _hidden(out) == []
+
+
+def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights, threshold=0.0))
+    (out / "P" / "notes.txt").write_text("the user's own notes")
+    before = _stamps(out / "P")
+    with pytest.raises(OutputError, match="notes.txt"):
+        render_folder(folder, out, _options(tiny_weights, threshold=1.0))
+    assert _stamps(out / "P") == before
+    (out / "Q").write_text("a file")  # where patient Q's folder would go
+    make_patient(tmp_path / "in2", "Q", _patches())
+    with pytest.raises(OutputError, match="not an idcmap output folder"):
+        render_folder(tmp_path / "in2" / "Q", out, _options(tiny_weights))
+    assert (out / "Q").read_text() == "a file" and _hidden(out) == []
+
+
+@pytest.mark.parametrize("where", ["root", "patient parent", "inside patient"])
+def test_outputs_never_replace_or_land_inside_the_inputs(tmp_path, tiny_weights, where):
+    root = tmp_path / "in"
+    make_patient(root, "A", _patches(1))
+    make_patient(root, "B", _patches(2))
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    folder, out = {"root": (root, root), "patient parent": (root / "A", root),
+                   "inside patient": (root / "A", root / "A" / "out")}[where]
+    with pytest.raises(OutputError, match="input folder"):
+        render_folder(folder, out, _options(tiny_weights))
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_outputs_inside_the_dataset_root_are_not_taken_for_patients(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    make_patient(root, "A", _patches(1))
+    make_patient(root, "B", _patches(2))
+    first = render_folder(root, root / "out", _options(tiny_weights))
+    second = render_folder(root, root / "out", _options(tiny_weights))
+    assert [r["patient"] for r in first] == [r["patient"] for r in second] == ["A", "B"]
+    assert [r["status"] for r in second] == ["ok", "ok"]
+
+
+def test_render_dot_inside_a_patient_folder(tmp_path, tiny_weights, monkeypatch):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    monkeypatch.chdir(folder)
+    rows = render_folder(Path("."), tmp_path / "out", _options(tiny_weights))
+    assert [(r["patient"], r["status"]) for r in rows] == [("P", "ok")]
+    assert sorted(p.name for p in (tmp_path / "out" / "P").iterdir()) == sorted(PATIENT_FILES)
+
+
+def test_a_failed_render_replaces_the_outputs_of_older_inputs(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
+    patch = sorted(folder.rglob("*.png"))[0]
+    patch.write_bytes(patch.read_bytes()[:40])
+    rows = render_folder(folder, out, _options(tiny_weights, resume=True))
+    assert rows[0]["status"] == "failed" and str(patch) in rows[0]["error"]
+    assert [p.name for p in (out / "P").iterdir()] == ["summary.json"]
+    assert collect_summaries(out)[0]["status"] == "failed"
 
 
 def test_leftovers_of_a_killed_render_are_removed(tmp_path, tiny_weights):
