@@ -54,11 +54,17 @@ def save_split(split: dict, path: Path) -> None:
 def load_split(path: str | Path, available: dict[str, Path]) -> dict:
     """Read a split file; every set disjoint, every patient present under the data root."""
     path = Path(path)
+    if not path.is_file():
+        raise SplitError(f"{path}: no such split file; pass the split the weights were trained on with --split")
     try:
         split = json.loads(path.read_text())
         sets = {name: set(split[name]) for name in SPLIT_SETS}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SplitError(f"{path}: not a split file with train/val/test lists ({err})") from err
+    for name in SPLIT_SETS:
+        if not isinstance(split[name], list) or not all(isinstance(pid, str) for pid in split[name]):
+            raise SplitError(f"{path}: {name!r} must be a list of patient ids such as \"patients/8864\", "
+                             f"not {json.dumps(split[name])[:60]}; write it as idcmap train does")
     for a in SPLIT_SETS:
         for b in SPLIT_SETS:
             if a < b and sets[a] & sets[b]:

@@ -96,8 +96,16 @@ def test_load_split_rejects_malformed_files(tmp_path, content):
 
 
 def test_load_split_missing_file(tmp_path):
-    with pytest.raises(SplitError):
+    with pytest.raises(SplitError, match="--split"):
         load_split(tmp_path / "nope.json", {})
+
+
+@pytest.mark.parametrize("train", ["patients/9035", [1, 2], {"a": 1}])
+def test_load_split_wants_lists_of_patient_ids(tmp_path, train):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": train, "val": [], "test": []}))
+    with pytest.raises(SplitError, match="'train' must be a list of patient ids"):
+        load_split(path, {"patients/9035": tmp_path})
 
 
 def test_patient_ids_relative_to_root(tmp_path):
