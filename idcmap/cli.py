@@ -41,8 +41,6 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Reassemble IDC patch folders into slides, score every patch, and map the cancer."""
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="idcmap: %(levelname)s: %(message)s")
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it: no progress bar anywhere, the library's included
     ctx.obj = {"quiet": quiet}
 
 
@@ -154,7 +152,8 @@ def export(out: Path, output: Path | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (bf16 autocast on cuda).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
-def train(data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
+@click.pass_obj
+def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
           val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
           stain_jitter: float, seed: int, device: str, resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
@@ -163,7 +162,8 @@ def train(data_root: Path, model: str, out: Path, split_file: Path | None, test_
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
                          val_fraction=val_fraction, seed=seed, device=device)
-    card = run_training(data_root, model, out, config, split_file=split_file, resume=resume)
+    card = run_training(data_root, model, out, config, split_file=split_file, resume=resume,
+                        progress=not obj["quiet"])
     click.echo(json_text({"weights": str(out), "calibration": card["calibration"],
                            "best_val_auc": card["training"]["best_val_auc"]}))
 
@@ -192,24 +192,27 @@ def trained_model_options(verb: str, weights_note: str):
 @click.option("--patches", type=click.IntRange(16), default=1024, show_default=True,
               help="Training patches that calibrate the int8 activation ranges.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def quantize(data_root: Path, model: str, weights: Path | None, split_file: Path | None, patches: int,
+@click.pass_obj
+def quantize(obj: dict, data_root: Path, model: str, weights: Path | None, split_file: Path | None, patches: int,
              seed: int) -> None:
     """Quantise MODEL's patch network to int8 for `render --backend onnx-int8`, and report on the
     validation patients how far it stays from fp32."""
     from .training import quantize as run_quantize
 
-    card = run_quantize(data_root, model, weights, split_file, patches, seed)
+    card = run_quantize(data_root, model, weights, split_file, patches, seed, progress=not obj["quiet"])
     click.echo(json_text(card["int8"]))
 
 
 @cli.command()
 @trained_model_options("calibrate", "rewritten with the new calibration")
 @click.option("--device", default="auto", show_default=True)
-def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Path | None, device: str) -> None:
+@click.pass_obj
+def calibrate(obj: dict, data_root: Path, model: str, weights: Path | None, split_file: Path | None,
+              device: str) -> None:
     """Refit temperatures, grid smoothing, threshold and region post-processing on the validation patients."""
     from .training import recalibrate
 
-    card = recalibrate(data_root, model, weights, split_file, device)
+    card = recalibrate(data_root, model, weights, split_file, device, progress=not obj["quiet"])
     click.echo(json_text({"calibration": card["calibration"], "fit": card["calibration_fit"]}))
 
 
@@ -225,14 +228,15 @@ def calibrate(data_root: Path, model: str, weights: Path | None, split_file: Pat
 @click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
               help="Patch network runtime, as for render (auto: int8 where a model ships an int8 network).")
 @click.option("--record", is_flag=True, help="Write the test figures into each model's card in weights/.")
-def evaluate(data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str,
+@click.pass_obj
+def evaluate(obj: dict, data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str,
              backend: str, record: bool) -> None:
     """Evaluate models side by side on the test patients of DATA_ROOT: patch and slide metrics
     (whole and sparse patients apart, 95% bootstrap intervals), speed, figures."""
     from .evaluation import evaluate_models
 
     report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device,
-                             backend=backend, record=record)
+                             backend=backend, record=record, progress=not obj["quiet"])
     click.echo(json_text(report["summary"]))
 
 

@@ -75,6 +75,6 @@ def load_split(path: str | Path, available: dict[str, Path]) -> dict:
     return split
 
 
-def load_slides(ids: list[str], folders: dict[str, Path], desc: str) -> list[Slide]:
-    """Load the named patients' slides, with a progress bar."""
-    return [load_slide(folders[pid]) for pid in tqdm(ids, desc=desc, unit="patient")]
+def load_slides(ids: list[str], folders: dict[str, Path], desc: str, progress: bool = True) -> list[Slide]:
+    """Load the named patients' slides, with a progress bar unless `progress` is False."""
+    return [load_slide(folders[pid]) for pid in tqdm(ids, desc=desc, unit="patient", disable=not progress)]

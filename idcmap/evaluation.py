@@ -70,7 +70,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, split_file: str | Path | None = None,
-                    device: str = "auto", record: bool = False, backend: str = "auto") -> dict:
+                    device: str = "auto", record: bool = False, backend: str = "auto", progress: bool = True) -> dict:
     """Evaluate `models` (default: every registry model with weights) on the split's test patients;
     write metrics.json and figures to `out`; with `record`, add the test figures to each model's
     card in weights/. Return the report."""
@@ -83,7 +83,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     split_file = Path(split_file) if split_file else REGISTRY[models[0]].weights_path.with_suffix(".split.json")
     split = load_split(split_file, folders)
     test_ids = split["test"]
-    labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test")) if s.has_labels]
+    labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test", progress)) if s.has_labels]
     if len(labelled) < len(test_ids):
         left_out = sorted(set(test_ids) - {pid for pid, _ in labelled})
         log.warning("%d test patients left out: not every file name carries a class (_class0/_class1), e.g. %s",

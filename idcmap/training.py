@@ -292,7 +292,7 @@ def smoothing_sigmas(spec: ModelSpec) -> tuple[float, ...]:
 
 
 def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | None = None,
-                split_file: str | Path | None = None, device: str = "auto") -> dict:
+                split_file: str | Path | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Refit a trained model's calibration on its validation patients; rewrite weights and card."""
     spec = get_spec(model_name)
     path = Path(weights) if weights else spec.weights_path
@@ -300,7 +300,7 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     folders = patient_ids(data_root)
     split_path = Path(split_file or path.with_suffix(".split.json"))
     split = load_split(split_path, folders)
-    val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     require_mixed_validation(val_slides, split_path, "pass a --split whose val patients include one")
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
                                           model.network.context_reach, smoothing_sigmas(spec))
@@ -316,7 +316,7 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
 
 
 def quantize(data_root: str | Path, model_name: str, weights: str | Path | None = None,
-             split_file: str | Path | None = None, patches: int = 1024, seed: int = 0) -> dict:
+             split_file: str | Path | None = None, patches: int = 1024, seed: int = 0, progress: bool = True) -> dict:
     """Quantise a trained model's patch network to int8 for `--backend onnx-int8`.
 
     Activation ranges are calibrated on `patches` patches drawn (seeded) from the training
@@ -327,7 +327,7 @@ def quantize(data_root: str | Path, model_name: str, weights: str | Path | None 
     model = load_model(model_name, path)
     folders = patient_ids(data_root)
     split = load_split(split_file or path.with_suffix(".split.json"), folders)
-    pixels = np.concatenate([s.pixels for s in load_slides(split["train"], folders, "load train")])
+    pixels = np.concatenate([s.pixels for s in load_slides(split["train"], folders, "load train", progress)])
     chosen = np.sort(np.random.default_rng(seed).choice(len(pixels), min(patches, len(pixels)), replace=False))
     mean, std = torch.tensor(model.mean), torch.tensor(model.std)
     inputs = to_input(torch.from_numpy(pixels[chosen]), mean, std).contiguous().numpy()
@@ -337,7 +337,7 @@ def quantize(data_root: str | Path, model_name: str, weights: str | Path | None 
               "calibration_from": "training patients", "seed": seed,
               "method": "ONNX Runtime static quantisation, QDQ, per-channel int8 weights (reduce_range), "
                         "uint8 activations"}
-    val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     if val_slides:
         reference = collect_scores(Scorer(model, "cpu", backend="onnx"), val_slides)
         quantised = collect_scores(Scorer(model, "cpu", backend="onnx-int8", int8_network=data), val_slides)
@@ -412,9 +412,10 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
 
 
 def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
-          split_file: str | Path | None = None, resume: bool = False) -> dict:
+          split_file: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Train `model_name` on the train patients of `data_root`, early-stop and calibrate on val,
-    and write `out` (.pt weights), its model card (.json) and its split (.split.json)."""
+    and write `out` (.pt weights), its model card (.json) and its split (.split.json). `progress`
+    False: no progress bars."""
     config.validate()
     spec = get_spec(model_name)
     out = Path(out)
@@ -426,8 +427,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
                                                                        config.val_fraction)
     if not split["train"] or not split["val"]:
         raise IdcmapError(f"{data_root}: too few patients for a train/val split ({len(folders)} found)")
-    train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
-    val_slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
+    train_slides = [s for s in load_slides(split["train"], folders, "load train", progress) if s.has_labels]
+    val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     remedy = "pass a --split whose val patients include one" if split_file else "use more patients or another --seed"
     require_mixed_validation(val_slides, split_file or data_root, remedy)
     mean, std = pixel_statistics(train_slides)
@@ -458,7 +459,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         windows = grid_windows(train_slides, config.window, rng)
         total_loss, seen = 0.0, 0
         bar = tqdm(maker.batches(windows), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   total=None, leave=False)
+                   total=None, leave=False, disable=not progress)
         for x, y, index, grid_shape in bar:
             x, y, index = x.to(device), y.to(device), index.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -488,7 +489,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         }
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, record)
-        tqdm.write(json.dumps(record))
+        if progress:
+            tqdm.write(json.dumps(record))
         if best_state is None or record["val_auc"] > best_auc:
             best_auc, stale = record["val_auc"], 0
             best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}

@@ -145,8 +145,7 @@ def test_not_finite_or_out_of_range_numbers_exit_2(tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quiet_silences_every_progress_bar(tmp_path, tiny_weights, monkeypatch):
-    monkeypatch.setenv("TQDM_DISABLE", "")  # restored after the test: -q sets it for the process
+def test_quiet_silences_every_progress_bar(tmp_path, tiny_weights):
     root = tmp_path / "in"
     _patient(root, "A")
     _patient(root, "B")

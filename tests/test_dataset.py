@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import make_patient, solid
-from idcmap.dataset import SPLIT_SETS, load_split, make_split, patient_ids, save_split
+from idcmap.dataset import SPLIT_SETS, load_slides, load_split, make_split, patient_ids, save_split
 from idcmap.errors import SplitError
 
 IDS = [f"patients/p{i:02d}" for i in range(10)] + [f"sparse/s{i:02d}" for i in range(20)]
@@ -118,3 +118,12 @@ def test_patient_ids_relative_to_root(tmp_path):
 def test_patient_ids_of_a_single_patient_folder(tmp_path):
     folder = make_patient(tmp_path, "8864", {(1, 1): (0, solid((1, 1, 1)))})
     assert patient_ids(folder) == {"8864": folder}
+
+
+def test_load_slides_progress_bar_can_be_silenced(tmp_path, capsys):
+    make_patient(tmp_path / "patients", "8864", {(1, 1): (0, solid((1, 1, 1)))})
+    folders = patient_ids(tmp_path)
+    load_slides(["patients/8864"], folders, "load", progress=False)
+    assert capsys.readouterr().err == ""
+    load_slides(["patients/8864"], folders, "load")
+    assert "load" in capsys.readouterr().err
