@@ -115,7 +115,8 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV to write [default: OUT/summary.csv].")
-def export(out: Path, output: Path | None) -> None:
+@click.pass_obj
+def export(obj: dict, out: Path, output: Path | None) -> None:
     """Merge the per-patient summaries below OUT (e.g. from sharded renders) into one CSV."""
     from .export import SUMMARY_FIELDS, write_csv
     from .pipeline import collect_summaries
@@ -123,7 +124,11 @@ def export(out: Path, output: Path | None) -> None:
     rows = collect_summaries(out)
     target = output or out / "summary.csv"
     write_csv(target, SUMMARY_FIELDS, rows)
-    click.echo(f"{len(rows)} patients -> {target}", err=True)
+    failed = sum(row["status"] == "failed" for row in rows)
+    if failed:
+        click.echo(f"idcmap: {failed} of {len(rows)} patients failed to render (status and error in {target})", err=True)
+    if not obj["quiet"]:
+        click.echo(f"{len(rows)} patients -> {target}", err=True)
 
 
 @cli.command()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -235,6 +236,20 @@ class Calibration:
     min_region_cells: int = 0
     max_hole_cells: int = 0
 
+    def problem(self) -> str | None:
+        """What makes this calibration unusable (None when it is usable): every value finite,
+        temperatures above 0, the threshold within [0, 1], the rest not negative."""
+        values = asdict(self)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()):
+            return f"its calibration holds a value that is not a finite number ({values})"
+        if self.temperature <= 0 or self.patch_temperature <= 0:
+            return f"its calibration temperatures must be above 0 ({self.temperature}, {self.patch_temperature})"
+        if not 0 <= self.threshold <= 1:
+            return f"its calibration threshold {self.threshold} lies outside [0, 1]"
+        if min(self.smoothing_sigma, self.min_region_cells, self.max_hole_cells) < 0:
+            return "its calibration smoothing or region sizes are negative"
+        return None
+
 
 @dataclass
 class LoadedModel:
@@ -394,6 +409,9 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
     try:
         payload = read_weights(path)
         name = payload.get("model") if name is None else name
+        if payload.get("model") not in REGISTRY:
+            raise WeightsError(f"{path}: names model {payload.get('model')!r}, which idcmap does not know "
+                               f"({', '.join(sorted(REGISTRY))}); pass weights written by `idcmap train`")
         if payload.get("model") != name:
             raise WeightsError(f"{path}: holds model {payload.get('model')!r}, not {name!r}; pick --model accordingly")
         network = build_model(name)
@@ -404,6 +422,9 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
                                "(made by another idcmap version?); retrain or restore the file") from err
         mean, std = tuple(payload["mean"]), tuple(payload["std"])
         calibration = Calibration(**payload.get("calibration", {}))
+        unusable = calibration.problem()
+        if unusable:
+            raise WeightsError(f"{path}: {unusable}; run `idcmap calibrate` on it, or restore the file")
     except WeightsError:
         raise
     except Exception as err:  # torch raises many types for a bad file

@@ -22,9 +22,10 @@ import shapely
 from shapely.geometry import mapping
 from tqdm import tqdm
 
-from .errors import IdcmapError, OutputError
+from .errors import EmptyFolderError, IdcmapError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, write_csv, write_json, write_npy, write_png
-from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files, load_slide
+from .loader import (CLASS_FOLDERS, DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files,
+                     load_slide)
 from .models import Calibration, load_model
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
 from .render import overlay_png
@@ -91,6 +92,12 @@ def patient_folders(folder: Path, out: Path | None = None) -> list[Path]:
     those inside `out` when `out` lies inside `folder` (a render's own outputs are no input)."""
     files, _ = list_patch_files(folder) if folder.is_dir() else ([], [])
     if files:
+        below = [p for sub in sorted(folder.iterdir()) if sub.is_dir() and sub.name not in CLASS_FOLDERS
+                 and not sub.name.startswith(".") for p in _patient_folders_or_none(sub)]
+        if below:
+            raise EmptyFolderError(
+                f"{folder}: holds patch files itself (e.g. {files[0].name}) and patient folders below (e.g. "
+                f"{below[0]}); move the stray patch files into their patient folder, or pass one patient folder")
         return [folder]
     found = find_patient_folders(folder)
     if out is not None and _inside(out.resolve(), folder.resolve()):
@@ -99,6 +106,13 @@ def patient_folders(folder: Path, out: Path | None = None) -> list[Path]:
             log.info("%s: %d folders inside the output folder %s left out", folder, len(found) - len(kept), out)
         found = kept
     return found
+
+
+def _patient_folders_or_none(folder: Path) -> list[Path]:
+    try:
+        return find_patient_folders(folder)
+    except EmptyFolderError:
+        return []
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -140,7 +154,11 @@ def effective_calibration(model_calibration: Calibration, options: RenderOptions
     """The model's calibration with the user's overrides applied."""
     overrides = {k: getattr(options, k) for k in ("threshold", "smoothing_sigma", "min_region_cells", "max_hole_cells")
                  if getattr(options, k) is not None}
-    return replace(model_calibration, **overrides)
+    calibration = replace(model_calibration, **overrides)
+    unusable = calibration.problem()
+    if unusable:
+        raise IdcmapError(f"render options {overrides}: {unusable.removeprefix('its ')}; pass usable values")
+    return calibration
 
 
 def summarise(slide: Slide, scores: SlideScores, predicted: np.ndarray, calibration: Calibration,
@@ -332,7 +350,12 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     if options.shard is not None:
         index, count = options.shard
         folders, names = folders[index::count], names[index::count]
-    for patient_folder, name in zip(folders, names):  # before anything is written
+    if out.exists() and not out.is_dir():  # every output place is checked before anything is written
+        raise OutputError(f"{out}: a file, not a folder; choose another -o")
+    if (out / summary_name(options.shard)).is_dir():
+        raise OutputError(f"{out / summary_name(options.shard)}: a folder where idcmap writes its summary CSV; "
+                          "move it or choose another -o")
+    for patient_folder, name in zip(folders, names):
         check_output_folder(out / name, patient_folder)
     rows = []
     for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
@@ -369,6 +392,8 @@ def collect_summaries(out: str | Path) -> list[dict]:
             summary = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise OutputError(f"{path}: unreadable summary ({err}); render that patient again") from err
+        if not isinstance(summary, dict) or summary.get("status") not in ("ok", "failed"):
+            raise OutputError(f"{path}: not a summary idcmap wrote (no ok/failed status); render that patient again")
         rows.append({field: summary.get(field) for field in SUMMARY_FIELDS})
     if not rows:
         raise IdcmapError(f"{out}: no rendered patient (no */summary.json); run `idcmap render` first")

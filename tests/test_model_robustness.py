@@ -278,3 +278,23 @@ def test_recalibrate_refuses_single_class_validation(tmp_path):
         recalibrate(single, MODEL_NAME, weights, split_file, device="cpu")
     assert_one_clear_line(info.value, split_file, "no validation patient has both", "--split")
     assert weights.read_bytes() == before and not card_path(weights).exists()
+
+
+@pytest.mark.parametrize("calibration", [
+    {"threshold": math.nan}, {"threshold": 1.5}, {"temperature": 0.0}, {"patch_temperature": -1.0},
+    {"smoothing_sigma": math.inf}, {"min_region_cells": -2},
+])
+def test_weights_with_an_unusable_calibration_are_refused(tmp_path, calibration):
+    path = write_tiny_weights(tmp_path / f"{MODEL_NAME}.pt", calibration=calibration)
+    with pytest.raises(WeightsError, match="calibrat") as info:
+        load_model(MODEL_NAME, path)
+    assert_one_clear_line(info.value, str(path))
+
+
+def test_weights_naming_an_unknown_model_name_the_file(tmp_path):
+    path = write_tiny_weights(tmp_path / "w.pt")
+    payload = torch.load(path, weights_only=True)
+    save_checkpoint(path, {**payload, "model": "nosuch"})
+    with pytest.raises(WeightsError, match="'nosuch'") as info:
+        load_model(None, path)
+    assert_one_clear_line(info.value, str(path))

@@ -431,3 +431,42 @@ def test_smoothing_override_reaches_the_scores(tmp_path, tiny_weights):
     assert np.nanstd(b) < np.nanstd(a)
     summary = json.loads((tmp_path / "smooth" / "P" / "summary.json").read_text())
     assert summary["calibration"]["smoothing_sigma"] == 2.0
+
+
+def test_a_stray_patch_beside_patient_folders_is_an_error_not_a_one_patch_slide(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    make_patient(root, "A", _patches(1))
+    make_patient(root, "B", _patches(2))
+    stray = sorted((root / "A").rglob("*.png"))[0]
+    (root / stray.name).write_bytes(stray.read_bytes())
+    with pytest.raises(EmptyFolderError, match="stray") as info:
+        render_folder(root, tmp_path / "out", _options(tiny_weights))
+    assert stray.name in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_places_are_checked_before_scoring(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="not a folder"):
+        render_folder(folder, tmp_path / "afile", _options(tiny_weights))
+    (tmp_path / "out" / "summary.csv").mkdir(parents=True)
+    with pytest.raises(OutputError, match="summary CSV"):
+        render_folder(folder, tmp_path / "out", _options(tiny_weights))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]
+
+
+def test_unusable_render_options_are_refused(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    with pytest.raises(IdcmapError, match="finite"):
+        render_folder(folder, tmp_path / "out", _options(tiny_weights, threshold=math.nan))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["[]", '"text"', '{"patient": 5}'])
+def test_export_refuses_a_summary_it_did_not_write(tmp_path, tiny_weights, content):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    render_folder(folder, tmp_path / "out", _options(tiny_weights))
+    (tmp_path / "out" / "P" / "summary.json").write_text(content)
+    with pytest.raises(OutputError, match="not a summary idcmap wrote"):
+        collect_summaries(tmp_path / "out")
