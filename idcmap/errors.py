@@ -26,6 +26,14 @@ class EmptyFolderError(IdcmapError):
     """A folder holds no patient or no patch."""
 
 
+class FolderLayoutError(IdcmapError):
+    """A folder cannot be read as patients: it cannot be listed, or patch files lie beside patient folders."""
+
+
+class OptionError(IdcmapError):
+    """A setting (a command-line option or a library argument) that idcmap cannot use."""
+
+
 class MosaicTooLargeError(IdcmapError):
     """The coordinates would need a mosaic larger than the configured limit."""
 

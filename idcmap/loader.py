@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import (
     DuplicatePatchError,
     EmptyFolderError,
+    FolderLayoutError,
     MosaicTooLargeError,
     PatchImageError,
     PatchNameError,
@@ -175,12 +176,12 @@ def _looks_like_patch(name: str) -> bool:
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
-    """The entries of `folder`, sorted by name; EmptyFolderError naming it if it cannot be listed."""
+    """The entries of `folder`, sorted by name; FolderLayoutError naming it if it cannot be listed."""
     try:
         with os.scandir(folder) as entries:
             return sorted(entries, key=lambda entry: entry.name)
     except OSError as err:
-        raise EmptyFolderError(f"{folder}: cannot list this folder ({err.strerror}); fix its permissions") from err
+        raise FolderLayoutError(f"{folder}: cannot list this folder ({err.strerror}); fix its permissions") from err
 
 
 def list_patch_files(folder: Path) -> tuple[list[Path], list[str]]:
@@ -221,7 +222,7 @@ def _misplaced_patches(sub: Path, folder: Path) -> list[str]:
     """Skip reasons for the patch PNGs directly in `sub`, a subfolder of `folder` idcmap does not read."""
     try:
         entries = _entries(sub)
-    except EmptyFolderError as err:
+    except FolderLayoutError as err:
         return [f"{err}; patches in it, if any, are not read"]
     where = sub.relative_to(folder).as_posix()
     return [
@@ -432,11 +433,28 @@ def _holds_patches(folder: Path, filenames: list[str], dirnames: list[str]) -> b
             continue
         try:
             entries = _entries(folder / name)
-        except EmptyFolderError:
+        except FolderLayoutError:
             return True  # unreadable class folder: a patient whose load will say so
         if any(not entry.is_dir() and _looks_like_patch(entry.name) for entry in entries):
             return True
     return False
+
+
+def _refuse_patients_beside_patches(folder: Path, filenames: list[str], dirnames: list[str]) -> None:
+    """FolderLayoutError when `folder` holds patch files directly and patient folders below."""
+    loose = sorted(name for name in filenames if _looks_like_patch(name))
+    if not loose:
+        return
+    for name in sorted(dirnames):
+        if name in CLASS_FOLDERS or name.startswith("."):
+            continue
+        try:
+            below = find_patient_folders(folder / name)
+        except (EmptyFolderError, FolderLayoutError):
+            continue
+        raise FolderLayoutError(
+            f"{folder}: holds patch files itself (e.g. {loose[0]}) and patient folders below (e.g. {below[0]}); "
+            "move the stray patch files into their patient folder, or pass one patient folder")
 
 
 def find_patient_folders(root: str | Path) -> list[Path]:
@@ -444,6 +462,9 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     (`<patient>_idx5_x<X>_y<Y>…png`, not hidden) directly or in 0/ or 1/. Other PNGs (a stray
     preview.png, idcmap's own mosaic.png and overlay.png) do not make a patient folder.
 
+    A folder with patch files directly in it and patient folders in its other subfolders is a
+    FolderLayoutError: taken as one patient, it would hide the others (a patch copied into a
+    dataset root). Patches in other subfolders of a patient folder are the loader's to skip.
     Symbolic links to folders are followed once each, so link loops cannot trap the walk.
     """
     root = Path(root)
@@ -459,6 +480,7 @@ def find_patient_folders(root: str | Path) -> list[Path]:
             continue
         visited.add(real)
         if _holds_patches(here, filenames, dirnames):
+            _refuse_patients_beside_patches(here, filenames, dirnames)
             found.append(here)
             dirnames.clear()
         else:

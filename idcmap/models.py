@@ -358,6 +358,7 @@ JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an 
 
 
 def _card_error(path: Path, problem: str) -> WeightsError:
+    """The error for a model card with `problem`, and how to get a good card back."""
     return WeightsError(f"{path}: {problem}; restore the card (e.g. from git), or delete it and "
                         "re-run `idcmap calibrate` or `idcmap train` to write a new one")
 

@@ -22,10 +22,9 @@ import shapely
 from shapely.geometry import mapping
 from tqdm import tqdm
 
-from .errors import EmptyFolderError, IdcmapError, OutputError
+from .errors import IdcmapError, OptionError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, write_csv, write_json, write_npy, write_png
-from .loader import (CLASS_FOLDERS, DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files,
-                     load_slide)
+from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files, load_slide
 from .models import Calibration, load_model
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
 from .render import overlay_png
@@ -65,7 +64,7 @@ def shard_from_env(environ: dict[str, str]) -> tuple[int, int]:
     try:
         return int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
     except ValueError as err:
-        raise IdcmapError(f"RANK/WORLD_SIZE are not integers ({err}); run under torchrun or pass --shard I/N") from err
+        raise OptionError(f"RANK/WORLD_SIZE are not integers ({err}); run under torchrun or pass --shard I/N") from err
 
 
 def parse_shard(text: str, environ: dict[str, str]) -> tuple[int, int]:
@@ -76,10 +75,15 @@ def parse_shard(text: str, environ: dict[str, str]) -> tuple[int, int]:
         try:
             index, count = (int(part) for part in text.split("/"))
         except ValueError:
-            raise IdcmapError(f"--shard {text}: write it as I/N, e.g. 0/4, or env under torchrun") from None
+            raise OptionError(f"--shard {text}: write it as I/N, e.g. 0/4, or env under torchrun") from None
     if not 0 <= index < count:
-        raise IdcmapError(f"--shard {text}: need 0 <= I < N")
+        raise OptionError(f"--shard {text}: need 0 <= I < N")
     return index, count
+
+
+def patient_name(folder: Path) -> str:
+    """A patient folder's own name, from its absolute path (so `.` works; links keep their name)."""
+    return Path(os.path.abspath(folder)).name
 
 
 def summary_name(shard: tuple[int, int] | None) -> str:
@@ -87,32 +91,19 @@ def summary_name(shard: tuple[int, int] | None) -> str:
     return "summary.csv" if shard is None or shard[1] == 1 else f"summary-{shard[0]}-of-{shard[1]}.csv"
 
 
-def patient_folders(folder: Path, out: Path | None = None) -> list[Path]:
-    """`folder` itself when it holds patches, else every patient folder below it, leaving out
-    those inside `out` when `out` lies inside `folder` (a render's own outputs are no input)."""
-    files, _ = list_patch_files(folder) if folder.is_dir() else ([], [])
-    if files:
-        below = [p for sub in sorted(folder.iterdir()) if sub.is_dir() and sub.name not in CLASS_FOLDERS
-                 and not sub.name.startswith(".") for p in _patient_folders_or_none(sub)]
-        if below:
-            raise EmptyFolderError(
-                f"{folder}: holds patch files itself (e.g. {files[0].name}) and patient folders below (e.g. "
-                f"{below[0]}); move the stray patch files into their patient folder, or pass one patient folder")
-        return [folder]
-    found = find_patient_folders(folder)
-    if out is not None and _inside(out.resolve(), folder.resolve()):
-        kept = [f for f in found if not _inside(f.resolve(), out.resolve())]
-        if len(kept) < len(found):
-            log.info("%s: %d folders inside the output folder %s left out", folder, len(found) - len(kept), out)
-        found = kept
-    return found
+def inputs_sha256(folder: Path) -> str:
+    """sha256 over a patient folder's patch files (relative paths, byte sizes, modification
+    times): what `--resume` compares to tell whether the inputs changed since a render."""
+    files, _ = list_patch_files(folder)
+    stats = ((f.relative_to(folder).as_posix(), f.stat()) for f in sorted(files))
+    listing = "\n".join(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}" for name, stat in stats)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def _patient_folders_or_none(folder: Path) -> list[Path]:
-    try:
-        return find_patient_folders(folder)
-    except EmptyFolderError:
-        return []
+def _file_record(path: Path) -> dict:
+    """Size and sha256 of an output file, as summary.json records them for `--resume`."""
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -120,31 +111,19 @@ def _inside(path: Path, folder: Path) -> bool:
     return path != folder and path.is_relative_to(folder)
 
 
-def inputs_sha256(folder: Path) -> str:
-    """sha256 over a patient folder's patch files (relative paths and byte sizes): what
-    `--resume` compares to tell whether the inputs changed since a render."""
-    files, _ = list_patch_files(folder)
-    listing = "\n".join(f"{f.relative_to(folder).as_posix()}\t{f.stat().st_size}" for f in sorted(files))
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
-def _file_record(path: Path) -> dict:
-    data = path.read_bytes()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def check_output_folder(out_dir: Path, input_folder: Path) -> None:
-    """Refuse, before anything is written, an output folder that is, holds or lies inside the
-    patient's input folder, that is a file, or that holds files idcmap did not write: replacing
-    it would lose them."""
-    target, source = out_dir.resolve(), input_folder.resolve()
-    if target == source or _inside(target, source) or _inside(source, target):
-        raise OutputError(f"{out_dir}: the output folder of {input_folder} would replace or lie inside its "
-                          "input folder; choose an -o folder outside the patient folders")
+def check_output_folder(out_dir: Path, inputs: list[Path]) -> None:
+    """Refuse, before anything is written, an output folder that is, holds or lies inside any
+    input patient folder of the run (`inputs`, resolved), that is a file, or that holds files
+    idcmap did not write (hidden ones aside): replacing it would lose them."""
+    target = out_dir.resolve()
+    for source in inputs:
+        if target == source or _inside(target, source) or _inside(source, target):
+            raise OutputError(f"{out_dir}: would replace, hold or lie inside the input folder {source}; "
+                              "choose an -o folder outside the patient folders")
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputError(f"{out_dir}: exists and is not an idcmap output folder; move it or choose another -o")
     if out_dir.is_dir():
-        foreign = sorted(name for name in os.listdir(out_dir) if name not in PATIENT_FILES)
+        foreign = sorted(name for name in os.listdir(out_dir) if name not in PATIENT_FILES and not name.startswith("."))
         if foreign:
             raise OutputError(f"{out_dir}: holds files idcmap did not write ({', '.join(foreign[:3])}); move them "
                               "or choose another -o, so that re-rendering replaces nothing of yours")
@@ -157,7 +136,7 @@ def effective_calibration(model_calibration: Calibration, options: RenderOptions
     calibration = replace(model_calibration, **overrides)
     unusable = calibration.problem()
     if unusable:
-        raise IdcmapError(f"render options {overrides}: {unusable.removeprefix('its ')}; pass usable values")
+        raise OptionError(f"render options {overrides}: {unusable.removeprefix('its ')}; pass usable values")
     return calibration
 
 
@@ -338,13 +317,14 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     error in summary.csv; the others go on. Returns the summary rows (also in out/summary.csv).
     """
     folder, out = Path(folder), Path(out)
-    folders = patient_folders(folder, out)
+    folders = find_patient_folders(folder)
+    inputs = [f.resolve() for f in folders]
     model = load_model(options.model, options.weights)
     calibration = effective_calibration(model.calibration, options)
     model = replace(model, calibration=calibration)  # the scorer applies its smoothing and temperatures
     scorer = Scorer(model, options.device, options.batch_size, options.mixed_precision, options.backend, options.jobs)
     if folders == [folder]:
-        names = [folder.resolve().name]  # `render .` inside a patient folder
+        names = [patient_name(folder)]  # `render .` inside a patient folder
     else:
         names = [f.relative_to(folder).as_posix() for f in folders]
     if options.shard is not None:
@@ -355,8 +335,8 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     if (out / summary_name(options.shard)).is_dir():
         raise OutputError(f"{out / summary_name(options.shard)}: a folder where idcmap writes its summary CSV; "
                           "move it or choose another -o")
-    for patient_folder, name in zip(folders, names):
-        check_output_folder(out / name, patient_folder)
+    for name in names:
+        check_output_folder(out / name, inputs)
     rows = []
     for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
                                      disable=not options.progress or len(folders) == 1):
@@ -373,7 +353,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
                     raise
                 log.info("%s: failed: %s", name, err)  # the CLI prints every failure at the end
                 row = {field: None for field in SUMMARY_FIELDS}
-                row.update(patient=name, status="failed", error=str(err), model=model.name,
+                row.update(patient=patient_name(patient_folder), status="failed", error=str(err), model=model.name,
                            weights_sha256=model.sha256)
                 record_failure(out_dir, row)
         rows.append(row)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .dataset import load_slides, load_split, make_split, patient_ids, save_split
-from .errors import IdcmapError, OutputError, SplitError, WeightsError
+from .errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
 from .export import atomic_write_bytes, write_json
 from .loader import Slide
 from .models import (Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path, get_spec,
@@ -55,20 +55,22 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        """IdcmapError naming the first setting training cannot use (and the device, if unusable)."""
+        """OptionError naming the first setting training cannot use (and the device, if unusable)."""
         defaults = {f.name: f.default for f in fields(self)}
         for name, label, usable, requirement in CONFIG_RULES:
             value = getattr(self, name)
             if not usable(value):
-                raise IdcmapError(f"{label} {value!r}: must be {requirement} (default {defaults[name]!r})")
+                raise OptionError(f"{label} {value!r}: must be {requirement} (default {defaults[name]!r})")
         resolve_device(self.device)
 
 
 def _whole(value: object) -> bool:
+    """True for an int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite(value: object) -> bool:
+    """True for a finite int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -82,7 +84,7 @@ CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
     ("patience", "--patience", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("seed", "--seed", lambda v: _whole(v) and 0 <= v < 2**64, "a whole number from 0 to 2**64 - 1"),
     ("cell_dropout", "cell dropout", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("stain_jitter", "--stain-jitter", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("stain_jitter", "--stain-jitter", lambda v: _finite(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
     ("test_fraction", "--test-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
     ("val_fraction", "--val-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
 )

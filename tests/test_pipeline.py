@@ -13,7 +13,7 @@ from PIL import Image
 from shapely.geometry import shape
 
 from conftest import MODEL_NAME, grid_patches, make_patient, real_patient_folder, solid, textured
-from idcmap.errors import EmptyFolderError, IdcmapError, OutputError
+from idcmap.errors import EmptyFolderError, FolderLayoutError, IdcmapError, OutputError
 from idcmap.export import SUMMARY_FIELDS
 from idcmap.loader import load_slide
 from idcmap.models import sha256_of
@@ -439,7 +439,7 @@ def test_a_stray_patch_beside_patient_folders_is_an_error_not_a_one_patch_slide(
     make_patient(root, "B", _patches(2))
     stray = sorted((root / "A").rglob("*.png"))[0]
     (root / stray.name).write_bytes(stray.read_bytes())
-    with pytest.raises(EmptyFolderError, match="stray") as info:
+    with pytest.raises(FolderLayoutError, match="stray") as info:
         render_folder(root, tmp_path / "out", _options(tiny_weights))
     assert stray.name in str(info.value)
     assert not (tmp_path / "out").exists()
@@ -470,3 +470,67 @@ def test_export_refuses_a_summary_it_did_not_write(tmp_path, tiny_weights, conte
     (tmp_path / "out" / "P" / "summary.json").write_text(content)
     with pytest.raises(OutputError, match="not a summary idcmap wrote"):
         collect_summaries(tmp_path / "out")
+
+
+def test_a_stray_patch_one_level_down_is_an_error_too(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    make_patient(root / "patients", "A", _patches(1))
+    make_patient(root / "patients", "B", _patches(2))
+    make_patient(root / "sparse", "C", _patches(3))
+    stray = sorted((root / "patients" / "A").rglob("*.png"))[0]
+    (root / "patients" / stray.name).write_bytes(stray.read_bytes())
+    with pytest.raises(FolderLayoutError, match="stray"):
+        render_folder(root, tmp_path / "out", _options(tiny_weights))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_never_writes_into_another_patients_input(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    make_patient(root, "A", _patches(1))
+    make_patient(root, "B", _patches(2))
+    with pytest.raises(OutputError, match="input folder"):
+        render_folder(root, root / "A" / "out", _options(tiny_weights, shard=(1, 2)))  # renders B only
+    assert not (root / "A" / "out").exists()
+
+
+def test_patches_in_an_extra_subfolder_of_a_patient_are_skipped_not_fatal(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    (folder / "extra").mkdir()
+    backup = sorted(folder.rglob("*.png"))[0]
+    (folder / "extra" / backup.name).write_bytes(backup.read_bytes())
+    rows = render_folder(folder, tmp_path / "out", _options(tiny_weights))
+    assert rows[0]["status"] == "ok" and rows[0]["skipped_files"] == 1
+
+
+def test_hidden_files_in_an_output_folder_do_not_block_a_new_render(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights, threshold=0.0))
+    (out / "P" / ".DS_Store").write_bytes(b"finder")
+    rows = render_folder(folder, out, _options(tiny_weights, threshold=1.0))
+    assert rows[0]["status"] == "ok" and rows[0]["threshold"] == 1.0
+
+
+def test_names_of_linked_and_failed_patients(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in" / "patients", "P", _patches())
+    (tmp_path / "alias").symlink_to(folder)
+    render_folder(tmp_path / "alias", tmp_path / "out", _options(tiny_weights))
+    assert (tmp_path / "out" / "alias" / "summary.json").is_file()  # a link keeps its own name
+    bad = sorted(folder.rglob("*.png"))[0]
+    bad.write_bytes(b"")
+    rows = render_folder(tmp_path / "in", tmp_path / "out2", _options(tiny_weights))
+    assert [(r["patient"], r["status"]) for r in rows] == [("P", "failed")]  # the patient, not "patients/P"
+    assert (tmp_path / "out2" / "patients" / "P" / "summary.json").is_file()
+
+
+def test_resume_sees_a_same_size_edit_of_a_patch(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
+    stamp = _stamps(out / "P")["summary.json"]
+    patch = sorted(folder.rglob("*.png"))[0]
+    data = patch.read_bytes()
+    patch.write_bytes(data)
+    os.utime(patch, ns=(patch.stat().st_atime_ns, patch.stat().st_mtime_ns + 10**9))
+    render_folder(folder, out, _options(tiny_weights, resume=True))
+    assert _stamps(out / "P")["summary.json"] != stamp
