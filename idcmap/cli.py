@@ -177,7 +177,8 @@ def trained_model_options(verb: str, weights_note: str):
     """DATA_ROOT, --model, --weights and --split: the arguments of commands that work on trained weights."""
     options = [
         click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-        click.option("--model", type=MODEL_CHOICE, default=DEFAULT_MODEL, show_default=True, help=f"Model to {verb}."),
+        click.option("--model", type=MODEL_CHOICE, default=None,
+                     help=f"Model to {verb} [default: {DEFAULT_MODEL}, or the model a --weights file holds]."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help=f"Weights file [default: weights/<model>.pt]; {weights_note}."),
         click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -198,7 +199,7 @@ def trained_model_options(verb: str, weights_note: str):
               help="Training patches that calibrate the int8 activation ranges.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_obj
-def quantize(obj: dict, data_root: Path, model: str, weights: Path | None, split_file: Path | None, patches: int,
+def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None, patches: int,
              seed: int) -> None:
     """Quantise MODEL's patch network to int8 for `render --backend onnx-int8`, and report on the
     validation patients how far it stays from fp32."""
@@ -212,7 +213,7 @@ def quantize(obj: dict, data_root: Path, model: str, weights: Path | None, split
 @trained_model_options("calibrate", "rewritten with the new calibration")
 @click.option("--device", default="auto", show_default=True)
 @click.pass_obj
-def calibrate(obj: dict, data_root: Path, model: str, weights: Path | None, split_file: Path | None,
+def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
               device: str) -> None:
     """Refit temperatures, grid smoothing, threshold and region post-processing on the validation patients."""
     from .training import recalibrate

@@ -293,12 +293,12 @@ def smoothing_sigmas(spec: ModelSpec) -> tuple[float, ...]:
     return SMOOTHING_SIGMAS if spec.smoothing else (0.0,)
 
 
-def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | None = None,
+def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Path | None = None,
                 split_file: str | Path | None = None, device: str = "auto", progress: bool = True) -> dict:
-    """Refit a trained model's calibration on its validation patients; rewrite weights and card."""
-    spec = get_spec(model_name)
-    path = Path(weights) if weights else spec.weights_path
-    model = load_model(model_name, path)
+    """Refit a trained model's calibration on its validation patients; rewrite weights and card.
+    `model_name` None: the model `weights` holds (the default model without `weights`)."""
+    model = load_model(model_name, weights)
+    path, spec = model.path, get_spec(model.name)
     folders = patient_ids(data_root)
     split_path = Path(split_file or path.with_suffix(".split.json"))
     split = load_split(split_path, folders)
@@ -317,16 +317,17 @@ def recalibrate(data_root: str | Path, model_name: str, weights: str | Path | No
     return card
 
 
-def quantize(data_root: str | Path, model_name: str, weights: str | Path | None = None,
+def quantize(data_root: str | Path, model_name: str | None, weights: str | Path | None = None,
              split_file: str | Path | None = None, patches: int = 1024, seed: int = 0, progress: bool = True) -> dict:
     """Quantise a trained model's patch network to int8 for `--backend onnx-int8`.
 
     Activation ranges are calibrated on `patches` patches drawn (seeded) from the training
     patients. The int8 network goes beside the weights (`<weights>.int8.onnx`); the card records
     it and how far its calibrated probabilities and decisions stay from fp32 on the validation
-    patients. The fp32 calibration (temperatures, threshold, post-processing) is kept."""
-    path = Path(weights) if weights else get_spec(model_name).weights_path
-    model = load_model(model_name, path)
+    patients. The fp32 calibration (temperatures, threshold, post-processing) is kept.
+    `model_name` None: the model `weights` holds (the default model without `weights`)."""
+    model = load_model(model_name, weights)
+    path = model.path
     folders = patient_ids(data_root)
     split = load_split(split_file or path.with_suffix(".split.json"), folders)
     pixels = np.concatenate([s.pixels for s in load_slides(split["train"], folders, "load train", progress)])
