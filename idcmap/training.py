@@ -450,6 +450,9 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
                                                            scheduler, rng)
         epoch0 = len(history)
         log.info("resumed from %s at epoch %d", checkpoint_path, epoch0)
+        if epoch0 >= config.epochs:
+            log.warning("%s already ran %d epochs (--epochs %d): no more training, only the best epoch's "
+                        "calibration and files", checkpoint_path, epoch0, config.epochs)
     split_path = out.with_suffix(".split.json")
     save_split(split, split_path)  # once the inputs passed every check: no orphan split from a refused run
     maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
