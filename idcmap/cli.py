@@ -54,8 +54,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Weights file (default: weights/<model>.pt shipped with idcmap).")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU if present), cpu or cuda.")
 @click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
-              help="Patch network runtime: auto = ONNX Runtime on CPU (1.3-4x PyTorch eager), PyTorch on GPU; "
-                   "onnx-int8 = the int8 network `idcmap quantize` made (CPU; ResNet-18 3.4x faster).")
+              help="Patch network runtime: auto = ONNX Runtime on CPU (1.3-4x PyTorch eager), in int8 where the "
+                   "model ships an int8 network, PyTorch on GPU; onnx-int8 = the int8 network `idcmap quantize` "
+                   "made (CPU; ResNet-18 3.4x faster).")
 @click.option("--mixed-precision", is_flag=True, help="fp16 autocast on the GPU (probabilities within 1e-3 of fp32).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Patches per batch [default: 512 on CPU, 1024 on GPU].")
@@ -65,7 +66,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Sigma, in grid cells, of the Gaussian smoothing of the final logits over the slide "
                    "(0 = none) [default: the model's, fitted on validation patients].")
 @click.option("--min-region", "min_region_cells", type=click.IntRange(0), default=None,
-              help="Drop predicted regions smaller than this many patches [default: the model's].")
+              help="Drop predicted regions smaller than this many patches that border non-IDC tissue "
+                   "(an isolated sample's regions are kept) [default: the model's].")
 @click.option("--max-hole", "max_hole_cells", type=click.IntRange(0), default=None,
               help="Fill holes of at most this many patches in predicted regions [default: the model's].")
 @click.option("--max-mosaic-pixels", type=click.IntRange(1), default=DEFAULT_MAX_MOSAIC_PIXELS, show_default=True,

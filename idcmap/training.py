@@ -309,7 +309,7 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
     payload = read_weights(path)
     payload["calibration"] = asdict(calibration)
     save_weights(path, payload)
-    card = dict(model.card)
+    card = {key: value for key, value in model.card.items() if key != "test"}  # they described the old calibration
     card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path))
     if card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version still holds
         card["int8"] = {**card["int8"], "weights_sha256": card["sha256"]}

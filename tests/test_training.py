@@ -87,8 +87,10 @@ def test_recalibrate_rewrites_weights_and_card(trained, tmp_path):
     copy.write_bytes(out.read_bytes())
     card_path(copy).write_text(card_path(out).read_text())
     copy.with_suffix(".split.json").write_text(out.with_suffix(".split.json").read_text())
+    card_path(copy).write_text(json.dumps({**json.loads(card_path(out).read_text()), "test": {"dice": 0.5}}))
     card = recalibrate(root, None, copy, device="cpu")  # the model is the one the weights hold
     assert card["model"] == MODEL and card["sha256"] == sha256_of(copy)
+    assert "test" not in card  # test figures of the old calibration do not describe the new one
     assert json.loads(card_path(copy).read_text())["calibration"] == card["calibration"]
     assert load_model(MODEL, copy).calibration.threshold == card["calibration"]["threshold"]
 
