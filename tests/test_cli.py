@@ -249,7 +249,31 @@ def test_export_merges_summaries(tmp_path, tiny_weights):
 
 def test_console_script_target_is_main():
     setup = (REPO_ROOT / "setup.cfg").read_text()
-    assert "idcmap = idcmap.cli:main" in setup
+    assert "idcmap = idcmap.__main__:main" in setup
+
+
+def test_python_dash_m_idcmap_runs_the_cli(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "idcmap", "render", str(tmp_path / "nope")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("idcmap: error: ") and "nope" in done.stderr
+
+
+def test_ctrl_c_while_the_cli_loads_is_exit_130(monkeypatch, capsys):
+    import builtins
+
+    from idcmap import __main__ as entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "cli" or name.endswith(".cli"):
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as done:
+        entry.main()
+    assert done.value.code == 130 and "interrupted" in capsys.readouterr().err
 
 
 def test_ctrl_c_exit_130_without_traceback(tmp_path, monkeypatch, capsys, tiny_weights):
