@@ -60,7 +60,9 @@ class RenderOptions:
 
 
 def shard_from_env(environ: dict[str, str]) -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) outside torchrun."""
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) outside torchrun, with a warning."""
+    if "WORLD_SIZE" not in environ:
+        log.warning("--shard env: WORLD_SIZE is not set (not under torchrun); rendering every patient in one shard")
     try:
         return int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
     except ValueError as err:

@@ -387,11 +387,13 @@ def test_collect_summaries_without_renders(tmp_path):
         collect_summaries(tmp_path)
 
 
-def test_parse_shard():
+def test_parse_shard(caplog):
     assert parse_shard("0/4", {}) == (0, 4)
     assert parse_shard("3/4", {}) == (3, 4)
     assert parse_shard("env", {"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
+    assert "not under torchrun" not in caplog.text
     assert parse_shard("env", {}) == (0, 1)
+    assert "not under torchrun" in caplog.text  # said, not silent
     for bad in ("4/4", "-1/4", "1", "a/b", "1/2/3", "0/0"):
         with pytest.raises(IdcmapError):
             parse_shard(bad, {})
