@@ -339,7 +339,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
                           "move it or choose another -o")
     for name in names:
         check_output_folder(out / name, inputs)
-    rows = []
+    rows, resumed = [], 0
     for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
                                      disable=not options.progress or len(folders) == 1):
         out_dir = out / name
@@ -347,6 +347,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
                if options.resume else None)
         if row is not None:
             log.info("%s: complete in %s, skipped (--resume)", name, out_dir)
+            resumed += 1
         else:
             try:
                 row = render_patient(patient_folder, out_dir, scorer, calibration, options)
@@ -360,6 +361,8 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
                 record_failure(out_dir, row)
         rows.append(row)
     write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, rows)
+    if resumed:
+        log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)
     return rows
 
 

@@ -207,7 +207,7 @@ def _stamps(folder: Path):
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
-def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights):
+def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights, caplog):
     root = tmp_path / "in"
     make_patient(root, "A", _patches(1))
     make_patient(root, "C", _patches(3))
@@ -220,6 +220,7 @@ def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights):
     second = render_folder(root, out, _options(tiny_weights, resume=True))
 
     assert _stamps(out / "A") == a_before  # skipped: not rewritten
+    assert "1 of 2 patients were complete" in caplog.text  # and said so
     assert sorted(p.name for p in (out / "C").iterdir()) == sorted(PATIENT_FILES)
     c_after = _stamps(out / "C")
     assert c_after["summary.json"] != c_before["summary.json"]  # redone
