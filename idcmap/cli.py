@@ -201,8 +201,8 @@ def trained_model_options(verb: str, weights_note: str):
               help="Training patches that calibrate the int8 activation ranges.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_obj
-def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None, patches: int,
-             seed: int) -> None:
+def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
+             patches: int, seed: int) -> None:
     """Quantise MODEL's patch network to int8 for `render --backend onnx-int8`, and report on the
     validation patients how far it stays from fp32."""
     from .training import quantize as run_quantize
