@@ -108,20 +108,28 @@ def _file_record(path: Path) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """True when `path` lies strictly below `folder` (both resolved)."""
-    return path != folder and path.is_relative_to(folder)
+@dataclass(frozen=True)
+class InputFolders:
+    """A run's input patient folders (resolved), and every folder above them, for quick overlap checks."""
+
+    folders: frozenset[Path]
+    above: frozenset[Path]
+
+    @classmethod
+    def of(cls, folders: list[Path]) -> InputFolders:
+        resolved = [f.resolve() for f in folders]
+        return cls(frozenset(resolved), frozenset(parent for f in resolved for parent in f.parents))
 
 
-def check_output_folder(out_dir: Path, inputs: list[Path]) -> None:
+def check_output_folder(out_dir: Path, inputs: InputFolders) -> None:
     """Refuse, before anything is written, an output folder that is, holds or lies inside any
-    input patient folder of the run (`inputs`, resolved), that is a file, or that holds files
-    idcmap did not write (hidden ones aside): replacing it would lose them."""
+    input patient folder of the run, that is a file, or that holds files idcmap did not write
+    (hidden ones aside): replacing it would lose them."""
     target = out_dir.resolve()
-    for source in inputs:
-        if target == source or _inside(target, source) or _inside(source, target):
-            raise OutputError(f"{out_dir}: would replace, hold or lie inside the input folder {source}; "
-                              "choose an -o folder outside the patient folders")
+    if target in inputs.above or target in inputs.folders or not inputs.folders.isdisjoint(target.parents):
+        source = min(f for f in inputs.folders if f == target or f in target.parents or target in f.parents)
+        raise OutputError(f"{out_dir}: would replace, hold or lie inside the input folder {source}; "
+                          "choose an -o folder outside the patient folders")
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputError(f"{out_dir}: exists and is not an idcmap output folder; move it or choose another -o")
     if out_dir.is_dir():
@@ -320,7 +328,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     """
     folder, out = Path(folder), Path(out)
     folders = find_patient_folders(folder)
-    inputs = [f.resolve() for f in folders]
+    inputs = InputFolders.of(folders)
     model = load_model(options.model, options.weights)
     calibration = effective_calibration(model.calibration, options)
     model = replace(model, calibration=calibration)  # the scorer applies its smoothing and temperatures
