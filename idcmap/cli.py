@@ -29,6 +29,7 @@ class FiniteFloatRange(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
 
+
 BACKEND_CHOICE = click.Choice(list(BACKENDS))
 
 

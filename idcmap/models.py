@@ -287,9 +287,14 @@ def card_path(weights: Path) -> Path:
 COMPACT_WEIGHTS_MAGIC = b"idcmap weights: bfloat16, zlib\n"
 
 
+def _floats_as(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state_dict` with its floating-point tensors in `dtype` (integer buffers unchanged)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
 def stored_precision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The float tensors rounded as `save_weights` stores them (bfloat16), back in float32."""
-    return {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return _floats_as(_floats_as(state_dict, torch.bfloat16), torch.float32)
 
 
 def _torch_bytes(payload: dict) -> bytes:
@@ -301,7 +306,7 @@ def _torch_bytes(payload: dict) -> bytes:
 def save_weights(path: Path, payload: dict) -> None:
     """Write shipped weights atomically: float tensors in bfloat16, the whole zlib-compressed
     (a ResNet-18 in 18 MB instead of 45 MB). `read_weights` gives them back in float32."""
-    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    state = _floats_as(payload["state_dict"], torch.bfloat16)
     atomic_write_bytes(path, COMPACT_WEIGHTS_MAGIC + zlib.compress(_torch_bytes({**payload, "state_dict": state}), 9))
 
 
@@ -343,7 +348,7 @@ def read_weights(path: Path) -> dict:
     payload = load_torch_file(path, "an idcmap weights file", WEIGHTS_REMEDY)
     if not isinstance(payload.get("state_dict"), dict):
         raise WeightsError(f"{path}: not an idcmap weights file (it has no state_dict); {WEIGHTS_REMEDY}")
-    payload["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    payload["state_dict"] = _floats_as(payload["state_dict"], torch.float32)
     return payload
 
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PATIENT_FILES = ("mosaic.png", "overlay.png", "probabilities.csv", "probabilities.npy", "regions.geojson",
                  "summary.json")
+RECORDED_FILES = tuple(name for name in PATIENT_FILES if name != "summary.json")
+"""The outputs whose size and sha256 summary.json records, for `--resume` to check."""
 PROBABILITY_FIELDS = ["file", "x", "y", "width", "height", "label", "patch_probability", "probability",
                       "predicted_idc"]
 
@@ -241,7 +243,7 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
         write_csv(staging / "probabilities.csv", PROBABILITY_FIELDS, _probability_rows(slide, scores, predicted))
         write_npy(staging / "probabilities.npy", slide.grid_values(scores.probability).astype(np.float32))
         write_json(staging / "regions.geojson", regions_geojson(slide, scores.probability, predicted))
-        details["files"] = {name: _file_record(staging / name) for name in PATIENT_FILES if name != "summary.json"}
+        details["files"] = {name: _file_record(staging / name) for name in RECORDED_FILES}
         write_json(staging / "summary.json", details)
     return row
 
@@ -314,7 +316,7 @@ def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibratio
                 and summary.get("runtime") == runtime and summary.get("inputs_sha256") == inputs_sha256(input_folder))
         files = summary.get("files")
         intact = isinstance(files, dict) and all(
-            files.get(name) == _file_record(out_dir / name) for name in PATIENT_FILES if name != "summary.json")
+            files.get(name) == _file_record(out_dir / name) for name in RECORDED_FILES)
     except (OSError, ValueError, IdcmapError):
         return None
     return {field: summary.get(field) for field in SUMMARY_FIELDS} if same and intact else None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import IdcmapError
+from .errors import OptionError, WeightsError
 from .loader import Slide
 from .models import Calibration, LoadedModel, get_spec
 
@@ -89,9 +89,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IdcmapError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+        raise OptionError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
     if device != "cpu" and not device.startswith("cuda"):
-        raise IdcmapError(f"--device {device}: choose auto, cpu or cuda")
+        raise OptionError(f"--device {device}: choose auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -208,14 +208,14 @@ class Scorer:
         self.model = model
         self.device = resolve_device(device)
         if backend not in BACKENDS:
-            raise IdcmapError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+            raise OptionError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
         if backend.startswith("onnx") and (self.device.type != "cpu" or not onnx_available()):
-            raise IdcmapError(f"--backend {backend} needs --device cpu and the onnxruntime package (pip install onnxruntime)")
+            raise OptionError(f"--backend {backend} needs --device cpu and the onnxruntime package (pip install onnxruntime)")
         int8 = int8_network
         if int8 is None and backend in ("auto", "onnx-int8") and self.device.type == "cpu" and onnx_available():
             int8, why_not = stored_int8_model(model)
             if int8 is None and backend == "onnx-int8":
-                raise IdcmapError(why_not)
+                raise WeightsError(why_not)
             if int8 is None and model.int8_path is not None and model.int8_path.is_file():
                 log.warning("%s; scoring in fp32", why_not)
         if backend == "auto":
@@ -224,14 +224,14 @@ class Scorer:
         self.int8_sha256 = hashlib.sha256(int8).hexdigest() if backend == "onnx-int8" else None
         self.batch_size = DEFAULT_BATCH_SIZE[self.device.type] if batch_size is None else batch_size
         if self.batch_size < 1:
-            raise IdcmapError(f"--batch-size {self.batch_size}: must be at least 1")
+            raise OptionError(f"--batch-size {self.batch_size}: must be at least 1")
         self.autocast = mixed_precision and self.device.type == "cuda"
         if mixed_precision and not self.autocast:
             log.warning("--mixed-precision applies on a GPU only; scoring on the %s in fp32", self.device.type)
         self.network = model.network.to(self.device).to(memory_format=torch.channels_last).eval()
         if threads is not None:
             if threads < 1:
-                raise IdcmapError(f"--jobs {threads}: must be at least 1")
+                raise OptionError(f"--jobs {threads}: must be at least 1")
             torch.set_num_threads(threads)
         if backend == "onnx":
             self.backbone = OnnxBackbone(export_onnx(self.network.backbone), threads)
