@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
-from idcmap.pipeline import RenderOptions, effective_calibration, render_patient  # noqa: E402
+from idcmap.pipeline import RenderOptions, completed_summary, effective_calibration, render_patient  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "patients"
@@ -173,6 +173,18 @@ def main() -> None:
     network_s, stages_s = context_stage_share(model, scorer, load_slide(folder))
     print(f"\nslide-aware stages on {largest}: {1000 * stages_s:.1f} ms against {network_s:.2f} s for the patch "
           f"network ({100 * stages_s / network_s:.1f}%)")
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        render_patient(folder, Path(out) / largest, scorer, calibration, options)
+        render_largest_s = time.perf_counter() - started
+        started = time.perf_counter()
+        recognised = completed_summary(Path(out) / largest, folder, model.sha256, calibration, scorer.runtime)
+        check_s = time.perf_counter() - started
+    if recognised is None:
+        sys.exit(f"--resume did not recognise the render of {largest} it had just made")
+    print(f"--resume check on {largest} (input fingerprint, sha256 of the outputs; rendering does the same work "
+          f"once): {1000 * check_s:.0f} ms against {render_largest_s:.2f} s to render it "
+          f"({100 * check_s / render_largest_s:.1f}%)")
     if args.repeat_largest:
         print(f"\n{largest} rendered again {args.repeat_largest} times; RSS after each (MB):", end="")
         with tempfile.TemporaryDirectory() as out:

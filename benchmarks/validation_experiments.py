@@ -5,8 +5,9 @@
 Prints, side by side in one run (each against `resnet18-context` as shipped, fp32 ONNX Runtime):
   1. test-time augmentation: logits and features averaged over 1, 2, 4 or 8 flips/rotations,
      calibration refitted on validation (objective: mean Dice - mean area-fraction error);
-  2. ensembles: temperature-scaled logits of resnet18-context averaged with a CancerNet model,
-     calibration refitted; and per whole validation slide the AUC of each member and of the mix;
+  2. ensembles: temperature-scaled logits of resnet18-context averaged with a CancerNet model or
+     the patch-only resnet18, calibration refitted; and per whole validation slide the AUC of
+     each member and of the mix;
   3. smoothing alone on the patch-only resnet18 (sigma fitted on validation) against its
      unsmoothed calibration and the learned head;
   4. an expected-area estimator (area-weighted mean probability) against the thresholded regions;
@@ -72,7 +73,7 @@ def scaled(model, slides):
 
 def ensembles(slides) -> None:
     print("\n2. ensembles with resnet18-context (logits averaged after each model's patch temperature)")
-    members = ["resnet18-context", "cancernet-smooth", "cancernet-context-wide"]
+    members = ["resnet18-context", "cancernet-smooth", "cancernet-context-wide", "resnet18"]
     scored = {name: scaled(load_model(name), slides) for name in members}
     reach = load_model(DEFAULT).network.context_reach
     print(f"  resnet18-context alone: {objective(scored[DEFAULT], reach)}")
