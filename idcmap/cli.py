@@ -158,18 +158,21 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @click.option("--stain-jitter", type=FiniteFloatRange(0, 0.5), default=0.08, show_default=True,
               help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (bf16 autocast on cuda).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="bf16: bfloat16 autocast (weights stay fp32). auto: bf16 on a GPU or on a CPU with native "
+                   "bf16 (AVX512-BF16/AMX), fp32 elsewhere.")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
 @click.pass_obj
 def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
           val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
-          stain_jitter: float, seed: int, device: str, resume: bool) -> None:
+          stain_jitter: float, seed: int, device: str, precision: str, resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
     from .training import TrainConfig, train as run_training
 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
-                         val_fraction=val_fraction, seed=seed, device=device)
+                         val_fraction=val_fraction, seed=seed, device=device, precision=precision)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume,
                         progress=not obj["quiet"])
     click.echo(json_text({"weights": str(out), "calibration": card["calibration"],

@@ -53,6 +53,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     device: str = "auto"
+    precision: str = "auto"
 
     def validate(self) -> None:
         """OptionError naming the first setting training cannot use (and the device, if unusable)."""
@@ -74,6 +75,8 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
 # (TrainConfig field, how the user names it, test, what it must be)
 CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
     ("epochs", "--epochs", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
@@ -87,7 +90,22 @@ CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
     ("stain_jitter", "--stain-jitter", lambda v: _finite(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
     ("test_fraction", "--test-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
     ("val_fraction", "--val-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("precision", "--precision", lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
 )
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The precision a run trains in: `auto` is bf16 autocast on a GPU or a CPU with native bf16
+    (about 2x faster per step on this project's CPU), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
 
 
 @dataclass
@@ -370,7 +388,8 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
     return (f"idcmap train {shlex.quote(str(data_root))} --model {model_name} -o {shlex.quote(str(out))} {split} "
             f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
             f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
-            f"--stain-jitter {config.stain_jitter:g} --seed {config.seed} --device {config.device}")
+            f"--stain-jitter {config.stain_jitter:g} --seed {config.seed} --device {config.device} "
+            f"--precision {config.precision}")
 
 
 def check_outputs(out: Path) -> None:
@@ -439,6 +458,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="")
     scorer = Scorer(scorer_model, config.device, backend="torch")
     device = scorer.device
+    config = replace(config, precision=training_precision(config.precision, device))  # recorded as run
     network.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -456,7 +476,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     split_path = out.with_suffix(".split.json")
     save_split(split, split_path)  # once the inputs passed every check: no orphan split from a refused run
     maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
-    autocast = device.type == "cuda"
+    autocast = config.precision == "bf16"
     started = time.time()
     for epoch in range(epoch0, config.epochs):
         if stale >= config.patience:

@@ -12,7 +12,7 @@ from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 from idcmap.models import card_path, load_model, read_weights, sha256_of
 from idcmap.scoring import Scorer
-from idcmap.training import TrainConfig, quantize, recalibrate, train
+from idcmap.training import TrainConfig, quantize, recalibrate, train, training_precision
 
 MODEL = "cancernet-context"
 
@@ -65,6 +65,32 @@ def test_training_writes_weights_card_and_split(trained):
     assert split["train"] and split["val"] and split["test"]
     assert on_disk["training"]["split_file"] == out.with_suffix(".split.json").name
     assert len(on_disk["mean"]) == len(on_disk["std"]) == 3
+
+
+def test_auto_precision_is_bf16_on_a_gpu_or_a_cpu_with_native_bf16(monkeypatch):
+    import torch
+
+    from idcmap import training
+
+    for native, on_cpu in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(training, "cpu_has_bf16", lambda native=native: native)
+        assert training_precision("auto", torch.device("cpu")) == on_cpu
+        assert training_precision("auto", torch.device("cuda")) == "bf16"
+        assert training_precision("fp32", torch.device("cuda")) == "fp32"
+        assert training_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_card_records_the_precision_a_run_trained_in(trained, tmp_path):
+    import torch
+
+    root, _, card = trained
+    resolved = training_precision("auto", torch.device("cpu"))
+    assert card["training"]["precision"] == resolved  # `auto` resolved, so the command reproduces the run
+    assert card["training"]["command"].endswith(f"--precision {resolved}")
+    fp32 = train(root, MODEL, tmp_path / "fp32.pt", TrainConfig(epochs=2, batch_patches=32, device="cpu",
+                                                                 precision="fp32"))
+    assert fp32["training"]["precision"] == "fp32"
+    assert fp32["history"][-1]["train_loss"] < fp32["history"][0]["train_loss"]
 
 
 def test_trained_weights_load_and_score(trained):
