@@ -4,13 +4,17 @@
                                       [--repeat-largest N]
 
 Stages, each over the same real patients of ../shared/data/patients:
-  1. decode        load_slide: read + decode every PNG (thread pool) and place it (the floor)
+  1. decode        load_slide: read + decode every PNG (thread pool) and place it (the floor); every
+                   file is read once before timing, so all stages read from the page cache
   2. naive         the tutorials' loop: PIL open -> torchvision transforms -> model on one patch
-                   -> sigmoid().item() (first --naive-patches patches only)
+                   -> sigmoid().item(), on --naive-patches patches in all: the first ones of each
+                   patient in equal shares, timed between its other stages so that all stages
+                   see the same machine state
   3. score         idcmap's Scorer on the decoded slides, as render runs it (batched,
                    inference_mode; ONNX Runtime on the CPU, in int8 where the model has an int8
-                   network, PyTorch on the GPU), and beside it PyTorch eager channels_last and,
-                   for an int8 model, fp32 ONNX Runtime on the same slides
+                   network, PyTorch on the GPU), and beside it PyTorch eager channels_last, on the
+                   CPU PyTorch under bfloat16 autocast and, for an int8 model, fp32 ONNX Runtime,
+                   on the same slides
   4. render        render_patient end to end: decode, score, mosaic/overlay PNGs, CSV/NPY/GeoJSON/JSON
 Prints patches/s, the ratios score/naive, score/decode and render/decode, peak RSS, and per-patient
 time and RSS as patients accumulate (time per patch should stay flat, RSS should not grow).
@@ -18,13 +22,17 @@ time and RSS as patients accumulate (time per patch should stay flat, RSS should
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import math
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -51,18 +59,22 @@ def rss_mb() -> float:
         return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def naive_loop(model, paths: list[Path]) -> float:
-    """The per-patch loop of the tutorials: open, resize, to tensor, normalise, model on one patch,
-    read the probability back. Returns seconds for all `paths`."""
-    network = model.network.cpu().eval()
+def naive_loop(model) -> Callable[[list[Path]], float]:
+    """The per-patch loop of the tutorials, on the CPU with its own copy of the network: open,
+    resize, to tensor, normalise, model on one patch, read the probability back. The returned
+    function runs it over `paths` and returns the seconds it took."""
+    network = copy.deepcopy(model.network).cpu().eval()
     transform = transforms.Compose([transforms.Resize((50, 50)), transforms.ToTensor(),
                                     transforms.Normalize(model.mean, model.std)])
-    started = time.perf_counter()
-    with torch.no_grad():
-        for path in paths:
-            x = transform(Image.open(path).convert("RGB")).unsqueeze(0)
-            torch.sigmoid(network(x)[1]).item()
-    return time.perf_counter() - started
+
+    def run(paths: list[Path]) -> float:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for path in paths:
+                x = transform(Image.open(path).convert("RGB")).unsqueeze(0)
+                torch.sigmoid(network(x)[1]).item()
+        return time.perf_counter() - started
+    return run
 
 
 def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float]:
@@ -85,6 +97,15 @@ def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float]:
         calibrated_scores(slide, logits.cpu().numpy(), context.cpu().numpy(), model.network.context_reach,
                           model.calibration)
         return network_s, time.perf_counter() - started
+
+
+def under_bf16_autocast(backbone):
+    """`backbone` run under CPU bfloat16 autocast, its outputs back in float32."""
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features, logits = backbone(x)
+        return features.float(), logits.float()
+    return run
 
 
 def sync(device: torch.device) -> None:
@@ -110,13 +131,22 @@ def main() -> None:
     model = load_model(args.model)
     scorer = Scorer(model, args.device, args.batch_size)
     others = {"torch eager": Scorer(model, args.device, args.batch_size, backend="torch")}
+    if scorer.device.type == "cpu":
+        others["torch bf16"] = Scorer(model, args.device, args.batch_size, backend="torch")
+        others["torch bf16"].backbone = under_bf16_autocast(others["torch bf16"].backbone)
     if scorer.backend == "onnx-int8":
         others["onnx fp32"] = Scorer(model, args.device, args.batch_size, backend="onnx")
     calibration = effective_calibration(model.calibration, RenderOptions())
     options = RenderOptions(model=args.model, device=args.device, progress=False)
+    for folder in folders:  # every stage reads from the page cache, so decode is timed, not the disk
+        for path in folder.rglob("*.png"):
+            path.read_bytes()
     warm = load_slide(folders[0])
     for warming in (scorer, *others.values()):  # warm-up: first-call allocations and kernels
         warming.score(warm)
+    reference = others["torch eager"].score(warm).probability
+    differences = {name: float(np.abs(other.score(warm).probability - reference).max())
+                   for name, other in [(scorer.backend, scorer), *others.items()] if name != "torch eager"}
     del warm
 
     print(f"device {scorer.device}, backend {scorer.backend}, batch {scorer.batch_size}, "
@@ -125,6 +155,9 @@ def main() -> None:
     other_s = dict.fromkeys(others, 0.0)
     patches = 0
     per_patient = []
+    naive = naive_loop(model)
+    naive_share = math.ceil(args.naive_patches / len(folders))
+    naive_s, naive_patches = 0.0, 0
     with tempfile.TemporaryDirectory() as out:
         for folder in folders:
             started = time.perf_counter()
@@ -139,6 +172,9 @@ def main() -> None:
                 other.score(slide)
                 sync(other.device)
                 other_s[name] += time.perf_counter() - started
+            naive_paths = sorted(folder.glob("*/*.png"))[:naive_share]
+            naive_s += naive(naive_paths)
+            naive_patches += len(naive_paths)
             started = time.perf_counter()
             render_patient(folder, Path(out) / folder.name, scorer, calibration, options)
             seconds = time.perf_counter() - started
@@ -148,10 +184,7 @@ def main() -> None:
             del slide
             gc.collect()
             per_patient.append((folder.name, n, seconds, rss_mb(), peak_rss_mb()))
-    paths = sorted(p for folder in folders for p in folder.glob("*/*.png"))[: args.naive_patches]
-    naive_s = naive_loop(model, paths) / len(paths)
-
-    rate = {"decode (floor)": patches / decode_s, "naive per-patch loop": 1 / naive_s,
+    rate = {"decode (floor)": patches / decode_s, "naive per-patch loop": naive_patches / naive_s,
             f"idcmap score ({scorer.backend})": patches / score_s,
             **{f"idcmap score ({name})": patches / seconds for name, seconds in other_s.items()},
             "idcmap render end-to-end": patches / render_s}
@@ -159,10 +192,13 @@ def main() -> None:
     print(f"\n{'stage':28s} {'patches/s':>10s}")
     for name, value in rate.items():
         print(f"{name:28s} {value:10.0f}")
-    print(f"\nscore / naive             {score * naive_s:.1f}x  (target >= 10x)")
+    print(f"\nscore / naive             {score / rate['naive per-patch loop']:.1f}x  (target >= 10x; naive loop "
+          f"on {naive_patches} patches)")
     print(f"score / decode            {score / rate['decode (floor)']:.2f}x")
     for name in others:
         print(f"{scorer.backend} / {name:14s} {score / rate[f'idcmap score ({name})']:.2f}x")
+    for name, difference in differences.items():
+        print(f"{name}: probabilities within {difference:.4f} of torch eager fp32 (first patient)")
     print(f"render time / decode time {render_s / decode_s:.1f}x  (target <= 2x)")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     print(f"\n{'patient':10s} {'patches':>8s} {'render s':>9s} {'ms/patch':>9s} {'RSS after MB':>13s} {'peak RSS MB':>12s}")

@@ -1,0 +1,71 @@
+"""Time of one training step in fp32 and under bfloat16 autocast, side by side in one run.
+
+    python benchmarks/bench_train_step.py [--model resnet18-context] [--steps 4] [--rounds 2]
+
+One step as `idcmap train` runs it: a 16 x 16-cell grid window of 256 patches (50 x 50 px, channels_last)
+through the patch network and its context head, both losses, backward, AdamW. Random pixels: the
+time of a step does not depend on what the patches show. Prints seconds per step (best and mean of
+--steps after one warm-up) for each precision, alternating them --rounds times, and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from idcmap.models import build_model  # noqa: E402
+from idcmap.training import cpu_has_bf16  # noqa: E402
+
+WINDOW = 16
+
+
+def step_seconds(model_name: str, bf16: bool, steps: int) -> list[float]:
+    """Seconds of each of `steps` training steps (after one warm-up step) on a fresh network."""
+    torch.manual_seed(0)
+    network = build_model(model_name).train().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
+    x = torch.rand(WINDOW * WINDOW, 3, 50, 50).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(WINDOW * WINDOW) < 0.25).float()
+    cells = torch.arange(WINDOW * WINDOW)
+    index = torch.stack([torch.zeros_like(cells), cells // WINDOW, cells % WINDOW], dim=1)
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            patch_logit, context_logit = network(x, index, (1, WINDOW, WINDOW))
+        loss = F.binary_cross_entropy_with_logits(patch_logit.float(), y)
+        if network.context is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(context_logit.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18-context")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    print(f"{args.model}, {WINDOW * WINDOW} patches per step, {torch.get_num_threads()} threads, "
+          f"native bf16 on this CPU: {cpu_has_bf16()}")
+    means = {"fp32": [], "bf16": []}
+    for round_ in range(args.rounds):
+        for precision in ("fp32", "bf16"):
+            times = step_seconds(args.model, precision == "bf16", args.steps)
+            means[precision].append(sum(times) / len(times))
+            print(f"round {round_ + 1} {precision}: best {min(times):.2f} s, mean {means[precision][-1]:.2f} s per step")
+    fp32, bf16 = (sum(v) / len(v) for v in means.values())
+    print(f"bf16 autocast: {fp32 / bf16:.2f}x the fp32 step rate ({fp32:.2f} s vs {bf16:.2f} s per step)")
+
+
+if __name__ == "__main__":
+    main()
