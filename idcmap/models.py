@@ -323,12 +323,13 @@ def _why_unloadable(err: Exception) -> str:
     return "not a readable PyTorch file, or a damaged one"
 
 
-def load_torch_file(path: Path, what: str, remedy: str) -> dict:
+def load_torch_file(path: Path, what: str, remedy: str, data: bytes | None = None) -> dict:
     """The dict a `torch.save` file holds (zlib-compressed as `save_weights` writes it, or plain),
-    loaded with weights_only=True so that no code in it can run. WeightsError naming `path`,
-    `what` it should be and the `remedy` when it is not such a file."""
+    loaded with weights_only=True so that no code in it can run; from `data` when the caller has
+    already read the file. WeightsError naming `path`, `what` it should be and the `remedy` when it
+    is not such a file."""
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
         if data.startswith(COMPACT_WEIGHTS_MAGIC):
             data = zlib.decompress(data[len(COMPACT_WEIGHTS_MAGIC):])
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -342,10 +343,11 @@ def load_torch_file(path: Path, what: str, remedy: str) -> dict:
 WEIGHTS_REMEDY = "restore it, or pass a file written by `idcmap train`"
 
 
-def read_weights(path: Path) -> dict:
+def read_weights(path: Path, data: bytes | None = None) -> dict:
     """A weights file's payload, float tensors in float32: compact files of `save_weights` and
-    plain `torch.save` checkpoints alike. WeightsError for any other file."""
-    payload = load_torch_file(path, "an idcmap weights file", WEIGHTS_REMEDY)
+    plain `torch.save` checkpoints alike (`data`: the file's bytes, if already read). WeightsError
+    for any other file."""
+    payload = load_torch_file(path, "an idcmap weights file", WEIGHTS_REMEDY, data)
     if not isinstance(payload.get("state_dict"), dict):
         raise WeightsError(f"{path}: not an idcmap weights file (it has no state_dict); {WEIGHTS_REMEDY}")
     payload["state_dict"] = _floats_as(payload["state_dict"], torch.float32)
@@ -404,7 +406,11 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
         raise WeightsError(f"{path}: no such weights file; check the --weights path" if weights is not None else
                            f"{path}: no weights for model {name!r}; train them with "
                            f"`idcmap train DATA_ROOT --model {name} -o {path}`")
-    digest = sha256_of(path)
+    try:
+        data = path.read_bytes()  # read once: hashed here, loaded below
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read weights ({err.strerror or err}); {WEIGHTS_REMEDY}") from err
+    digest = hashlib.sha256(data).hexdigest()
     card_file = card_path(path)
     card = read_card(card_file)
     if card.get("sha256") not in (None, digest):
@@ -413,7 +419,7 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
             f"({card['sha256'][:12]}…); the file is corrupt or was replaced, restore it"
         )
     try:
-        payload = read_weights(path)
+        payload = read_weights(path, data)
         name = payload.get("model") if name is None else name
         if payload.get("model") not in REGISTRY:
             raise WeightsError(f"{path}: names model {payload.get('model')!r}, which idcmap does not know "

@@ -458,6 +458,9 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="")
     scorer = Scorer(scorer_model, config.device, backend="torch")
     device = scorer.device
+    if config.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("--precision bf16: this CPU has no native bfloat16 (AVX512-BF16/AMX), so training "
+                    "will likely be slower than in fp32; use --precision auto or fp32")
     config = replace(config, precision=training_precision(config.precision, device))  # recorded as run
     network.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -80,6 +80,17 @@ def test_auto_precision_is_bf16_on_a_gpu_or_a_cpu_with_native_bf16(monkeypatch):
         assert training_precision("bf16", torch.device("cpu")) == "bf16"
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns(trained, tmp_path, monkeypatch, caplog):
+    from idcmap import training
+
+    root, _, _ = trained
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    card = train(root, MODEL, tmp_path / "bf16.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu",
+                                                                 precision="bf16"))
+    assert card["training"]["precision"] == "bf16"
+    assert "no native bfloat16" in caplog.text
+
+
 def test_card_records_the_precision_a_run_trained_in(trained, tmp_path):
     import torch
 
