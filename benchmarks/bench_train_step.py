@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_step.py [--model resnet18-context] [--steps 4] [--rounds 2]
 
-One step as `idcmap train` runs it: a 16 x 16-cell grid window of 256 patches (50 x 50 px, channels_last)
+One step as `idcmap train` runs it (`idcmap.training.training_step`): a 16 x 16-cell grid window of 256 patches (50 x 50 px, channels_last)
 through the patch network and its context head, both losses, backward, AdamW. Random pixels: the
 time of a step does not depend on what the patches show. Prints seconds per step (best and mean of
 --steps after one warm-up) for each precision, alternating them --rounds times, and the ratio.
@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from idcmap.models import build_model  # noqa: E402
-from idcmap.training import cpu_has_bf16  # noqa: E402
+from idcmap.training import cpu_has_bf16, training_step  # noqa: E402
 
 WINDOW = 16
 
@@ -37,14 +36,7 @@ def step_seconds(model_name: str, bf16: bool, steps: int) -> list[float]:
     times = []
     for _ in range(steps + 1):
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            patch_logit, context_logit = network(x, index, (1, WINDOW, WINDOW))
-        loss = F.binary_cross_entropy_with_logits(patch_logit.float(), y)
-        if network.context is not None:
-            loss = loss + F.binary_cross_entropy_with_logits(context_logit.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training_step(network, optimizer, x, y, index, (1, WINDOW, WINDOW), bf16)
         times.append(time.perf_counter() - started)
     return times[1:]
 

@@ -380,6 +380,22 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
     return card
 
 
+def training_step(network: PatchClassifier, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  index: torch.Tensor, grid_shape: tuple[int, int, int], bf16: bool) -> float:
+    """One optimiser step on a batch of grid windows; returns its loss: the patch logits' binary
+    cross-entropy, plus the context logits' for a model with a context head. `bf16`: the forward
+    pass under bfloat16 autocast (the losses in float32)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        patch_logit, context_logit = network(x, index, grid_shape)
+    loss = F.binary_cross_entropy_with_logits(patch_logit.float(), y)
+    if network.context is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(context_logit.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def training_command(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
                      split_file: str | Path | None = None) -> str:
     """The `idcmap train` command line that reproduces a run (recorded in the model card)."""
@@ -491,15 +507,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
                    total=None, leave=False, disable=not progress)
         for x, y, index, grid_shape in bar:
             x, y, index = x.to(device), y.to(device), index.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                patch_logit, context_logit = network(x, index, grid_shape)
-            loss = F.binary_cross_entropy_with_logits(patch_logit.float(), y)
-            if network.context is not None:
-                loss = loss + F.binary_cross_entropy_with_logits(context_logit.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(y)
+            loss = training_step(network, optimizer, x, y, index, grid_shape, autocast)
+            total_loss += loss * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
         scheduler.step()
