@@ -4,7 +4,7 @@
                                       [--repeat-largest N]
 
 Stages, each over the same real patients of ../shared/data/patients:
-  1. decode        load_slide: read + decode every PNG (thread pool) and place it (the floor); every
+  1. decode        load_slide: read + decode every PNG (one thread) and place it (the floor); every
                    file is read once before timing, so all stages read from the page cache
   2. naive         the tutorials' loop: PIL open -> torchvision transforms -> model on one patch
                    -> sigmoid().item(), on --naive-patches patches in all: the first ones of each

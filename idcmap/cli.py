@@ -74,8 +74,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--max-mosaic-pixels", type=click.IntRange(1), default=DEFAULT_MAX_MOSAIC_PIXELS, show_default=True,
               help="Refuse a slide whose mosaic would exceed this many pixels.")
 @click.option("--jobs", type=click.IntRange(1), default=None,
-              help="CPU threads for decoding PNGs and for CPU scoring [default: every core; at most 8 for decoding]. Patients "
-                   "are rendered one after another; to run several at once, use --shard.")
+              help="CPU threads for scoring on the CPU [default: every core]. PNGs are decoded in one thread "
+                   "(faster than a thread pool for 50 x 50 px patches). Patients are rendered one after another; "
+                   "to run several at once, use --shard.")
 @click.option("--resume", is_flag=True, help="Skip patients whose outputs are complete and valid.")
 @click.option("--shard", default=None, metavar="I/N|env",
               help="Render only patients I, I+N, I+2N, ... (0-based); `env` takes RANK/WORLD_SIZE from "

@@ -55,7 +55,7 @@ class RenderOptions:
     min_region_cells: int | None = None
     max_hole_cells: int | None = None
     max_mosaic_pixels: int = DEFAULT_MAX_MOSAIC_PIXELS
-    jobs: int | None = None  # CPU threads for decoding and CPU scoring (None: every core)
+    jobs: int | None = None  # CPU threads for CPU scoring (None: every core)
     resume: bool = False
     progress: bool = True
     shard: tuple[int, int] | None = None  # (index, count): render patients index, index+count, ...
@@ -211,7 +211,7 @@ def _probability_rows(slide: Slide, scores: SlideScores, predicted: np.ndarray) 
 def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Calibration,
                    options: RenderOptions) -> dict:
     """Write every output file of one patient into `out_dir` (all or nothing); return its summary."""
-    slide = load_slide(folder, max_mosaic_pixels=options.max_mosaic_pixels, threads=options.jobs)
+    slide = load_slide(folder, max_mosaic_pixels=options.max_mosaic_pixels)
     scores = scorer.score(slide, progress=options.progress)
     predicted = predicted_mask(slide, scores.probability, calibration)
     mosaic = slide.mosaic()

@@ -286,18 +286,6 @@ def test_bad_patch_image_names_file(patient_factory, kind):
     assert str(bad) in str(info.value)
 
 
-def test_bad_patch_is_found_by_the_thread_pool_too(tmp_path):
-    """More than 64 patches: decoding goes through the thread pool; the error must still name the file."""
-    folder = tmp_path / "P"
-    for i in range(70):
-        write_png(folder / "0" / f"P_idx5_x{(i % 10) * 50 + 1}_y{(i // 10) * 50 + 1}_class0.png", solid((i, i, i)))
-    bad = folder / "0" / "P_idx5_x1_y351_class0.png"
-    _bad_file("truncated", bad)
-    with pytest.raises(PatchImageError) as info:
-        load_slide(folder, threads=2)
-    assert str(bad) in str(info.value)
-
-
 def test_rgba_composited_on_white(tmp_path):
     rgba = np.zeros((50, 50, 4), np.uint8)
     rgba[..., :3] = (10, 20, 30)
