@@ -29,15 +29,10 @@ DATA = ROOT.parent / "shared" / "data" / "patients"
 CHUNK = 256
 
 
-def decode_chunk(paths: list[Path]) -> list:
-    """Decode `paths` in order (a task of the pools)."""
-    return [loader._decode(path) for path in paths]
-
-
 def in_chunks(pool: Executor, paths: list[Path]) -> list:
     """Decode `paths` in tasks of CHUNK files on `pool`."""
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    return [array for part in pool.map(decode_chunk, chunks) for array in part]
+    return [array for part in pool.map(loader.decode_patches, chunks) for array in part]
 
 
 def main() -> None:

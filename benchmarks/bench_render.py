@@ -194,6 +194,8 @@ def main() -> None:
         print(f"{name:28s} {value:10.0f}")
     print(f"\nscore / naive             {score / rate['naive per-patch loop']:.1f}x  (target >= 10x; naive loop "
           f"on {naive_patches} patches)")
+    print(f"(decode + score) / naive  {naive_s / naive_patches * patches / (decode_s + score_s):.1f}x  (the naive "
+          "loop decodes too; idcmap's decode and scoring together, against it)")
     print(f"score / decode            {score / rate['decode (floor)']:.2f}x")
     for name in others:
         print(f"{scorer.backend} / {name:14s} {score / rate[f'idcmap score ({name})']:.2f}x")

@@ -161,7 +161,8 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="bf16: bfloat16 autocast (weights stay fp32). auto: bf16 on a GPU or on a CPU with native "
+              help="bf16: bfloat16 autocast (master weights and optimiser state stay fp32; the weights file is "
+                   "stored in bf16 either way). auto: bf16 on a GPU or on a CPU with native "
                    "bf16 (AVX512-BF16/AMX), fp32 elsewhere.")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
 @click.pass_obj

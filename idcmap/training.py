@@ -105,7 +105,8 @@ def training_precision(precision: str, device: torch.device) -> str:
     (about 2x faster per step on this project's CPU), fp32 elsewhere."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+    native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else cpu_has_bf16()
+    return "bf16" if native else "fp32"
 
 
 @dataclass
@@ -427,9 +428,10 @@ CHECKPOINT_REMEDY = "delete it, or train without --resume"
 
 def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
-                rng: np.random.Generator) -> tuple[list[dict], dict | None, float, int]:
+                rng: np.random.Generator) -> tuple[list[dict], dict | None, float, int, str]:
     """Restore a run from its checkpoint: network, optimizer, scheduler and both RNGs in place;
-    returns (history, best state, best AUC, stale epochs). WeightsError naming the checkpoint when
+    returns (history, best state, best AUC, stale epochs, the precision it trained in: fp32 for
+    checkpoints older than --precision). WeightsError naming the checkpoint when
     it is not one, or belongs to another run (another model, another idcmap version)."""
     state = load_torch_file(path, "an idcmap training checkpoint", CHECKPOINT_REMEDY)
     misfit = (f"{path}: this checkpoint does not fit a {model_name!r} training run (another model's, or from "
@@ -441,12 +443,15 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
+        precision = state.get("precision", "fp32")
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(precision)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise WeightsError(misfit) from err
     if not (isinstance(history, list) and isinstance(best_auc, float) and isinstance(stale, int)
             and (best_state is None or isinstance(best_state, dict) and best_state.keys() == state["network"].keys())):
         raise WeightsError(misfit)
-    return history, best_state, best_auc, stale
+    return history, best_state, best_auc, stale, precision
 
 
 def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
@@ -477,7 +482,6 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     if config.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         log.warning("--precision bf16: this CPU has no native bfloat16 (AVX512-BF16/AMX), so training "
                     "will likely be slower than in fp32; use --precision auto or fp32")
-    config = replace(config, precision=training_precision(config.precision, device))  # recorded as run
     network.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -485,13 +489,18 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     history: list[dict] = []
     best_state, best_auc, epoch0, stale = None, -1.0, 0, 0
     if resume and checkpoint_path.is_file():
-        history, best_state, best_auc, stale = resume_from(checkpoint_path, model_name, network, optimizer,
-                                                           scheduler, rng)
+        history, best_state, best_auc, stale, trained_in = resume_from(checkpoint_path, model_name, network,
+                                                                       optimizer, scheduler, rng)
+        if config.precision not in ("auto", trained_in):
+            raise OptionError(f"--precision {config.precision}: {checkpoint_path} was trained in {trained_in}; "
+                              f"resume with --precision {trained_in} (or auto), or train without --resume")
+        config = replace(config, precision=trained_in)  # one precision for the whole run, as the card says
         epoch0 = len(history)
         log.info("resumed from %s at epoch %d", checkpoint_path, epoch0)
         if epoch0 >= config.epochs:
             log.warning("%s already ran %d epochs (--epochs %d): no more training, only the best epoch's "
                         "calibration and files", checkpoint_path, epoch0, config.epochs)
+    config = replace(config, precision=training_precision(config.precision, device))  # recorded as run
     split_path = out.with_suffix(".split.json")
     save_split(split, split_path)  # once the inputs passed every check: no orphan split from a refused run
     maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
@@ -538,7 +547,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             "network": network.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "best_state": best_state,
             "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(), "precision": config.precision,
         })
     network.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
     network.eval()

@@ -190,3 +190,19 @@ def test_shipped_weights_format_round_trips_in_bfloat16(tmp_path):
             torch.testing.assert_close(read[k], v, rtol=2 ** -8, atol=1e-30)
     loaded = load_model("resnet18", compact).network.state_dict()
     assert all(torch.equal(loaded[k], expected[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_shipped_cards_give_the_command_that_reproduces_them(name):
+    """Each shipped card's command names its model, output and precision, and the README and the
+    evaluation's models.md quote it (hand edits of the cards must keep them in step)."""
+    card_file = card_path(get_spec(name).weights_path)
+    if not card_file.is_file():
+        pytest.skip(f"{name}: no weights shipped")
+    training = json.loads(card_file.read_text())["training"]
+    command = training["command"]
+    assert f"--model {name} -o weights/{name}.pt " in command
+    assert command.endswith(f"--device {training['device']} --precision {training['precision']}")
+    root = models.WEIGHTS_DIR.parent
+    for doc in (root / "README.md", root / "docs" / "evaluation" / "models.md"):
+        assert command in doc.read_text(), f"{doc.name} does not quote the command of {card_file.name}"

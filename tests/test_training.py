@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("training")
     root = _synthetic_root(base / "data")
     out = base / "weights" / f"{MODEL}.pt"
-    card = train(root, MODEL, out, TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0))
+    card = train(root, MODEL, out, TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0, precision="fp32"))
     return root, out, card
 
 
@@ -67,17 +67,85 @@ def test_training_writes_weights_card_and_split(trained):
     assert len(on_disk["mean"]) == len(on_disk["std"]) == 3
 
 
-def test_auto_precision_is_bf16_on_a_gpu_or_a_cpu_with_native_bf16(monkeypatch):
+def test_auto_precision_is_bf16_where_the_hardware_computes_it_natively(monkeypatch):
     import torch
 
     from idcmap import training
 
-    for native, on_cpu in ((True, "bf16"), (False, "fp32")):
+    for native in (True, False):
         monkeypatch.setattr(training, "cpu_has_bf16", lambda native=native: native)
-        assert training_precision("auto", torch.device("cpu")) == on_cpu
-        assert training_precision("auto", torch.device("cuda")) == "bf16"
-        assert training_precision("fp32", torch.device("cuda")) == "fp32"
-        assert training_precision("bf16", torch.device("cpu")) == "bf16"
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, native=native: native)
+        expected = "bf16" if native else "fp32"
+        assert training_precision("auto", torch.device("cpu")) == expected
+        assert training_precision("auto", torch.device("cuda")) == expected
+    assert training_precision("fp32", torch.device("cuda")) == "fp32"
+    assert training_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def _spy_on_steps(monkeypatch) -> list[bool]:
+    """Record the bf16 flag of every training step."""
+    from idcmap import training
+
+    flags: list[bool] = []
+    real_step = training.training_step
+
+    def spy(*args):
+        flags.append(args[-1])
+        return real_step(*args)
+    monkeypatch.setattr(training, "training_step", spy)
+    return flags
+
+
+def test_bf16_runs_every_step_under_autocast_and_the_card_says_so(trained, tmp_path, monkeypatch):
+    root, _, fp32_card = trained
+    assert fp32_card["training"]["precision"] == "fp32"
+    assert fp32_card["training"]["command"].endswith("--precision fp32")
+    flags = _spy_on_steps(monkeypatch)
+    card = train(root, MODEL, tmp_path / "bf16.pt", TrainConfig(epochs=2, batch_patches=32, device="cpu",
+                                                                precision="bf16"))
+    assert flags and all(flags)
+    assert card["training"]["precision"] == "bf16"
+    assert card["training"]["command"].endswith("--precision bf16")
+    assert card["history"][-1]["train_loss"] < card["history"][0]["train_loss"]
+
+
+def test_auto_is_resolved_so_the_command_reproduces_the_run(trained, tmp_path, monkeypatch):
+    from idcmap import training
+
+    root, _, _ = trained
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    flags = _spy_on_steps(monkeypatch)
+    card = train(root, MODEL, tmp_path / "auto.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"))
+    assert flags and not any(flags)
+    assert card["training"]["precision"] == "fp32" and card["training"]["command"].endswith("--precision fp32")
+
+
+def test_resume_keeps_the_precision_the_checkpoint_trained_in(trained, tmp_path, monkeypatch):
+    from idcmap import training
+
+    root, out, _ = trained
+    real_collect = training.collect_scores
+    calls = []
+
+    def killed_in_epoch_two(scorer, slides):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_collect(scorer, slides)
+
+    target = tmp_path / "resumed" / out.name
+    monkeypatch.setattr(training, "collect_scores", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(root, MODEL, target, TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32"))
+    monkeypatch.setattr(training, "collect_scores", real_collect)
+    with pytest.raises(IdcmapError, match=r"--precision bf16: .* was trained in fp32; resume with --precision fp32"):
+        train(root, MODEL, target, TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="bf16"),
+              resume=True)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)  # auto alone would now pick bf16
+    flags = _spy_on_steps(monkeypatch)
+    card = train(root, MODEL, target, TrainConfig(epochs=2, batch_patches=32, device="cpu"), resume=True)
+    assert flags and not any(flags)
+    assert card["training"]["precision"] == "fp32"
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(trained, tmp_path, monkeypatch, caplog):
@@ -89,19 +157,6 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(trained, tmp_path, monkeypatch,
                                                                  precision="bf16"))
     assert card["training"]["precision"] == "bf16"
     assert "no native bfloat16" in caplog.text
-
-
-def test_card_records_the_precision_a_run_trained_in(trained, tmp_path):
-    import torch
-
-    root, _, card = trained
-    resolved = training_precision("auto", torch.device("cpu"))
-    assert card["training"]["precision"] == resolved  # `auto` resolved, so the command reproduces the run
-    assert card["training"]["command"].endswith(f"--precision {resolved}")
-    fp32 = train(root, MODEL, tmp_path / "fp32.pt", TrainConfig(epochs=2, batch_patches=32, device="cpu",
-                                                                 precision="fp32"))
-    assert fp32["training"]["precision"] == "fp32"
-    assert fp32["history"][-1]["train_loss"] < fp32["history"][0]["train_loss"]
 
 
 def test_trained_weights_load_and_score(trained):
@@ -187,7 +242,7 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(trained, tmp_pat
     from idcmap import training
 
     root, out, card = trained
-    config = TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0)
+    config = TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0, precision="fp32")
     # the same run again: the same weights, bit for bit
     again = train(root, MODEL, tmp_path / "again" / out.name, config)
     assert again["sha256"] == card["sha256"]
