@@ -500,7 +500,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         if epoch0 >= config.epochs:
             log.warning("%s already ran %d epochs (--epochs %d): no more training, only the best epoch's "
                         "calibration and files", checkpoint_path, epoch0, config.epochs)
-    config = replace(config, precision=training_precision(config.precision, device))  # recorded as run
+    # recorded as run: `auto` resolved, so the card's command repeats this run on any machine
+    config = replace(config, device=str(device), precision=training_precision(config.precision, device))
     split_path = out.with_suffix(".split.json")
     save_split(split, split_path)  # once the inputs passed every check: no orphan split from a refused run
     maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
@@ -572,7 +573,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
                      "test_patients": len(split["test"]),
                      "train_patches": int(sum(len(s) for s in train_slides)),
                      "epochs_run": len(history), "best_val_auc": best_auc,
-                     "seconds": round(time.time() - started, 1), "device": str(device),
+                     "seconds": round(time.time() - started, 1),
                      "date": dt.date.today().isoformat()},
         "history": history,
         "sha256": sha256_of(out),

@@ -113,11 +113,18 @@ def test_auto_is_resolved_so_the_command_reproduces_the_run(trained, tmp_path, m
     from idcmap import training
 
     root, _, _ = trained
+    import torch
+
+    from idcmap.scoring import resolve_device
+
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     flags = _spy_on_steps(monkeypatch)
-    card = train(root, MODEL, tmp_path / "auto.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"))
+    card = train(root, MODEL, tmp_path / "auto.pt", TrainConfig(epochs=1, batch_patches=32, device="auto"))
+    device = str(resolve_device("auto"))
     assert flags and not any(flags)
-    assert card["training"]["precision"] == "fp32" and card["training"]["command"].endswith("--precision fp32")
+    assert card["training"]["precision"] == "fp32" and card["training"]["device"] == device
+    assert card["training"]["command"].endswith(f"--device {device} --precision fp32")
 
 
 def test_resume_keeps_the_precision_the_checkpoint_trained_in(trained, tmp_path, monkeypatch):
