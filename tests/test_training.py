@@ -127,10 +127,10 @@ def test_auto_is_resolved_so_the_command_reproduces_the_run(trained, tmp_path, m
     assert card["training"]["command"].endswith(f"--device {device} --precision fp32")
 
 
-def test_resume_keeps_the_precision_the_checkpoint_trained_in(trained, tmp_path, monkeypatch):
+def _killed_after_first_epoch(root, target, config, monkeypatch) -> None:
+    """Run `train` until its first epoch's checkpoint is written, then interrupt it (Ctrl-C)."""
     from idcmap import training
 
-    root, out, _ = trained
     real_collect = training.collect_scores
     calls = []
 
@@ -140,11 +140,19 @@ def test_resume_keeps_the_precision_the_checkpoint_trained_in(trained, tmp_path,
             raise KeyboardInterrupt
         return real_collect(scorer, slides)
 
-    target = tmp_path / "resumed" / out.name
     monkeypatch.setattr(training, "collect_scores", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        train(root, MODEL, target, TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32"))
+        train(root, MODEL, target, config)
     monkeypatch.setattr(training, "collect_scores", real_collect)
+
+
+def test_resume_keeps_the_precision_the_checkpoint_trained_in(trained, tmp_path, monkeypatch):
+    from idcmap import training
+
+    root, out, _ = trained
+    target = tmp_path / "resumed" / out.name
+    _killed_after_first_epoch(root, target, TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32"),
+                              monkeypatch)
     with pytest.raises(IdcmapError, match=r"--precision bf16: .* was trained in fp32; resume with --precision fp32"):
         train(root, MODEL, target, TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="bf16"),
               resume=True)
@@ -246,8 +254,6 @@ def test_patch_only_models_are_never_smoothed():
 def test_training_is_deterministic_and_resumes_where_it_stopped(trained, tmp_path, monkeypatch):
     import torch
 
-    from idcmap import training
-
     root, out, card = trained
     config = TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0, precision="fp32")
     # the same run again: the same weights, bit for bit
@@ -255,21 +261,9 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(trained, tmp_pat
     assert again["sha256"] == card["sha256"]
 
     # a run killed after its first epoch's checkpoint, then resumed: the same weights again
-    real_collect = training.collect_scores
-    calls = []
-
-    def killed_in_epoch_two(scorer, slides):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_collect(scorer, slides)
-
     target = tmp_path / "resumed" / out.name
-    monkeypatch.setattr(training, "collect_scores", killed_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        train(root, MODEL, target, config)
+    _killed_after_first_epoch(root, target, config, monkeypatch)
     assert target.with_suffix(".ckpt").is_file() and not target.exists()
-    monkeypatch.setattr(training, "collect_scores", real_collect)
     resumed = train(root, MODEL, target, config, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     first = read_weights(out)["state_dict"]
