@@ -164,17 +164,22 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
               help="bf16: bfloat16 autocast (master weights and optimiser state stay fp32; the weights file is "
                    "stored in bf16 either way). auto: bf16 on a GPU or on a CPU with native "
                    "bf16 (AVX512-BF16/AMX), fp32 elsewhere.")
+@click.option("--colour-normalise", is_flag=True,
+              help="Map each slide's tissue colours onto the training slides' mean colours, in training and "
+                   "whenever the model scores (the reference is stored with the weights).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
 @click.pass_obj
 def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
           val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
-          stain_jitter: float, seed: int, device: str, precision: str, resume: bool) -> None:
+          stain_jitter: float, seed: int, device: str, precision: str, colour_normalise: bool,
+          resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
     from .training import TrainConfig, train as run_training
 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
-                         val_fraction=val_fraction, seed=seed, device=device, precision=precision)
+                         val_fraction=val_fraction, seed=seed, device=device, precision=precision,
+                         colour_normalise=colour_normalise)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume,
                         progress=not obj["quiet"])
     click.echo(json_text({"weights": str(out), "calibration": card["calibration"],
@@ -220,13 +225,17 @@ def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None
 @cli.command()
 @trained_model_options("calibrate", "rewritten with the new calibration")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--colour-normalise", is_flag=True,
+              help="Also normalise each slide's colours before scoring: store the training patients' mean "
+                   "tissue colours with the weights (the network itself is unchanged).")
 @click.pass_obj
 def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
-              device: str) -> None:
+              device: str, colour_normalise: bool) -> None:
     """Refit temperatures, grid smoothing, threshold and region post-processing on the validation patients."""
     from .training import recalibrate
 
-    card = recalibrate(data_root, model, weights, split_file, device, progress=not obj["quiet"])
+    card = recalibrate(data_root, model, weights, split_file, device, progress=not obj["quiet"],
+                       colour_normalise=colour_normalise)
     click.echo(json_text({"calibration": card["calibration"], "fit": card["calibration_fit"]}))
 
 

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from .colour import ColourReference
 from .errors import WeightsError
 from .export import atomic_write_bytes
 
@@ -263,6 +264,7 @@ class LoadedModel:
     sha256: str
     card: dict = field(default_factory=dict)
     path: Path | None = None  # the weights file it was loaded from
+    colour_reference: ColourReference | None = None  # slides normalised onto it before scoring
 
     @property
     def int8_path(self) -> Path | None:
@@ -437,6 +439,11 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
         unusable = calibration.problem()
         if unusable:
             raise WeightsError(f"{path}: {unusable}; run `idcmap calibrate` on it, or restore the file")
+        colour = payload.get("colour_reference")
+        colour = ColourReference(tuple(colour["mean"]), tuple(colour["std"])) if colour is not None else None
+        unusable = colour.problem() if colour is not None else None
+        if unusable:
+            raise WeightsError(f"{path}: {unusable}; run `idcmap calibrate --colour-normalise` on it, or restore the file")
     except WeightsError:
         raise
     except Exception as err:  # torch raises many types for a bad file
@@ -451,4 +458,5 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
         sha256=digest,
         card=card,
         path=path,
+        colour_reference=colour,
     )

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .colour import normalised_pixels
 from .errors import OptionError, WeightsError
 from .loader import Slide
 from .models import Calibration, LoadedModel, get_spec
@@ -245,13 +246,16 @@ class Scorer:
     @property
     def runtime(self) -> dict:
         """How the patch network runs: what a render records beside its outputs."""
-        return {"backend": self.backend, "int8_sha256": self.int8_sha256, "mixed_precision": self.autocast}
+        return {"backend": self.backend, "int8_sha256": self.int8_sha256, "mixed_precision": self.autocast,
+                "colour_normalised": self.model.colour_reference is not None}
 
     @torch.inference_mode()
     def score(self, slide: Slide, progress: bool = False) -> SlideScores:
-        """Score every patch of `slide`; deterministic for a given device and batch size."""
+        """Score every patch of `slide`; deterministic for a given device and batch size. A model
+        with a colour reference scores the slide's colour-normalised pixels."""
         network = self.network
-        pixels = torch.from_numpy(slide.pixels)
+        reference = self.model.colour_reference
+        pixels = torch.from_numpy(slide.pixels if reference is None else normalised_pixels(slide, reference))
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()
         features, logits = [], []

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import metrics
+from .colour import colour_reference, normalise_slide
 from .dataset import load_slides, load_split, make_split, patient_ids, save_split
 from .errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
 from .export import atomic_write_bytes, write_json
@@ -35,6 +36,10 @@ from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, resolve_device, to_input
 
 log = logging.getLogger(__name__)
+
+INPUT_DESCRIPTION = "50x50 RGB patch, edge patches padded with white; x/255 then (x - mean) / std"
+COLOUR_DESCRIPTION = ("; before that, each slide's tissue colours mapped per channel onto colour_reference "
+                      "(idcmap.colour)")
 
 
 @dataclass
@@ -54,6 +59,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     device: str = "auto"
     precision: str = "auto"
+    colour_normalise: bool = False  # map each slide's colours onto the training slides' mean (idcmap.colour)
 
     def validate(self) -> None:
         """OptionError naming the first setting training cannot use (and the device, if unusable)."""
@@ -91,6 +97,7 @@ CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
     ("test_fraction", "--test-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
     ("val_fraction", "--val-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
     ("precision", "--precision", lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+    ("colour_normalise", "--colour-normalise", lambda v: isinstance(v, bool), "True or False"),
 )
 
 
@@ -313,23 +320,32 @@ def smoothing_sigmas(spec: ModelSpec) -> tuple[float, ...]:
 
 
 def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Path | None = None,
-                split_file: str | Path | None = None, device: str = "auto", progress: bool = True) -> dict:
+                split_file: str | Path | None = None, device: str = "auto", progress: bool = True,
+                colour_normalise: bool = False) -> dict:
     """Refit a trained model's calibration on its validation patients; rewrite weights and card.
-    `model_name` None: the model `weights` holds (the default model without `weights`)."""
+    `model_name` None: the model `weights` holds (the default model without `weights`).
+    `colour_normalise`: a model without a colour reference gets one, from its training patients."""
     model = load_model(model_name, weights)
     path, spec = model.path, get_spec(model.name)
     folders = patient_ids(data_root)
     split_path = Path(split_file or path.with_suffix(".split.json"))
     split = load_split(split_path, folders)
+    if colour_normalise and model.colour_reference is None:
+        model = replace(model, colour_reference=colour_reference(
+            [s for s in load_slides(split["train"], folders, "load train", progress) if s.has_labels]))
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     require_mixed_validation(val_slides, split_path, "pass a --split whose val patients include one")
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
                                           model.network.context_reach, smoothing_sigmas(spec))
     payload = read_weights(path)
     payload["calibration"] = asdict(calibration)
+    colour = {"colour_reference": model.colour_reference.as_dict()} if model.colour_reference is not None else {}
+    payload.update(colour)
     save_weights(path, payload)
     card = {key: value for key, value in model.card.items() if key != "test"}  # they described the old calibration
-    card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path))
+    card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path), **colour)
+    if colour:
+        card["input"] = INPUT_DESCRIPTION + COLOUR_DESCRIPTION
     if card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version still holds
         card["int8"] = {**card["int8"], "weights_sha256": card["sha256"]}
     write_json(card_path(path), card)
@@ -349,7 +365,8 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
     path = model.path
     folders = patient_ids(data_root)
     split = load_split(split_file or path.with_suffix(".split.json"), folders)
-    pixels = np.concatenate([s.pixels for s in load_slides(split["train"], folders, "load train", progress)])
+    pixels = np.concatenate([normalise_slide(s, model.colour_reference).pixels
+                             for s in load_slides(split["train"], folders, "load train", progress)])
     chosen = np.sort(np.random.default_rng(seed).choice(len(pixels), min(patches, len(pixels)), replace=False))
     mean, std = torch.tensor(model.mean), torch.tensor(model.std)
     inputs = to_input(torch.from_numpy(pixels[chosen]), mean, std).contiguous().numpy()
@@ -406,7 +423,7 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
             f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
             f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
             f"--stain-jitter {config.stain_jitter:g} --seed {config.seed} --device {config.device} "
-            f"--precision {config.precision}")
+            f"--precision {config.precision}" + (" --colour-normalise" if config.colour_normalise else ""))
 
 
 def check_outputs(out: Path) -> None:
@@ -474,9 +491,12 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     remedy = "pass a --split whose val patients include one" if split_file else "use more patients or another --seed"
     require_mixed_validation(val_slides, split_file or data_root, remedy)
+    reference = colour_reference(train_slides) if config.colour_normalise else None
+    train_slides = [normalise_slide(s, reference) for s in train_slides]  # val: the scorer normalises
     mean, std = pixel_statistics(train_slides)
     network = build_model(model_name)
-    scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="")
+    scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="",
+                               colour_reference=reference)
     scorer = Scorer(scorer_model, config.device, backend="torch")
     device = scorer.device
     if config.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
@@ -558,13 +578,15 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         "model": model_name,
         "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
         "mean": mean, "std": std, "calibration": asdict(calibration),
+        **({"colour_reference": reference.as_dict()} if reference is not None else {}),
     })
     card = {
         "model": model_name,
         "architecture": spec.description,
         "parameters": sum(p.numel() for p in network.parameters()),
-        "input": "50x50 RGB patch, edge patches padded with white; x/255 then (x - mean) / std",
+        "input": INPUT_DESCRIPTION + (COLOUR_DESCRIPTION if reference is not None else ""),
         "mean": mean, "std": std,
+        **({"colour_reference": reference.as_dict()} if reference is not None else {}),
         "calibration": asdict(calibration),
         "calibration_fit": choice,
         "training": {**asdict(config), "command": training_command(data_root, model_name, out, config, split_file),

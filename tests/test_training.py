@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from conftest import make_patient, textured
+from idcmap.colour import colour_reference, normalise_slide
 from idcmap.dataset import SPLIT_SETS
 from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 from idcmap.models import card_path, load_model, read_weights, sha256_of
 from idcmap.scoring import Scorer
-from idcmap.training import TrainConfig, quantize, recalibrate, train, training_precision
+from idcmap.training import TrainConfig, pixel_statistics, quantize, recalibrate, train, training_precision
 
 MODEL = "cancernet-context"
 
@@ -332,3 +333,44 @@ def test_recalibrating_keeps_the_int8_network_usable(quantised, tmp_path):
     card = recalibrate(root, MODEL, tmp_path / weights.name, device="cpu")
     assert card["int8"]["weights_sha256"] == card["sha256"] == sha256_of(tmp_path / weights.name)
     assert Scorer(load_model(MODEL, tmp_path / weights.name), device="cpu").backend == "onnx-int8"
+
+
+def _train_slides(root, weights):
+    split = json.loads(weights.with_suffix(".split.json").read_text())
+    return [load_slide(root / patient) for patient in split["train"]]
+
+
+def test_colour_normalised_training_learns_from_normalised_slides_and_stores_the_reference(trained, tmp_path):
+    root, _, _ = trained
+    out = tmp_path / f"{MODEL}.pt"
+    card = train(root, MODEL, out, TrainConfig(epochs=1, batch_patches=32, device="cpu", seed=0, precision="fp32",
+                                                colour_normalise=True))
+    slides = _train_slides(root, out)
+    reference = colour_reference(slides)
+    assert card["colour_reference"] == reference.as_dict() == read_weights(out)["colour_reference"]
+    assert load_model(MODEL, out).colour_reference == reference
+    assert "colour_reference" in card["input"]
+    assert card["training"]["command"].endswith("--precision fp32 --colour-normalise")
+    mean, std = pixel_statistics([normalise_slide(s, reference) for s in slides])
+    assert (card["mean"], card["std"]) == (mean, std)  # the input statistics of the normalised slides
+
+
+def test_a_run_without_colour_normalisation_stores_no_reference(trained):
+    _, out, card = trained
+    assert "colour_reference" not in card and "colour_reference" not in read_weights(out)
+    assert load_model(MODEL, out).colour_reference is None
+    assert "--colour-normalise" not in card["training"]["command"]
+
+
+def test_recalibrate_can_add_a_colour_reference_and_keeps_it(trained, tmp_path):
+    root, out, _ = trained
+    for source in (out, card_path(out), out.with_suffix(".split.json")):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    copy = tmp_path / out.name
+    card = recalibrate(root, None, copy, device="cpu", colour_normalise=True)
+    reference = colour_reference(_train_slides(root, copy))
+    assert card["colour_reference"] == reference.as_dict() and "colour_reference" in card["input"]
+    assert load_model(MODEL, copy).colour_reference == reference
+    again = recalibrate(root, None, copy, device="cpu")  # without the flag: the reference stays
+    assert again["colour_reference"] == reference.as_dict()
+    assert load_model(MODEL, copy).colour_reference == reference

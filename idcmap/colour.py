@@ -1,0 +1,101 @@
+"""Per-slide colour normalisation: every slide's tissue colours mapped onto one reference.
+
+H&E staining and scanning shift a slide's colours as a whole, and patch networks trained on a
+few dozen patients misread the outliers. idcmap sees every patch of a slide, so it can measure
+the slide's own colour statistics and map them, channel by channel, onto the mean statistics of
+the training slides (Reinhard-style matching of per-channel mean and standard deviation, here in
+RGB: a 256-entry lookup table per channel). Only tissue pixels are measured: real patch pixels
+(not the white padding of edge patches) that are not near-white background.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .loader import BACKGROUND, PATCH_SIZE, Slide
+
+NEAR_WHITE = 3 * 220  # a pixel whose R + G + B reaches this counts as background, not tissue
+MIN_TISSUE_PIXELS = PATCH_SIZE * PATCH_SIZE  # fewer (one patch's worth): the slide keeps its colours
+
+
+@dataclass(frozen=True)
+class ColourReference:
+    """Per-channel (R, G, B) mean and standard deviation, 0-255, that slides are mapped onto."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def problem(self) -> str | None:
+        """What makes this reference unusable (None when it is usable)."""
+        values = [*self.mean, *self.std]
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            return f"its colour reference must hold 3 finite means and 3 finite stds ({self.mean}, {self.std})"
+        if min(self.std) <= 0:
+            return f"its colour reference stds must be above 0 ({self.std})"
+        return None
+
+    def as_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+def real_pixel_mask(slide: Slide) -> np.ndarray:
+    """(N, 50, 50) bool: True on each patch's real pixels, False on the padding of edge patches."""
+    ramp = np.arange(PATCH_SIZE)
+    return (ramp[None, :, None] < slide.sizes[:, 0, None, None]) & (ramp[None, None, :] < slide.sizes[:, 1, None, None])
+
+
+def tissue_histograms(slide: Slide) -> np.ndarray:
+    """(3, 256) counts of each channel's values over the slide's tissue pixels."""
+    pixels = slide.pixels[real_pixel_mask(slide)]
+    pixels = pixels[pixels.sum(axis=1, dtype=np.int32) < NEAR_WHITE]
+    return np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(3)])
+
+
+def slide_colour_statistics(slide: Slide) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel mean and std of the slide's tissue pixels; None when it has too little tissue
+    (under one patch's worth) or a channel without spread."""
+    counts = tissue_histograms(slide)
+    total = counts[0].sum()
+    if total < MIN_TISSUE_PIXELS:
+        return None
+    levels = np.arange(256, dtype=np.float64)
+    mean = counts @ levels / total
+    std = np.sqrt(np.maximum(counts @ levels**2 / total - mean**2, 0.0))
+    return (mean, std) if std.min() > 0 else None
+
+
+def colour_reference(slides: list[Slide]) -> ColourReference:
+    """The mean, over slides (each counted once), of their tissue colour statistics."""
+    stats = [s for s in map(slide_colour_statistics, slides) if s is not None]
+    if not stats:
+        raise ValueError("no slide has enough tissue to measure its colours")
+    mean = np.mean([m for m, _ in stats], axis=0)
+    std = np.mean([s for _, s in stats], axis=0)
+    return ColourReference(tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std))
+
+
+def normalised_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
+    """The slide's (N, 50, 50, 3) pixels with its tissue colour statistics mapped onto `reference`
+    (per channel: (v - slide mean) / slide std * reference std + reference mean, rounded and
+    clipped to 0-255). Padding stays BACKGROUND. A slide with too little tissue to measure comes
+    back unchanged, so an isolated patch is scored as it is."""
+    stats = slide_colour_statistics(slide)
+    if stats is None:
+        return slide.pixels
+    mean, std = stats
+    levels = np.arange(256, dtype=np.float64)[:, None]
+    table = np.clip(np.rint((levels - mean) / std * np.asarray(reference.std) + np.asarray(reference.mean)), 0, 255)
+    table = table.astype(np.uint8)  # (256, 3): row v holds each channel's new value for v
+    pixels = np.empty_like(slide.pixels)
+    for c in range(3):
+        pixels[..., c] = table[slide.pixels[..., c], c]
+    pixels[~real_pixel_mask(slide)] = BACKGROUND
+    return pixels
+
+
+def normalise_slide(slide: Slide, reference: ColourReference | None) -> Slide:
+    """`slide` with normalised pixels (see `normalised_pixels`); itself when `reference` is None."""
+    return slide if reference is None else replace(slide, pixels=normalised_pixels(slide, reference))

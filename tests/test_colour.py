@@ -1,0 +1,132 @@
+"""idcmap.colour: per-slide colour normalisation, and models that score through it."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODEL_NAME, grid_patches, make_patient, real_patient_folder, textured, write_tiny_weights
+from idcmap.colour import (ColourReference, colour_reference, normalise_slide, normalised_pixels, real_pixel_mask,
+                           slide_colour_statistics)
+from idcmap.errors import WeightsError
+from idcmap.loader import BACKGROUND, load_slide
+from idcmap.models import load_model, read_weights, save_checkpoint
+from idcmap.scoring import Scorer, to_input
+
+REFERENCE = ColourReference((190.0, 130.0, 170.0), (30.0, 32.0, 25.0))
+
+
+def _tinted(seed: int, height: int = 50, width: int = 50) -> np.ndarray:
+    """A tissue-like patch: noise around a pink, well below near-white."""
+    patch = textured(seed, height, width, base=150, spread=60).astype(int)
+    return np.clip(patch + [30, -20, 10], 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def slide(tmp_path):
+    patches = grid_patches(3, 4, pixels_of=lambda r, c: _tinted(r * 4 + c))
+    patches[(4 * 50 + 1, 1)] = (0, _tinted(99, height=50, width=20))  # an edge patch: 20 px wide
+    return load_slide(make_patient(tmp_path, "P", patches))
+
+
+def _tissue_statistics(pixels: np.ndarray, slide) -> tuple[np.ndarray, np.ndarray]:
+    return slide_colour_statistics(replace(slide, pixels=pixels))
+
+
+def test_normalised_tissue_takes_the_reference_statistics(slide):
+    pixels = normalised_pixels(slide, REFERENCE)
+    mean, std = _tissue_statistics(pixels, slide)
+    np.testing.assert_allclose(mean, REFERENCE.mean, atol=1.0)  # rounding to whole levels
+    np.testing.assert_allclose(std, REFERENCE.std, atol=1.0)
+    assert pixels.dtype == np.uint8 and pixels.shape == slide.pixels.shape
+
+
+def test_padding_of_edge_patches_stays_background(slide):
+    edge = int(np.flatnonzero(slide.sizes[:, 1] == 20)[0])
+    pixels = normalised_pixels(slide, REFERENCE)
+    assert (pixels[edge, :, 20:] == BACKGROUND).all()
+    assert not (pixels[edge, :, :20] == slide.pixels[edge, :, :20]).all()  # its real pixels did change
+
+
+def test_a_global_colour_cast_is_undone(slide):
+    """A slide stained or scanned differently (each channel scaled and shifted over the whole slide)
+    comes out as the original does."""
+    cast = np.clip(slide.pixels.astype(float) * [0.8, 1.1, 0.9] + [20, -25, 10], 0, 255).astype(np.uint8)
+    cast[~real_pixel_mask(slide)] = BACKGROUND  # padding is not slide, and stays white
+    shifted = replace(slide, pixels=cast)
+    original, recovered = normalised_pixels(slide, REFERENCE), normalised_pixels(shifted, REFERENCE)
+    before = np.abs(cast.astype(int) - slide.pixels).mean()
+    after = np.abs(recovered.astype(int) - original).mean()
+    assert before > 10 and after < 1.5
+
+
+def test_a_slide_without_enough_tissue_keeps_its_colours(tmp_path):
+    white = load_slide(make_patient(tmp_path, "W", grid_patches(2, 2, pixels_of=lambda r, c: np.full((50, 50, 3), 245, np.uint8))))
+    assert slide_colour_statistics(white) is None
+    assert normalised_pixels(white, REFERENCE) is white.pixels
+    small = load_slide(make_patient(tmp_path, "S", {(1, 1): (1, _tinted(3, height=30, width=30))}))
+    assert normalised_pixels(small, REFERENCE) is small.pixels  # 900 tissue pixels: under one patch's worth
+
+
+def test_reference_is_the_mean_of_slide_statistics(tmp_path, slide):
+    other = load_slide(make_patient(tmp_path, "Q", grid_patches(2, 2, pixels_of=lambda r, c: textured(r + c, base=120, spread=50))))
+    reference = colour_reference([slide, other])
+    stats = [slide_colour_statistics(s) for s in (slide, other)]
+    np.testing.assert_allclose(reference.mean, np.mean([m for m, _ in stats], axis=0), atol=1e-4)
+    np.testing.assert_allclose(reference.std, np.mean([s for _, s in stats], axis=0), atol=1e-4)
+    with pytest.raises(ValueError, match="enough tissue"):
+        colour_reference([])
+
+
+def test_normalise_slide_without_reference_is_the_slide(slide):
+    assert normalise_slide(slide, None) is slide
+    assert (normalise_slide(slide, REFERENCE).pixels == normalised_pixels(slide, REFERENCE)).all()
+    assert (normalised_pixels(slide, REFERENCE) == normalised_pixels(slide, REFERENCE)).all()  # deterministic
+
+
+@pytest.mark.parametrize("mean, std, problem", [
+    ((1.0, 2.0, 3.0), (1.0, 1.0, 0.0), "above 0"),
+    ((1.0, float("nan"), 3.0), (1.0, 1.0, 1.0), "finite"),
+    ((1.0, 2.0), (1.0, 1.0), "3 finite"),
+])
+def test_reference_problems(mean, std, problem):
+    assert problem in ColourReference(mean, std).problem()
+    assert REFERENCE.problem() is None
+
+
+def test_a_model_with_a_reference_scores_the_normalised_pixels(tmp_path, slide):
+    plain = write_tiny_weights(tmp_path / "plain.pt")
+    save_checkpoint(tmp_path / "colour.pt", {**read_weights(plain), "colour_reference": REFERENCE.as_dict()})
+    model = load_model(MODEL_NAME, tmp_path / "colour.pt")
+    assert model.colour_reference == REFERENCE
+    scorer = Scorer(model, device="cpu", backend="torch")
+    assert scorer.runtime["colour_normalised"] is True
+    seen = []
+    backbone = scorer.backbone
+    scorer.backbone = lambda x: seen.append(x.clone()) or backbone(x)
+    probability = scorer.score(slide).probability
+    expected = to_input(torch.from_numpy(normalised_pixels(slide, REFERENCE)), scorer.mean, scorer.std)
+    torch.testing.assert_close(torch.cat(seen), expected)
+    assert ((probability >= 0) & (probability <= 1)).all()
+    assert Scorer(load_model(MODEL_NAME, plain), device="cpu").runtime["colour_normalised"] is False
+
+
+@pytest.mark.parametrize("stored", [{"mean": [1, 2, 3], "std": [0, 1, 1]}, {"mean": [1, 2, 3]}, "pink"])
+def test_a_bad_stored_reference_is_refused(tmp_path, stored):
+    payload = read_weights(write_tiny_weights(tmp_path / "plain.pt"))
+    save_checkpoint(tmp_path / "bad.pt", {**payload, "colour_reference": stored})
+    with pytest.raises(WeightsError, match="bad.pt"):
+        load_model(MODEL_NAME, tmp_path / "bad.pt")
+
+
+def test_real_slides_come_closer_in_colour():
+    """On real slides the normalisation brings every slide's tissue means onto the reference."""
+    slides = [load_slide(real_patient_folder(p)) for p in ("10253", "9037")]
+    reference = colour_reference(slides)
+    spread_before = np.abs(np.subtract(*[slide_colour_statistics(s)[0] for s in slides])).max()
+    means = [slide_colour_statistics(replace(s, pixels=normalised_pixels(s, reference)))[0] for s in slides]
+    assert spread_before > 5
+    for mean in means:
+        np.testing.assert_allclose(mean, reference.mean, atol=1.0)
