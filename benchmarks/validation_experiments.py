@@ -1,6 +1,6 @@
 """Options tried for the default model and not adopted, measured on the VALIDATION patients only.
 
-    python benchmarks/validation_experiments.py [--data ../shared/data] [--skip-tta]
+    python benchmarks/validation_experiments.py [--data ../shared/data] [--skip-tta] [--weights W] [--only N ...]
 
 Prints, side by side in one run (each against `resnet18-context` as shipped, fp32 ONNX Runtime):
   1. test-time augmentation: logits and features averaged over 1, 2, 4 or 8 flips/rotations,
@@ -11,7 +11,12 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
   3. smoothing alone on the patch-only resnet18 (sigma fitted on validation) against its
      unsmoothed calibration and the learned head;
   4. an expected-area estimator (area-weighted mean probability) against the thresholded regions;
-  5. ONNX Runtime scoring speed of CancerNet and resnet18-context by batch size (patient 10262).
+  5. ONNX Runtime scoring speed of CancerNet and resnet18-context by batch size (patient 10262);
+  6. per-slide colour normalisation of the default's inputs: none, per-channel RGB (idcmap.colour,
+     reference from the training patients) and Reinhard's in CIELAB, calibration refitted; per
+     whole slide the AUC under each.
+
+`--only N [N ...]` runs the numbered experiments alone.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from idcmap import metrics  # noqa: E402
+from idcmap.colour import colour_reference, real_pixel_mask  # noqa: E402
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import load_slide  # noqa: E402
 from idcmap.models import get_spec, load_model  # noqa: E402
@@ -130,6 +136,50 @@ def batch_sweep(data: Path) -> None:
         print(f"  {name} (fp32) patches/s by batch: " + ", ".join(rates))
 
 
+def lab_reinhard(slide, reference: tuple[np.ndarray, np.ndarray]):
+    """The slide with its tissue's CIELAB mean and std per channel mapped onto `reference`."""
+    from skimage.color import lab2rgb, rgb2lab
+
+    lab = rgb2lab(slide.pixels.reshape(-1, 50, 3)).reshape(-1, 3)
+    real = real_pixel_mask(slide).reshape(-1)
+    tissue = real & (lab[:, 0] < 88)
+    mean, std = lab[tissue].mean(0), lab[tissue].std(0)
+    lab[tissue] = (lab[tissue] - mean) / std * reference[1] + reference[0]
+    rgb = (np.clip(lab2rgb(lab.reshape(-1, 50, 3)), 0, 1) * 255 + 0.5).astype(np.uint8).reshape(-1, 3)
+    rgb[~real] = 255
+    return replace(slide, pixels=rgb.reshape(slide.pixels.shape))
+
+
+def lab_statistics(slide) -> tuple[np.ndarray, np.ndarray]:
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(slide.pixels.reshape(-1, 50, 3)).reshape(-1, 3)
+    tissue = real_pixel_mask(slide).reshape(-1) & (lab[:, 0] < 88)
+    return lab[tissue].mean(0), lab[tissue].std(0)
+
+
+def colour_normalisation(model, slides, train_slides) -> None:
+    print("\n6. per-slide colour normalisation of resnet18-context's inputs (calibration refitted)")
+    reach = model.network.context_reach
+    rgb_reference = model.colour_reference or colour_reference(train_slides)
+    lab = [lab_statistics(s) for s in train_slides]
+    lab_reference = (np.mean([m for m, _ in lab], axis=0), np.mean([d for _, d in lab], axis=0))
+    runs = {
+        "none": collect_scores(Scorer(replace(model, colour_reference=None), "cpu", backend="onnx"), slides),
+        "per-channel RGB": collect_scores(Scorer(replace(model, colour_reference=rgb_reference), "cpu",
+                                                 backend="onnx"), slides),
+        "CIELAB (Reinhard)": collect_scores(Scorer(replace(model, colour_reference=None), "cpu", backend="onnx"),
+                                            [lab_reinhard(s, lab_reference) for s in slides]),
+    }
+    for name, scored in runs.items():
+        print(f"  {name}: {objective(scored, reach)}")
+    print("  per whole slide, AUC: " + " / ".join(runs))
+    for i, slide in enumerate(slides):
+        if slide.is_whole:
+            print(f"    {slide.patient}: " + " / ".join(f"{metrics.roc_auc(slide.labels, r[i][1].context_logit):.3f}"
+                                                      for r in runs.values()))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -140,21 +190,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="resnet18-context weights to experiment on [default: the shipped ones]")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 7), help="run only these experiments")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
     folders = patient_ids(args.data)
-    split = load_split(get_spec(DEFAULT).weights_path.with_suffix(".split.json"), folders)
+    split = load_split((args.weights or get_spec(DEFAULT).weights_path).with_suffix(".split.json"), folders)
     slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
-    model = load_model(DEFAULT)
-    if not args.skip_tta:
+    model = load_model(DEFAULT, args.weights)
+    run = set(args.only or range(1, 7)) - ({1} if args.skip_tta else set())
+    if 1 in run:
         tta(model, slides)
-    ensembles(slides)
-    smoothing_alone(slides)
-    expected_area(model, slides)
-    batch_sweep(args.data)
+    if 2 in run:
+        ensembles(slides)
+    if 3 in run:
+        smoothing_alone(slides)
+    if 4 in run:
+        expected_area(model, slides)
+    if 5 in run:
+        batch_sweep(args.data)
+    if 6 in run:
+        train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
+        colour_normalisation(model, slides, train_slides)
 
 
 if __name__ == "__main__":

@@ -193,8 +193,10 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
                 slides = summary.get(f"slides_{g}")
                 cells += [with_interval(slides, "area_fraction_mae"), with_interval(slides, "dice")] if slides else ["–"] * 2
         command = model.card.get("training", {}).get("command", f"idcmap train DATA_ROOT --model {model.name}")
+        data_root = model.card.get("training", {}).get("data_root", "DATA_ROOT")
+        if model.colour_reference is not None and "--colour-normalise" not in command:  # given by calibrate
+            command += f" && idcmap calibrate {data_root} --model {model.name} --colour-normalise"
         if summary.get("backend") == "onnx-int8":
-            data_root = model.card.get("training", {}).get("data_root", "DATA_ROOT")
             command += f" && idcmap quantize {data_root} --model {model.name}"
         cells += [f"{summary['scoring_patches_per_s']:,.0f} ({summary.get('backend', '?')})", f"`{command}`"]
         lines.append("| " + " | ".join(cells) + " |")

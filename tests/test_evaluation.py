@@ -15,7 +15,8 @@ from PIL import Image
 from conftest import make_patient, textured, write_tiny_weights
 from idcmap import models as models_module
 from idcmap.dataset import make_split, patient_ids, save_split
-from idcmap.evaluation import evaluate_models
+from idcmap.colour import ColourReference
+from idcmap.evaluation import evaluate_models, models_table
 from idcmap.loader import load_slide
 from idcmap.models import card_path, load_model, sha256_of
 from idcmap.scoring import Scorer
@@ -277,3 +278,28 @@ def test_single_class_group_still_gives_strict_json(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["models"]["cancernet"]["patch"]["sparse"]["idc_patches"] == 0  # the case this test is about
     _strict_json((tmp_path / "out" / "metrics.json").read_text())
+
+
+def test_models_table_gives_the_commands_that_reproduce_each_row(tmp_path):
+    """A model that `calibrate --colour-normalise` gave a colour reference, and one quantised to
+    int8: the reproduce command repeats those steps after its training command."""
+    figures = {"balanced_accuracy": 0.9, "f1_idc": 0.8, "roc_auc": 0.95}
+    slides = {"area_fraction_mae": 0.05, "area_fraction_mae_ci95": [0.01, 0.1], "dice": 0.8, "dice_ci95": [0.7, 0.9]}
+    report = {"test_patients": ["patients/p0"], "summary": {}}
+    loaded = []
+    for seed, (name, backend, colour) in enumerate([("cancernet", "onnx", False),
+                                                     ("cancernet-context", "onnx-int8", True)]):
+        model = load_model(name, write_tiny_weights(tmp_path / f"{name}.pt", model=name, seed=seed))
+        model.card = {"parameters": 10, "training": {"command": f"idcmap train D --model {name}", "data_root": "D"}}
+        if colour:
+            model.colour_reference = ColourReference((180.0, 120.0, 160.0), (30.0, 30.0, 25.0))
+        report["summary"][name] = {"patch_patients": figures, "slides_patients": slides, "backend": backend,
+                                   "scoring_patches_per_s": 1000.0}
+        loaded.append(model)
+    table = models_table(report, loaded, {"train": ["a"], "val": ["b"], "test": ["patients/p0"]})
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| `")}
+    assert rows["| `cancernet`"].endswith("| `idcmap train D --model cancernet` |")
+    assert rows["| `cancernet-context`"].endswith(
+        "| `idcmap train D --model cancernet-context && idcmap calibrate D --model cancernet-context "
+        "--colour-normalise && idcmap quantize D --model cancernet-context` |")
+    assert "0.900 / 0.800 / 0.950 | 0.050 [0.01, 0.10] | 0.800 [0.70, 0.90]" in rows["| `cancernet`"]

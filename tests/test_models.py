@@ -201,13 +201,14 @@ def test_the_default_model_ships():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_cards_give_the_command_that_reproduces_them(name):
-    """Each shipped card's command names its model, output and precision, and the README and the
+    """Each shipped card's command names its model, output, precision and colour normalisation, and the README and the
     evaluation's models.md quote it (hand edits of the cards must keep them in step)."""
     card_file = card_path(get_spec(name).weights_path)
     training = json.loads(card_file.read_text())["training"]
     command = training["command"]
     assert f"--model {name} -o weights/{name}.pt " in command
-    assert command.endswith(f"--device {training['device']} --precision {training['precision']}")
+    colour = " --colour-normalise" if training.get("colour_normalise") else ""
+    assert command.endswith(f"--device {training['device']} --precision {training['precision']}{colour}")
     root = models.WEIGHTS_DIR.parent
     for doc in (root / "README.md", root / "docs" / "evaluation" / "models.md"):
         assert command in doc.read_text(), f"{doc.name} does not quote the command of {card_file.name}"
