@@ -13,8 +13,9 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
   4. an expected-area estimator (area-weighted mean probability) against the thresholded regions;
   5. ONNX Runtime scoring speed of CancerNet and resnet18-context by batch size (patient 10262);
   6. per-slide colour normalisation of the default's inputs: none, per-channel RGB (idcmap.colour,
-     reference from the training patients) and Reinhard's in CIELAB, calibration refitted; per
-     whole slide the AUC under each.
+     reference from the training patients) on whole slides only (as shipped) or on the scattered
+     samples too, and Reinhard's in CIELAB, calibration refitted; the scattered samples' pooled
+     patch AUC, and per whole slide the AUC under each.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from idcmap import metrics  # noqa: E402
-from idcmap.colour import colour_reference, real_pixel_mask  # noqa: E402
+from idcmap.colour import colour_reference, matched_pixels, normalised_pixels, real_pixel_mask  # noqa: E402
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import load_slide  # noqa: E402
 from idcmap.models import get_spec, load_model  # noqa: E402
@@ -145,7 +147,10 @@ def lab_reinhard(slide, reference: tuple[np.ndarray, np.ndarray]):
     tissue = real & (lab[:, 0] < 88)
     mean, std = lab[tissue].mean(0), lab[tissue].std(0)
     lab[tissue] = (lab[tissue] - mean) / std * reference[1] + reference[0]
-    rgb = (np.clip(lab2rgb(lab.reshape(-1, 50, 3)), 0, 1) * 255 + 0.5).astype(np.uint8).reshape(-1, 3)
+    with warnings.catch_warnings():  # lab2rgb warns about the few colours outside sRGB, clipped here
+        warnings.simplefilter("ignore")
+        rgb = lab2rgb(lab.reshape(-1, 50, 3))
+    rgb = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(-1, 3)
     rgb[~real] = 255
     return replace(slide, pixels=rgb.reshape(slide.pixels.shape))
 
@@ -161,18 +166,22 @@ def lab_statistics(slide) -> tuple[np.ndarray, np.ndarray]:
 def colour_normalisation(model, slides, train_slides) -> None:
     print("\n6. per-slide colour normalisation of resnet18-context's inputs (calibration refitted)")
     reach = model.network.context_reach
-    rgb_reference = model.colour_reference or colour_reference(train_slides)
+    plain = replace(model, colour_reference=None)
+    reference = model.colour_reference or colour_reference(train_slides)
     lab = [lab_statistics(s) for s in train_slides]
     lab_reference = (np.mean([m for m, _ in lab], axis=0), np.mean([d for _, d in lab], axis=0))
-    runs = {
-        "none": collect_scores(Scorer(replace(model, colour_reference=None), "cpu", backend="onnx"), slides),
-        "per-channel RGB": collect_scores(Scorer(replace(model, colour_reference=rgb_reference), "cpu",
-                                                 backend="onnx"), slides),
-        "CIELAB (Reinhard)": collect_scores(Scorer(replace(model, colour_reference=None), "cpu", backend="onnx"),
-                                            [lab_reinhard(s, lab_reference) for s in slides]),
+    inputs = {
+        "none": slides,
+        "per-channel RGB, whole slides (as shipped)": [replace(s, pixels=normalised_pixels(s, reference)) for s in slides],
+        "per-channel RGB, scattered samples too": [replace(s, pixels=matched_pixels(s, reference)) for s in slides],
+        "CIELAB (Reinhard), whole slides": [lab_reinhard(s, lab_reference) if s.is_whole else s for s in slides],
     }
+    runs = {name: collect_scores(Scorer(plain, "cpu", backend="onnx"), normalised) for name, normalised in inputs.items()}
     for name, scored in runs.items():
-        print(f"  {name}: {objective(scored, reach)}")
+        sparse = [(s, r) for s, r in scored if not s.is_whole]
+        pooled = metrics.roc_auc(np.concatenate([s.labels for s, _ in sparse]),
+                                 np.concatenate([r.probability for _, r in sparse]))
+        print(f"  {name}: {objective(scored, reach)}; scattered samples: pooled patch AUC {pooled:.4f}")
     print("  per whole slide, AUC: " + " / ".join(runs))
     for i, slide in enumerate(slides):
         if slide.is_whole:

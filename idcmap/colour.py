@@ -6,6 +6,11 @@ the slide's own colour statistics and map them, channel by channel, onto the mea
 the training slides (Reinhard-style matching of per-channel mean and standard deviation, here in
 RGB: a 256-entry lookup table per channel). Only tissue pixels are measured: real patch pixels
 (not the white padding of edge patches) that are not near-white background.
+
+Only whole slides are normalised. A scattered sample of a slide's patches (the `sparse/` folders)
+keeps its colours and is scored as the patch network sees each patch alone: on the validation
+patients, normalising such samples lowered their pooled patch AUC from 0.922 to 0.893
+(`benchmarks/validation_experiments.py`, experiment 6).
 """
 from __future__ import annotations
 
@@ -48,10 +53,13 @@ def real_pixel_mask(slide: Slide) -> np.ndarray:
 
 
 def tissue_histograms(slide: Slide) -> np.ndarray:
-    """(3, 256) counts of each channel's values over the slide's tissue pixels."""
-    pixels = slide.pixels[real_pixel_mask(slide)]
-    pixels = pixels[pixels.sum(axis=1, dtype=np.int32) < NEAR_WHITE]
-    return np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(3)])
+    """(3, 256) counts of each channel's values over the slide's tissue pixels (the padding of
+    edge patches is BACKGROUND, white, so it never counts as tissue)."""
+    pixels = slide.pixels.reshape(-1, 3)
+    brightness = pixels[:, 0].astype(np.uint16) + pixels[:, 1] + pixels[:, 2]
+    tissue = brightness < NEAR_WHITE
+    outside = np.int16(256)  # counted in a 257th bin, then dropped
+    return np.stack([np.bincount(np.where(tissue, pixels[:, c], outside), minlength=257)[:256] for c in range(3)])
 
 
 def slide_colour_statistics(slide: Slide) -> tuple[np.ndarray, np.ndarray] | None:
@@ -77,11 +85,11 @@ def colour_reference(slides: list[Slide]) -> ColourReference:
     return ColourReference(tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std))
 
 
-def normalised_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
+def matched_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
     """The slide's (N, 50, 50, 3) pixels with its tissue colour statistics mapped onto `reference`
     (per channel: (v - slide mean) / slide std * reference std + reference mean, rounded and
-    clipped to 0-255). Padding stays BACKGROUND. A slide with too little tissue to measure comes
-    back unchanged, so an isolated patch is scored as it is."""
+    clipped to 0-255), whatever the slide's layout. Padding stays BACKGROUND. A slide with too
+    little tissue to measure comes back unchanged."""
     stats = slide_colour_statistics(slide)
     if stats is None:
         return slide.pixels
@@ -89,11 +97,20 @@ def normalised_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
     levels = np.arange(256, dtype=np.float64)[:, None]
     table = np.clip(np.rint((levels - mean) / std * np.asarray(reference.std) + np.asarray(reference.mean)), 0, 255)
     table = table.astype(np.uint8)  # (256, 3): row v holds each channel's new value for v
+    table = np.ascontiguousarray(table.T)  # one row per channel: faster lookups
     pixels = np.empty_like(slide.pixels)
     for c in range(3):
-        pixels[..., c] = table[slide.pixels[..., c], c]
-    pixels[~real_pixel_mask(slide)] = BACKGROUND
+        pixels[..., c] = table[c][slide.pixels[..., c]]
+    if (slide.sizes < PATCH_SIZE).any():
+        pixels[~real_pixel_mask(slide)] = BACKGROUND
     return pixels
+
+
+def normalised_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
+    """The pixels a model with a colour reference scores: `matched_pixels` for a whole slide; a
+    scattered sample of patches (not `slide.is_whole`) keeps its colours, so its patches are
+    scored as they are."""
+    return matched_pixels(slide, reference) if slide.is_whole else slide.pixels
 
 
 def normalise_slide(slide: Slide, reference: ColourReference | None) -> Slide:

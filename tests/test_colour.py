@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import MODEL_NAME, grid_patches, make_patient, real_patient_folder, textured, write_tiny_weights
-from idcmap.colour import (ColourReference, colour_reference, normalise_slide, normalised_pixels, real_pixel_mask,
-                           slide_colour_statistics)
+from idcmap.colour import (ColourReference, colour_reference, matched_pixels, normalise_slide, normalised_pixels,
+                           real_pixel_mask, slide_colour_statistics, tissue_histograms)
 from idcmap.errors import WeightsError
 from idcmap.loader import BACKGROUND, load_slide
 from idcmap.models import load_model, read_weights, save_checkpoint
@@ -64,10 +64,20 @@ def test_a_global_colour_cast_is_undone(slide):
 
 def test_a_slide_without_enough_tissue_keeps_its_colours(tmp_path):
     white = load_slide(make_patient(tmp_path, "W", grid_patches(2, 2, pixels_of=lambda r, c: np.full((50, 50, 3), 245, np.uint8))))
-    assert slide_colour_statistics(white) is None
+    assert white.is_whole and slide_colour_statistics(white) is None
     assert normalised_pixels(white, REFERENCE) is white.pixels
     small = load_slide(make_patient(tmp_path, "S", {(1, 1): (1, _tinted(3, height=30, width=30))}))
-    assert normalised_pixels(small, REFERENCE) is small.pixels  # 900 tissue pixels: under one patch's worth
+    assert matched_pixels(small, REFERENCE) is small.pixels  # 900 tissue pixels: under one patch's worth
+
+
+def test_a_scattered_sample_keeps_its_colours(tmp_path):
+    """Patches with no grid neighbours (a `sparse/` folder) are scored as they are."""
+    cells = [(0, 0), (0, 4), (4, 0), (4, 4), (8, 2)]
+    scattered = load_slide(make_patient(tmp_path, "S", {(c * 50 + 1, r * 50 + 1): (0, _tinted(k))
+                                                         for k, (r, c) in enumerate(cells)}))
+    assert not scattered.is_whole and slide_colour_statistics(scattered) is not None
+    assert normalised_pixels(scattered, REFERENCE) is scattered.pixels
+    assert not (matched_pixels(scattered, REFERENCE) == scattered.pixels).all()  # it could be matched
 
 
 def test_reference_is_the_mean_of_slide_statistics(tmp_path, slide):
@@ -130,3 +140,16 @@ def test_real_slides_come_closer_in_colour():
     assert spread_before > 5
     for mean in means:
         np.testing.assert_allclose(mean, reference.mean, atol=1.0)
+
+
+def test_background_and_padding_do_not_count_as_tissue(tmp_path, slide):
+    """White patches beside the tissue, and the padding of edge patches, leave the statistics as
+    they are: only tissue is measured."""
+    patches = grid_patches(3, 4, pixels_of=lambda r, c: _tinted(r * 4 + c))
+    patches[(4 * 50 + 1, 1)] = (0, _tinted(99, height=50, width=20))
+    for r in range(3):
+        patches[(5 * 50 + 1, r * 50 + 1)] = (0, np.full((50, 50, 3), 240, np.uint8))  # background
+    patches[(4 * 50 + 1, 51)] = (0, np.full((50, 20, 3), 250, np.uint8))
+    with_background = load_slide(make_patient(tmp_path, "B", patches))
+    np.testing.assert_array_equal(tissue_histograms(with_background), tissue_histograms(slide))
+    assert tissue_histograms(slide).sum(axis=1).tolist() == [12 * 2500 + 50 * 20] * 3
