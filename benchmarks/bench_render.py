@@ -40,6 +40,7 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from idcmap.colour import normalised_pixels  # noqa: E402
 from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
 from idcmap.pipeline import RenderOptions, completed_summary, effective_calibration, render_patient  # noqa: E402
@@ -77,11 +78,15 @@ def naive_loop(model) -> Callable[[list[Path]], float]:
     return run
 
 
-def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float]:
-    """Seconds of the patch network and of the slide-aware stages (context head, grid smoothing,
-    calibration) on one slide, timed apart on the scorer's device."""
+def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float, float]:
+    """Seconds of the colour normalisation (0 for a model without a colour reference), of the
+    patch network and of the other slide-aware stages (context head, grid smoothing, calibration)
+    on one slide, timed apart on the scorer's device."""
+    started = time.perf_counter()
+    pixels = slide.pixels if model.colour_reference is None else normalised_pixels(slide, model.colour_reference)
+    colour_s = time.perf_counter() - started
     with torch.inference_mode():
-        x = to_input(torch.from_numpy(slide.pixels).to(scorer.device), scorer.mean, scorer.std)
+        x = to_input(torch.from_numpy(pixels).to(scorer.device), scorer.mean, scorer.std)
         started = time.perf_counter()
         features, logits = zip(*(scorer.backbone(x[i : i + scorer.batch_size])
                                  for i in range(0, len(slide), scorer.batch_size)))
@@ -96,7 +101,7 @@ def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float]:
             context = model.network.context(features, logits, index, (1, *slide.grid_shape))
         calibrated_scores(slide, logits.cpu().numpy(), context.cpu().numpy(), model.network.context_reach,
                           model.calibration)
-        return network_s, time.perf_counter() - started
+        return colour_s, network_s, time.perf_counter() - started
 
 
 def under_bf16_autocast(backbone):
@@ -208,9 +213,10 @@ def main() -> None:
         print(f"{name:10s} {n:8d} {seconds:9.2f} {1000 * seconds / n:9.2f} {rss:13.0f} {peak:12.0f}")
     largest = max(per_patient, key=lambda row: row[1])[0]
     folder = next(f for f in folders if f.name == largest)
-    network_s, stages_s = context_stage_share(model, scorer, load_slide(folder))
-    print(f"\nslide-aware stages on {largest}: {1000 * stages_s:.1f} ms against {network_s:.2f} s for the patch "
-          f"network ({100 * stages_s / network_s:.1f}%)")
+    colour_s, network_s, stages_s = context_stage_share(model, scorer, load_slide(folder))
+    print(f"\nslide-aware stages on {largest}: colour normalisation {1000 * colour_s:.1f} ms, context head, "
+          f"smoothing and calibration {1000 * stages_s:.1f} ms, against {network_s:.2f} s for the patch network "
+          f"({100 * colour_s / network_s:.1f}% and {100 * stages_s / network_s:.1f}%)")
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         render_patient(folder, Path(out) / largest, scorer, calibration, options)
