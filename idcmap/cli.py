@@ -226,8 +226,9 @@ def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None
 @trained_model_options("calibrate", "rewritten with the new calibration")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--colour-normalise", is_flag=True,
-              help="Also normalise each slide's colours before scoring: store the training patients' mean "
-                   "tissue colours with the weights (the network itself is unchanged).")
+              help="Also normalise each whole slide's colours before scoring: store the training patients' "
+                   "mean tissue colours with the weights (the network itself is unchanged; a model that has "
+                   "a reference keeps it). Run `idcmap quantize` again afterwards.")
 @click.pass_obj
 def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
               device: str, colour_normalise: bool) -> None:

@@ -23,6 +23,7 @@ from .loader import BACKGROUND, PATCH_SIZE, Slide
 
 NEAR_WHITE = 3 * 220  # a pixel whose R + G + B reaches this counts as background, not tissue
 MIN_TISSUE_PIXELS = PATCH_SIZE * PATCH_SIZE  # fewer (one patch's worth): the slide keeps its colours
+MIN_SPREAD = 1.0  # a channel whose std is under one level: the slide keeps its colours (no huge gains)
 
 
 @dataclass(frozen=True)
@@ -33,16 +34,32 @@ class ColourReference:
     std: tuple[float, float, float]
 
     def problem(self) -> str | None:
-        """What makes this reference unusable (None when it is usable)."""
+        """What makes this reference unusable (None when it is usable): 3 means in [0, 255] and
+        3 stds in [MIN_SPREAD, 255]."""
         values = [*self.mean, *self.std]
         if len(self.mean) != 3 or len(self.std) != 3 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             return f"its colour reference must hold 3 finite means and 3 finite stds ({self.mean}, {self.std})"
-        if min(self.std) <= 0:
-            return f"its colour reference stds must be above 0 ({self.std})"
+        if not all(0 <= v <= 255 for v in self.mean) or not all(MIN_SPREAD <= v <= 255 for v in self.std):
+            return (f"its colour reference holds values outside 0-255 levels, or a std under {MIN_SPREAD} "
+                    f"({self.mean}, {self.std})")
         return None
 
+    @classmethod
+    def from_stored(cls, stored: object) -> ColourReference:
+        """The reference a weights file stores ({"mean": [3], "std": [3]}); ValueError saying what
+        is wrong when it is not usable."""
+        if not isinstance(stored, dict) or set(stored) != {"mean", "std"} or not all(
+                isinstance(stored[k], (list, tuple)) for k in ("mean", "std")):
+            raise ValueError(f"its colour reference is not {{'mean': [R, G, B], 'std': [R, G, B]}} ({stored!r:.80})")
+        reference = cls(tuple(stored["mean"]), tuple(stored["std"]))
+        unusable = reference.problem()
+        if unusable:
+            raise ValueError(unusable)
+        return reference
+
     def as_dict(self) -> dict:
+        """The form weights files and model cards store (see `from_stored`)."""
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
@@ -64,7 +81,7 @@ def tissue_histograms(slide: Slide) -> np.ndarray:
 
 def slide_colour_statistics(slide: Slide) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-channel mean and std of the slide's tissue pixels; None when it has too little tissue
-    (under one patch's worth) or a channel without spread."""
+    (under one patch's worth) or a channel with almost no spread (std under MIN_SPREAD levels)."""
     counts = tissue_histograms(slide)
     total = counts[0].sum()
     if total < MIN_TISSUE_PIXELS:
@@ -72,7 +89,7 @@ def slide_colour_statistics(slide: Slide) -> tuple[np.ndarray, np.ndarray] | Non
     levels = np.arange(256, dtype=np.float64)
     mean = counts @ levels / total
     std = np.sqrt(np.maximum(counts @ levels**2 / total - mean**2, 0.0))
-    return (mean, std) if std.min() > 0 else None
+    return (mean, std) if std.min() >= MIN_SPREAD else None
 
 
 def colour_reference(slides: list[Slide]) -> ColourReference:
@@ -111,6 +128,12 @@ def normalised_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
     scattered sample of patches (not `slide.is_whole`) keeps its colours, so its patches are
     scored as they are."""
     return matched_pixels(slide, reference) if slide.is_whole else slide.pixels
+
+
+def is_normalised(slide: Slide, reference: ColourReference | None) -> bool:
+    """True when a model with `reference` scores changed colours for `slide`: a reference, a whole
+    slide and enough tissue to measure."""
+    return reference is not None and slide.is_whole and slide_colour_statistics(slide) is not None
 
 
 def normalise_slide(slide: Slide, reference: ColourReference | None) -> Slide:

@@ -438,12 +438,12 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
         calibration = Calibration(**payload.get("calibration", {}))
         unusable = calibration.problem()
         if unusable:
-            raise WeightsError(f"{path}: {unusable}; run `idcmap calibrate` on it, or restore the file")
+            raise WeightsError(f"{path}: {unusable}; restore the file, or retrain the model")
         colour = payload.get("colour_reference")
-        colour = ColourReference(tuple(colour["mean"]), tuple(colour["std"])) if colour is not None else None
-        unusable = colour.problem() if colour is not None else None
-        if unusable:
-            raise WeightsError(f"{path}: {unusable}; run `idcmap calibrate --colour-normalise` on it, or restore the file")
+        try:
+            colour = ColourReference.from_stored(colour) if colour is not None else None
+        except ValueError as err:
+            raise WeightsError(f"{path}: {err}; restore the file, or retrain the model") from err
     except WeightsError:
         raise
     except Exception as err:  # torch raises many types for a bad file

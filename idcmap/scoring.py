@@ -246,8 +246,7 @@ class Scorer:
     @property
     def runtime(self) -> dict:
         """How the patch network runs: what a render records beside its outputs."""
-        return {"backend": self.backend, "int8_sha256": self.int8_sha256, "mixed_precision": self.autocast,
-                "colour_normalised": self.model.colour_reference is not None}
+        return {"backend": self.backend, "int8_sha256": self.int8_sha256, "mixed_precision": self.autocast}
 
     @torch.inference_mode()
     def score(self, slide: Slide, progress: bool = False) -> SlideScores:

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import metrics
-from .colour import colour_reference, normalise_slide
+from .colour import ColourReference, colour_reference, normalise_slide
 from .dataset import load_slides, load_split, make_split, patient_ids, save_split
 from .errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
 from .export import atomic_write_bytes, write_json
@@ -37,9 +37,21 @@ from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, 
 
 log = logging.getLogger(__name__)
 
-INPUT_DESCRIPTION = "50x50 RGB patch, edge patches padded with white; x/255 then (x - mean) / std"
-COLOUR_DESCRIPTION = ("; before that, each slide's tissue colours mapped per channel onto colour_reference "
-                      "(idcmap.colour)")
+
+
+def colour_fields(reference: ColourReference | None) -> dict:
+    """What weights files and model cards record of a colour reference: nothing without one; the
+    card's `input` text comes from `input_description`."""
+    return {} if reference is None else {"colour_reference": reference.as_dict()}
+
+
+def input_description(reference: ColourReference | None) -> str:
+    """The model card's account of what the network is fed."""
+    text = "50x50 RGB patch, edge patches padded with white; x/255 then (x - mean) / std"
+    if reference is not None:
+        text += ("; before that, each whole slide's tissue colours mapped per channel onto colour_reference "
+                 "(idcmap.colour)")
+    return text
 
 
 @dataclass
@@ -324,29 +336,36 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
                 colour_normalise: bool = False) -> dict:
     """Refit a trained model's calibration on its validation patients; rewrite weights and card.
     `model_name` None: the model `weights` holds (the default model without `weights`).
-    `colour_normalise`: a model without a colour reference gets one, from its training patients."""
+    `colour_normalise`: a model without a colour reference gets one, from its training patients
+    (one that has a reference keeps it); its int8 network, calibrated on other colours, is then no
+    longer listed in the card (run `quantize` again)."""
     model = load_model(model_name, weights)
     path, spec = model.path, get_spec(model.name)
     folders = patient_ids(data_root)
     split_path = Path(split_file or path.with_suffix(".split.json"))
     split = load_split(split_path, folders)
-    if colour_normalise and model.colour_reference is None:
+    new_reference = colour_normalise and model.colour_reference is None
+    if new_reference:
         model = replace(model, colour_reference=colour_reference(
             [s for s in load_slides(split["train"], folders, "load train", progress) if s.has_labels]))
+    elif colour_normalise:
+        log.info("%s: keeps the colour reference it has", path)
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     require_mixed_validation(val_slides, split_path, "pass a --split whose val patients include one")
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
                                           model.network.context_reach, smoothing_sigmas(spec))
     payload = read_weights(path)
     payload["calibration"] = asdict(calibration)
-    colour = {"colour_reference": model.colour_reference.as_dict()} if model.colour_reference is not None else {}
-    payload.update(colour)
+    payload.update(colour_fields(model.colour_reference))
     save_weights(path, payload)
     card = {key: value for key, value in model.card.items() if key != "test"}  # they described the old calibration
-    card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path), **colour)
-    if colour:
-        card["input"] = INPUT_DESCRIPTION + COLOUR_DESCRIPTION
-    if card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version still holds
+    card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path),
+                input=input_description(model.colour_reference), **colour_fields(model.colour_reference))
+    if new_reference and "int8" in card:
+        del card["int8"]  # its activation ranges and figures are of unnormalised colours
+        log.warning("%s: its int8 network was made for unnormalised colours and is no longer used; run "
+                    "`idcmap quantize %s --model %s` to make one for the normalised colours", path, data_root, model.name)
+    elif card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version still holds
         card["int8"] = {**card["int8"], "weights_sha256": card["sha256"]}
     write_json(card_path(path), card)
     return card
@@ -365,11 +384,14 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
     path = model.path
     folders = patient_ids(data_root)
     split = load_split(split_file or path.with_suffix(".split.json"), folders)
-    pixels = np.concatenate([normalise_slide(s, model.colour_reference).pixels
-                             for s in load_slides(split["train"], folders, "load train", progress)])
-    chosen = np.sort(np.random.default_rng(seed).choice(len(pixels), min(patches, len(pixels)), replace=False))
+    slides = load_slides(split["train"], folders, "load train", progress)
+    starts = np.cumsum([0] + [len(s) for s in slides])
+    chosen = np.sort(np.random.default_rng(seed).choice(starts[-1], min(patches, starts[-1]), replace=False))
+    pixels = np.concatenate([  # each slide normalised as a whole (as scoring does), only its chosen patches kept
+        normalise_slide(slide, model.colour_reference).pixels[chosen[(chosen >= start) & (chosen < end)] - start]
+        for slide, start, end in zip(slides, starts[:-1], starts[1:])])
     mean, std = torch.tensor(model.mean), torch.tensor(model.std)
-    inputs = to_input(torch.from_numpy(pixels[chosen]), mean, std).contiguous().numpy()
+    inputs = to_input(torch.from_numpy(pixels), mean, std).contiguous().numpy()
     data = quantize_backbone(model.network.backbone, inputs)
     record = {"file": model.int8_path.name, "sha256": hashlib.sha256(data).hexdigest(),
               "weights_sha256": model.sha256, "calibration_patches": len(chosen),
@@ -445,11 +467,12 @@ CHECKPOINT_REMEDY = "delete it, or train without --resume"
 
 def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
-                rng: np.random.Generator) -> tuple[list[dict], dict | None, float, int, str]:
+                rng: np.random.Generator) -> tuple[list[dict], dict | None, float, int, str, dict | None]:
     """Restore a run from its checkpoint: network, optimizer, scheduler and both RNGs in place;
     returns (history, best state, best AUC, stale epochs, the precision it trained in: fp32 for
-    checkpoints older than --precision). WeightsError naming the checkpoint when
-    it is not one, or belongs to another run (another model, another idcmap version)."""
+    checkpoints older than --precision, the colour reference it trained with as stored or None).
+    WeightsError naming the checkpoint when it is not one, or belongs to another run (another
+    model, another idcmap version)."""
     state = load_torch_file(path, "an idcmap training checkpoint", CHECKPOINT_REMEDY)
     misfit = (f"{path}: this checkpoint does not fit a {model_name!r} training run (another model's, or from "
               f"another idcmap version); {CHECKPOINT_REMEDY}")
@@ -463,12 +486,15 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
         precision = state.get("precision", "fp32")
         if precision not in ("bf16", "fp32"):
             raise ValueError(precision)
+        colour = state.get("colour_reference")
+        if colour is not None:
+            ColourReference.from_stored(colour)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise WeightsError(misfit) from err
     if not (isinstance(history, list) and isinstance(best_auc, float) and isinstance(stale, int)
             and (best_state is None or isinstance(best_state, dict) and best_state.keys() == state["network"].keys())):
         raise WeightsError(misfit)
-    return history, best_state, best_auc, stale, precision
+    return history, best_state, best_auc, stale, precision, colour
 
 
 def train(data_root: str | Path, model_name: str, out: str | Path, config: TrainConfig,
@@ -509,8 +535,13 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     history: list[dict] = []
     best_state, best_auc, epoch0, stale = None, -1.0, 0, 0
     if resume and checkpoint_path.is_file():
-        history, best_state, best_auc, stale, trained_in = resume_from(checkpoint_path, model_name, network,
-                                                                       optimizer, scheduler, rng)
+        history, best_state, best_auc, stale, trained_in, colour = resume_from(checkpoint_path, model_name, network,
+                                                                               optimizer, scheduler, rng)
+        if colour != (reference.as_dict() if reference is not None else None):
+            with_or_without = "with" if colour is not None else "without"
+            raise OptionError(f"--colour-normalise: {checkpoint_path} was trained {with_or_without} colour normalisation "
+                              f"(or on other training slides); resume with the same setting and data, or train "
+                              f"without --resume")
         if config.precision not in ("auto", trained_in):
             raise OptionError(f"--precision {config.precision}: {checkpoint_path} was trained in {trained_in}; "
                               f"resume with --precision {trained_in} (or auto), or train without --resume")
@@ -569,6 +600,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             "scheduler": scheduler.state_dict(), "history": history, "best_state": best_state,
             "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "precision": config.precision,
+            "colour_reference": reference.as_dict() if reference is not None else None,
         })
     network.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
     network.eval()
@@ -578,15 +610,15 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         "model": model_name,
         "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
         "mean": mean, "std": std, "calibration": asdict(calibration),
-        **({"colour_reference": reference.as_dict()} if reference is not None else {}),
+        **colour_fields(reference),
     })
     card = {
         "model": model_name,
         "architecture": spec.description,
         "parameters": sum(p.numel() for p in network.parameters()),
-        "input": INPUT_DESCRIPTION + (COLOUR_DESCRIPTION if reference is not None else ""),
+        "input": input_description(reference),
         "mean": mean, "std": std,
-        **({"colour_reference": reference.as_dict()} if reference is not None else {}),
+        **colour_fields(reference),
         "calibration": asdict(calibration),
         "calibration_fit": choice,
         "training": {**asdict(config), "command": training_command(data_root, model_name, out, config, split_file),

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import MODEL_NAME, grid_patches, make_patient, real_patient_folder, textured, write_tiny_weights
-from idcmap.colour import (ColourReference, colour_reference, matched_pixels, normalise_slide, normalised_pixels,
-                           real_pixel_mask, slide_colour_statistics, tissue_histograms)
+from idcmap.colour import (ColourReference, colour_reference, is_normalised, matched_pixels, normalise_slide,
+                           normalised_pixels, real_pixel_mask, slide_colour_statistics, tissue_histograms)
 from idcmap.errors import WeightsError
 from idcmap.loader import BACKGROUND, load_slide
 from idcmap.models import load_model, read_weights, save_checkpoint
+from idcmap.pipeline import RenderOptions, render_folder
 from idcmap.scoring import Scorer, to_input
 
 REFERENCE = ColourReference((190.0, 130.0, 170.0), (30.0, 32.0, 25.0))
@@ -92,18 +96,35 @@ def test_reference_is_the_mean_of_slide_statistics(tmp_path, slide):
 
 def test_normalise_slide_without_reference_is_the_slide(slide):
     assert normalise_slide(slide, None) is slide
-    assert (normalise_slide(slide, REFERENCE).pixels == normalised_pixels(slide, REFERENCE)).all()
-    assert (normalised_pixels(slide, REFERENCE) == normalised_pixels(slide, REFERENCE)).all()  # deterministic
+    assert not is_normalised(slide, None) and is_normalised(slide, REFERENCE)
 
 
-@pytest.mark.parametrize("mean, std, problem", [
-    ((1.0, 2.0, 3.0), (1.0, 1.0, 0.0), "above 0"),
-    ((1.0, float("nan"), 3.0), (1.0, 1.0, 1.0), "finite"),
-    ((1.0, 2.0), (1.0, 1.0), "3 finite"),
+def test_a_channel_with_almost_no_spread_leaves_the_slide_alone(tmp_path):
+    """A channel whose values hardly vary would need a huge gain: the slide keeps its colours."""
+    def flat_blue(r, c):
+        patch = _tinted(r * 3 + c)
+        patch[..., 2] = 170
+        patch[0, 0, 2] = 171  # one level off, once per patch
+        return patch
+    flat = load_slide(make_patient(tmp_path, "F", grid_patches(2, 3, pixels_of=flat_blue)))
+    assert slide_colour_statistics(flat) is None
+    assert normalised_pixels(flat, REFERENCE) is flat.pixels and not is_normalised(flat, REFERENCE)
+
+
+@pytest.mark.parametrize("stored, problem", [
+    ({"mean": [1, 2, 3], "std": [1, 1, 0]}, "std under 1.0"),
+    ({"mean": [1, 2, 300], "std": [1, 1, 1]}, "outside 0-255"),
+    ({"mean": [1, float("nan"), 3], "std": [1, 1, 1]}, "3 finite"),
+    ({"mean": [1, 2], "std": [1, 1]}, "3 finite"),
+    ({"mean": [1, 2, 3]}, "is not {'mean'"),
+    ({"mean": [1, 2, 3], "std": [1, 1, 1], "gain": 2}, "is not {'mean'"),
+    ({"mean": "pink", "std": [1, 1, 1]}, "is not {'mean'"),
+    ([], "is not {'mean'"),
 ])
-def test_reference_problems(mean, std, problem):
-    assert problem in ColourReference(mean, std).problem()
-    assert REFERENCE.problem() is None
+def test_reference_problems(stored, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        ColourReference.from_stored(stored)
+    assert ColourReference.from_stored(REFERENCE.as_dict()) == REFERENCE
 
 
 def test_a_model_with_a_reference_scores_the_normalised_pixels(tmp_path, slide):
@@ -112,7 +133,6 @@ def test_a_model_with_a_reference_scores_the_normalised_pixels(tmp_path, slide):
     model = load_model(MODEL_NAME, tmp_path / "colour.pt")
     assert model.colour_reference == REFERENCE
     scorer = Scorer(model, device="cpu", backend="torch")
-    assert scorer.runtime["colour_normalised"] is True
     seen = []
     backbone = scorer.backbone
     scorer.backbone = lambda x: seen.append(x.clone()) or backbone(x)
@@ -120,15 +140,31 @@ def test_a_model_with_a_reference_scores_the_normalised_pixels(tmp_path, slide):
     expected = to_input(torch.from_numpy(normalised_pixels(slide, REFERENCE)), scorer.mean, scorer.std)
     torch.testing.assert_close(torch.cat(seen), expected)
     assert ((probability >= 0) & (probability <= 1)).all()
-    assert Scorer(load_model(MODEL_NAME, plain), device="cpu").runtime["colour_normalised"] is False
 
 
 @pytest.mark.parametrize("stored", [{"mean": [1, 2, 3], "std": [0, 1, 1]}, {"mean": [1, 2, 3]}, "pink"])
 def test_a_bad_stored_reference_is_refused(tmp_path, stored):
     payload = read_weights(write_tiny_weights(tmp_path / "plain.pt"))
     save_checkpoint(tmp_path / "bad.pt", {**payload, "colour_reference": stored})
-    with pytest.raises(WeightsError, match="bad.pt"):
+    with pytest.raises(WeightsError, match=r"bad\.pt: its colour reference .*; restore the file, or retrain"):
         load_model(MODEL_NAME, tmp_path / "bad.pt")
+
+
+def test_render_says_whether_it_normalised_the_slide(tmp_path, slide):
+    """summary.json records whether the slide's colours were normalised: yes for a whole slide,
+    no for a scattered sample, and no for a model without a reference."""
+    payload = read_weights(write_tiny_weights(tmp_path / "plain.pt"))
+    save_checkpoint(tmp_path / "colour.pt", {**payload, "colour_reference": REFERENCE.as_dict()})
+    cells = [(0, 0), (0, 4), (4, 0), (4, 4)]
+    scattered = make_patient(tmp_path / "in", "S", {(c * 50 + 1, r * 50 + 1): (0, _tinted(k))
+                                                     for k, (r, c) in enumerate(cells)})
+    whole = make_patient(tmp_path / "in", "W", grid_patches(2, 3, pixels_of=lambda r, c: _tinted(r * 3 + c)))
+    expected = {("colour.pt", "W"): True, ("colour.pt", "S"): False, ("plain.pt", "W"): False}
+    for (weights, patient), normalised in expected.items():
+        out = tmp_path / "out" / weights
+        render_folder(whole if patient == "W" else scattered, out,
+                      RenderOptions(model=MODEL_NAME, weights=tmp_path / weights, device="cpu", progress=False))
+        assert json.loads((out / patient / "summary.json").read_text())["colour_normalised"] is normalised
 
 
 def test_real_slides_come_closer_in_colour():

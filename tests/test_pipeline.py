@@ -241,7 +241,7 @@ def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights, cap
     render_folder(root, out, _options(tiny_weights, resume=True, threshold=0.25, backend="torch"))
     assert _stamps(out / "A")["summary.json"] != stamp
     assert json.loads((out / "A" / "summary.json").read_text())["runtime"] == {
-        "backend": "torch", "int8_sha256": None, "mixed_precision": False, "colour_normalised": False}
+        "backend": "torch", "int8_sha256": None, "mixed_precision": False}
 
     # an empty or truncated file counts as incomplete
     (out / "A" / "regions.geojson").write_text("")

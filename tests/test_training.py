@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -374,3 +375,34 @@ def test_recalibrate_can_add_a_colour_reference_and_keeps_it(trained, tmp_path):
     again = recalibrate(root, None, copy, device="cpu")  # without the flag: the reference stays
     assert again["colour_reference"] == reference.as_dict()
     assert load_model(MODEL, copy).colour_reference == reference
+
+
+def test_resume_refuses_another_colour_normalisation_setting(trained, tmp_path, monkeypatch):
+    root, out, _ = trained
+    config = TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32")
+    target = tmp_path / "resumed" / out.name
+    _killed_after_first_epoch(root, target, config, monkeypatch)
+    with pytest.raises(IdcmapError, match=r"--colour-normalise: .*ckpt was trained without colour normalisation"):
+        train(root, MODEL, target, replace(config, colour_normalise=True), resume=True)
+    normalised = tmp_path / "normalised" / out.name
+    _killed_after_first_epoch(root, normalised, replace(config, colour_normalise=True), monkeypatch)
+    with pytest.raises(IdcmapError, match=r"--colour-normalise: .*ckpt was trained with colour normalisation"):
+        train(root, MODEL, normalised, config, resume=True)
+    card = train(root, MODEL, normalised, replace(config, colour_normalise=True), resume=True)
+    assert [h["epoch"] for h in card["history"]] == [1, 2] and "colour_reference" in card
+
+
+def test_adding_a_colour_reference_retires_the_int8_network(quantised, tmp_path, caplog):
+    """The int8 network's activation ranges were fitted on unnormalised colours: after
+    `calibrate --colour-normalise` the card no longer vouches for it, and auto scores in fp32."""
+    root, weights, _ = quantised
+    for source in (weights, card_path(weights), weights.with_suffix(".int8.onnx"), weights.with_suffix(".split.json")):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    with caplog.at_level("WARNING"):
+        card = recalibrate(root, MODEL, tmp_path / weights.name, device="cpu", colour_normalise=True)
+    assert "int8" not in card and "idcmap quantize" in caplog.text
+    model = load_model(MODEL, tmp_path / weights.name)
+    assert model.colour_reference is not None and Scorer(model, device="cpu").backend == "onnx"
+    requantised = quantize(root, MODEL, tmp_path / weights.name, patches=64)
+    assert requantised["int8"]["weights_sha256"] == sha256_of(tmp_path / weights.name)
+    assert Scorer(load_model(MODEL, tmp_path / weights.name), device="cpu").backend == "onnx-int8"
