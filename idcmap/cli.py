@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -14,6 +15,7 @@ from .export import json_text
 from .loader import DEFAULT_MAX_MOSAIC_PIXELS
 from .models import DEFAULT_MODEL, REGISTRY
 from .scoring import BACKENDS
+from .training import LIMITS, PRECISIONS, TrainConfig
 
 log = logging.getLogger("idcmap")
 
@@ -31,6 +33,16 @@ class FiniteFloatRange(click.FloatRange):
 
 
 BACKEND_CHOICE = click.Choice(list(BACKENDS))
+
+
+def training_option(name: str, help: str | None = None):
+    """The `idcmap train` option for TrainConfig setting `name`: its type from the setting's
+    `training.LIMITS` entry, its default from TrainConfig (one place for both)."""
+    limit = LIMITS[name]
+    kind = (click.IntRange if limit.whole else FiniteFloatRange)(
+        limit.low, limit.high, min_open=limit.low_open, max_open=limit.high_open)
+    default = next(f.default for f in fields(TrainConfig) if f.name == name)
+    return click.option(limit.label, name, type=kind, default=default, show_default=True, help=help)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -142,30 +154,24 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
               help="Weights file to write (.pt); its card (.json) and split (.split.json) go beside it.")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Reuse a split JSON instead of drawing one by patient (see --test-fraction, --val-fraction).")
-@click.option("--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True, help="Share of each patient group (e.g. patients/, sparse/) held out for test.")
-@click.option("--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.1,
-              show_default=True,
-              help="Share of the remaining patients of each group used for early stopping and calibration.")
-@click.option("--epochs", type=click.IntRange(1), default=14, show_default=True)
-@click.option("--batch-patches", type=click.IntRange(8), default=256, show_default=True,
-              help="Patches per training batch (whole grid windows are kept together).")
-@click.option("--window", type=click.IntRange(1), default=16, show_default=True,
-              help="Training windows of WINDOW x WINDOW grid cells (context seen in training).")
-@click.option("--lr", "learning_rate", type=FiniteFloatRange(0, min_open=True), default=2e-3, show_default=True,
-              help="AdamW learning rate.")
-@click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
-              help="Stop after this many epochs without a better validation AUC.")
-@click.option("--stain-jitter", type=FiniteFloatRange(0, 0.5), default=0.08, show_default=True,
-              help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@training_option("test_fraction", help="Share of each patient group (e.g. patients/, sparse/) held out for test.")
+@training_option("val_fraction",
+                 help="Share of the remaining patients of each group used for early stopping and calibration.")
+@training_option("epochs")
+@training_option("batch_patches", help="Patches per training batch (whole grid windows are kept together).")
+@training_option("window", help="Training windows of WINDOW x WINDOW grid cells (context seen in training).")
+@training_option("learning_rate", help="AdamW learning rate.")
+@training_option("patience", help="Stop after this many epochs without a better validation AUC.")
+@training_option("stain_jitter",
+                 help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
+@training_option("seed")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
               help="bf16: bfloat16 autocast (master weights and optimiser state stay fp32; the weights file is "
                    "stored in bf16 either way). auto: bf16 on a GPU or on a CPU with native "
                    "bf16 (AVX512-BF16/AMX), fp32 elsewhere.")
 @click.option("--colour-normalise", is_flag=True,
-              help="Map each slide's tissue colours onto the training slides' mean colours, in training and "
+              help="Map each whole slide's tissue colours onto the training slides' mean colours, in training and "
                    "whenever the model scores (the reference is stored with the weights).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
 @click.pass_obj
@@ -174,7 +180,7 @@ def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | 
           stain_jitter: float, seed: int, device: str, precision: str, colour_normalise: bool,
           resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
-    from .training import TrainConfig, train as run_training
+    from .training import train as run_training
 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,

@@ -14,7 +14,6 @@ patients, normalising such samples lowered their pooled patch AUC from 0.922 to 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -37,12 +36,12 @@ class ColourReference:
         """What makes this reference unusable (None when it is usable): 3 means in [0, 255] and
         3 stds in [MIN_SPREAD, 255]."""
         values = [*self.mean, *self.std]
+        shown = f"({self.mean}, {self.std})"[:120]
         if len(self.mean) != 3 or len(self.std) != 3 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            return f"its colour reference must hold 3 finite means and 3 finite stds ({self.mean}, {self.std})"
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return f"its colour reference must hold 3 means and 3 stds {shown}"
         if not all(0 <= v <= 255 for v in self.mean) or not all(MIN_SPREAD <= v <= 255 for v in self.std):
-            return (f"its colour reference holds values outside 0-255 levels, or a std under {MIN_SPREAD} "
-                    f"({self.mean}, {self.std})")
+            return f"its colour reference holds values outside 0-255 levels, or a std under {MIN_SPREAD} {shown}"
         return None
 
     @classmethod
@@ -128,12 +127,6 @@ def normalised_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
     scattered sample of patches (not `slide.is_whole`) keeps its colours, so its patches are
     scored as they are."""
     return matched_pixels(slide, reference) if slide.is_whole else slide.pixels
-
-
-def is_normalised(slide: Slide, reference: ColourReference | None) -> bool:
-    """True when a model with `reference` scores changed colours for `slide`: a reference, a whole
-    slide and enough tissue to measure."""
-    return reference is not None and slide.is_whole and slide_colour_statistics(slide) is not None
 
 
 def normalise_slide(slide: Slide, reference: ColourReference | None) -> Slide:

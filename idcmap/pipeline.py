@@ -22,7 +22,6 @@ import shapely
 from shapely.geometry import mapping
 from tqdm import tqdm
 
-from .colour import is_normalised
 from .errors import IdcmapError, OptionError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, write_csv, write_json, write_npy, write_png
 from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files, load_slide
@@ -226,7 +225,7 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
         "mosaic_origin_xy": list(slide.origin_xy),
         "calibration": asdict(calibration),
         "runtime": scorer.runtime,  # how the patch network ran: backend, int8 network, fp16
-        "colour_normalised": is_normalised(slide, scorer.model.colour_reference),
+        "colour_normalised": scores.colour_normalised,
         "skipped": slide.skipped,
         "inputs_sha256": inputs_sha256(folder),
     }

@@ -112,6 +112,7 @@ class SlideScores:
     patch_probability: np.ndarray  # (N,) float32, patch network alone, calibrated
     probability: np.ndarray  # (N,) float32, the model's calibrated final score
     refined: np.ndarray  # (N,) bool, patches with a neighbour within the context head's or the smoothing's reach
+    colour_normalised: bool = False  # the patch network saw the slide's colour-normalised pixels
 
 
 SMOOTHING_TRUNCATE = 2.5
@@ -254,7 +255,8 @@ class Scorer:
         with a colour reference scores the slide's colour-normalised pixels."""
         network = self.network
         reference = self.model.colour_reference
-        pixels = torch.from_numpy(slide.pixels if reference is None else normalised_pixels(slide, reference))
+        seen = slide.pixels if reference is None else normalised_pixels(slide, reference)
+        pixels = torch.from_numpy(seen)
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()
         features, logits = [], []
@@ -275,5 +277,7 @@ class Scorer:
             cells = torch.from_numpy(slide.cells).to(self.device)
             index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
             context_logit = network.context(feature, patch_logit, index, (1, *slide.grid_shape))
-        return calibrated_scores(slide, patch_logit.cpu().numpy(), context_logit.cpu().numpy(),
-                                 network.context_reach, self.model.calibration)
+        scores = calibrated_scores(slide, patch_logit.cpu().numpy(), context_logit.cpu().numpy(),
+                                   network.context_reach, self.model.calibration)
+        scores.colour_normalised = seen is not slide.pixels
+        return scores

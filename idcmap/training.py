@@ -83,31 +83,57 @@ class TrainConfig:
         resolve_device(self.device)
 
 
-def _whole(value: object) -> bool:
-    """True for an int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class Limit:
+    """The range of one numeric TrainConfig setting: what `TrainConfig.validate` enforces and what
+    the CLI's option type accepts (one place for both)."""
+
+    label: str  # how the user names it
+    whole: bool  # a whole number (int, not bool); else any finite number
+    low: float = 0
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: object) -> bool:
+        """True when `value` is of the right kind and within the range."""
+        if isinstance(value, bool) or not isinstance(value, int if self.whole else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    @property
+    def requirement(self) -> str:
+        """What the value must be, in words: "a whole number >= 1", "a number in (0, 1)"."""
+        kind = "a whole number" if self.whole else "a number" if self.high is not None else "a finite number"
+        low, high = (str(v) if self.whole or v is None else f"{v:g}" for v in (self.low, self.high))
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
-def _finite(value: object) -> bool:
-    """True for a finite int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
+LIMITS: dict[str, Limit] = {
+    "epochs": Limit("--epochs", whole=True, low=1),
+    "batch_patches": Limit("--batch-patches", whole=True, low=1),
+    "window": Limit("--window", whole=True, low=1),
+    "learning_rate": Limit("--lr", whole=False, low=0, low_open=True),
+    "weight_decay": Limit("weight decay", whole=False, low=0),
+    "patience": Limit("--patience", whole=True, low=1),
+    "seed": Limit("--seed", whole=True, low=0, high=2**64 - 1),
+    "cell_dropout": Limit("cell dropout", whole=False, low=0, high=1, high_open=True),
+    "stain_jitter": Limit("--stain-jitter", whole=False, low=0, high=0.5),
+    "test_fraction": Limit("--test-fraction", whole=False, low=0, high=1, low_open=True, high_open=True),
+    "val_fraction": Limit("--val-fraction", whole=False, low=0, high=1, low_open=True, high_open=True),
+}
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
 # (TrainConfig field, how the user names it, test, what it must be)
 CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
-    ("epochs", "--epochs", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    ("batch_patches", "--batch-patches", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    ("window", "--window", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    ("learning_rate", "--lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    ("weight_decay", "weight decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    ("patience", "--patience", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    ("seed", "--seed", lambda v: _whole(v) and 0 <= v < 2**64, "a whole number from 0 to 2**64 - 1"),
-    ("cell_dropout", "cell dropout", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("stain_jitter", "--stain-jitter", lambda v: _finite(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
-    ("test_fraction", "--test-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
-    ("val_fraction", "--val-fraction", lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    *((name, limit.label, limit.allows, limit.requirement) for name, limit in LIMITS.items()),
     ("precision", "--precision", lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     ("colour_normalise", "--colour-normalise", lambda v: isinstance(v, bool), "True or False"),
 )
@@ -537,11 +563,13 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     if resume and checkpoint_path.is_file():
         history, best_state, best_auc, stale, trained_in, colour = resume_from(checkpoint_path, model_name, network,
                                                                                optimizer, scheduler, rng)
-        if colour != (reference.as_dict() if reference is not None else None):
-            with_or_without = "with" if colour is not None else "without"
-            raise OptionError(f"--colour-normalise: {checkpoint_path} was trained {with_or_without} colour normalisation "
-                              f"(or on other training slides); resume with the same setting and data, or train "
-                              f"without --resume")
+        if (colour is None) != (reference is None):
+            trained = "with" if colour is not None else "without (or by an idcmap that did not record it)"
+            raise OptionError(f"--colour-normalise: {checkpoint_path} was trained {trained} colour normalisation; "
+                              f"resume with the same setting, or train without --resume")
+        if colour is not None and colour != reference.as_dict():
+            raise OptionError(f"--colour-normalise: {checkpoint_path} was trained with another colour reference "
+                              f"(other training slides?); resume on the same data and split, or train without --resume")
         if config.precision not in ("auto", trained_in):
             raise OptionError(f"--precision {config.precision}: {checkpoint_path} was trained in {trained_in}; "
                               f"resume with --precision {trained_in} (or auto), or train without --resume")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT, grid_patches, make_patient, textured
 from idcmap import __version__, cli as cli_module
 from idcmap.cli import cli
-from idcmap.errors import EmptyFolderError
+from idcmap.errors import EmptyFolderError, IdcmapError
 from idcmap.pipeline import PATIENT_FILES
+from idcmap.training import LIMITS, TrainConfig
 
 
 def _patient(root, name="P"):
@@ -309,3 +311,25 @@ def test_jobs_caps_threads_without_changing_probabilities(tmp_path, tiny_weights
     assert all_cores == (tmp_path / "one" / "P" / "probabilities.csv").read_text()
     result = CliRunner().invoke(cli, ["render", str(folder), "--jobs", "0"])
     assert result.exit_code == 2 and "--jobs" in result.output
+
+
+def _outside(limit):
+    """Values just outside a training setting's range, below and (where it has one) above it."""
+    step = 1 if limit.whole else 0.01
+    values = [limit.low if limit.low_open else limit.low - step]
+    if limit.high is not None:
+        values.append(limit.high if limit.high_open else limit.high + step)
+    return values
+
+
+@pytest.mark.parametrize("name, value", [(name, value) for name, limit in LIMITS.items() if limit.label.startswith("--")
+                                         for value in _outside(limit)])
+def test_train_options_refuse_what_training_refuses(tmp_path, monkeypatch, capsys, name, value):
+    """Each `train` option refuses, before any work, exactly the values TrainConfig.validate refuses."""
+    limit = LIMITS[name]
+    with pytest.raises(IdcmapError, match=f"^{re.escape(limit.label)} "):
+        TrainConfig(**{name: value}).validate()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run_main(["train", ".", "-o", "w.pt", limit.label, str(value)], monkeypatch, capsys)
+    assert code == 2 and limit.label in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

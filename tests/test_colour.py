@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import MODEL_NAME, grid_patches, make_patient, real_patient_folder, textured, write_tiny_weights
-from idcmap.colour import (ColourReference, colour_reference, is_normalised, matched_pixels, normalise_slide,
+from idcmap.colour import (ColourReference, colour_reference, matched_pixels, normalise_slide,
                            normalised_pixels, real_pixel_mask, slide_colour_statistics, tissue_histograms)
 from idcmap.errors import WeightsError
 from idcmap.loader import BACKGROUND, load_slide
@@ -96,7 +96,6 @@ def test_reference_is_the_mean_of_slide_statistics(tmp_path, slide):
 
 def test_normalise_slide_without_reference_is_the_slide(slide):
     assert normalise_slide(slide, None) is slide
-    assert not is_normalised(slide, None) and is_normalised(slide, REFERENCE)
 
 
 def test_a_channel_with_almost_no_spread_leaves_the_slide_alone(tmp_path):
@@ -108,14 +107,16 @@ def test_a_channel_with_almost_no_spread_leaves_the_slide_alone(tmp_path):
         return patch
     flat = load_slide(make_patient(tmp_path, "F", grid_patches(2, 3, pixels_of=flat_blue)))
     assert slide_colour_statistics(flat) is None
-    assert normalised_pixels(flat, REFERENCE) is flat.pixels and not is_normalised(flat, REFERENCE)
+    assert normalised_pixels(flat, REFERENCE) is flat.pixels
 
 
 @pytest.mark.parametrize("stored, problem", [
     ({"mean": [1, 2, 3], "std": [1, 1, 0]}, "std under 1.0"),
     ({"mean": [1, 2, 300], "std": [1, 1, 1]}, "outside 0-255"),
-    ({"mean": [1, float("nan"), 3], "std": [1, 1, 1]}, "3 finite"),
-    ({"mean": [1, 2], "std": [1, 1]}, "3 finite"),
+    ({"mean": [1, float("nan"), 3], "std": [1, 1, 1]}, "outside 0-255"),
+    ({"mean": [1, 10**400, 3], "std": [1, 1, 1]}, "outside 0-255"),
+    ({"mean": [1, 2], "std": [1, 1]}, "3 means and 3 stds"),
+    ({"mean": [1, None, 3], "std": [1, 1, 1]}, "3 means and 3 stds"),
     ({"mean": [1, 2, 3]}, "is not {'mean'"),
     ({"mean": [1, 2, 3], "std": [1, 1, 1], "gain": 2}, "is not {'mean'"),
     ({"mean": "pink", "std": [1, 1, 1]}, "is not {'mean'"),
@@ -136,7 +137,9 @@ def test_a_model_with_a_reference_scores_the_normalised_pixels(tmp_path, slide):
     seen = []
     backbone = scorer.backbone
     scorer.backbone = lambda x: seen.append(x.clone()) or backbone(x)
-    probability = scorer.score(slide).probability
+    scores = scorer.score(slide)
+    probability = scores.probability
+    assert scores.colour_normalised
     expected = to_input(torch.from_numpy(normalised_pixels(slide, REFERENCE)), scorer.mean, scorer.std)
     torch.testing.assert_close(torch.cat(seen), expected)
     assert ((probability >= 0) & (probability <= 1)).all()
