@@ -3,7 +3,8 @@
 Patch level (per group of patients, e.g. whole `patients/` and `sparse/`): accuracy, balanced
 accuracy, precision/recall/F1 of both classes, ROC-AUC, PR-AUC, ECE, confusion matrix.
 Slide level (whole slides, `Slide.is_whole`): area-fraction error and Dice, each with a 95% bootstrap
-interval over patients. Also the scoring speed of each model, measured in the same run.
+interval over patients, and each model's differences from the default's on the same slides with
+paired bootstrap intervals. Also the scoring speed of each model, measured in the same run.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .dataset import SPLIT_SETS, load_slides, load_split, patient_ids  # noqa: E
 from .errors import IdcmapError  # noqa: E402
 from .export import atomic_write_bytes, write_json  # noqa: E402
 from .loader import Slide  # noqa: E402
-from .models import REGISTRY, card_path, load_model  # noqa: E402
+from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
 from .regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
 from .scoring import Scorer  # noqa: E402
 
@@ -53,6 +54,18 @@ def slide_metrics(rows: list[dict]) -> dict:
         "dice": float(dices.mean()),
         "dice_ci95": metrics.bootstrap_interval(dices),
     }
+
+
+def paired_differences(reference: list[dict], other: list[dict]) -> dict:
+    """Per-slide differences, reference minus other, in Dice and in area-fraction error over the
+    same slides (rows in the same order), each mean with a 95% paired bootstrap interval: the
+    slides are resampled once for both models, so slide-to-slide difficulty cancels out."""
+    result: dict = {"slides": len(reference)}
+    for key in ("dice", "area_fraction_error"):
+        differences = np.array([a[key] - b[key] for a, b in zip(reference, other, strict=True)])
+        result[key] = float(differences.mean())
+        result[f"{key}_ci95"] = metrics.bootstrap_interval(differences)
+    return result
 
 
 def _group(patient_id: str) -> str:
@@ -142,6 +155,14 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             "scoring_patches_per_s": round(entry["scoring_patches_per_s"], 1),
             "backend": scorer.backend,
         }
+    reference = DEFAULT_MODEL if DEFAULT_MODEL in report["models"] else models[0]
+    whole = [i for i, s in enumerate(slides) if s.is_whole]
+    rows = {name: entry["per_patient"] for name, entry in report["models"].items()}
+    report["paired"] = {
+        group: {"reference": reference,
+                "against": {name: paired_differences([rows[reference][i] for i in chosen], [rows[name][i] for i in chosen])
+                            for name in rows if name != reference}}
+        for group in sorted(set(groups)) if (chosen := [i for i in whole if groups[i] == group]) and len(rows) > 1}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", report)
     atomic_write_bytes(out / "models.md", models_table(report, loaded, split).encode())
@@ -200,6 +221,14 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
             command += f" && idcmap quantize {data_root} --model {model.name}"
         cells += [f"{summary['scoring_patches_per_s']:,.0f} ({summary.get('backend', '?')})", f"`{command}`"]
         lines.append("| " + " | ".join(cells) + " |")
+    for group, paired in report.get("paired", {}).items():
+        lines += ["", f"Paired against `{paired['reference']}` on the same whole test slides of `{group}/` (its figure "
+                      "minus the model's, mean and 95% paired bootstrap interval over slides):", "",
+                  "| model | Dice difference | area-fraction error difference |", "|---|---|---|"]
+        for name, d in paired["against"].items():
+            lines.append(f"| `{name}` | {d['dice']:+.3f} [{d['dice_ci95'][0]:+.2f}, {d['dice_ci95'][1]:+.2f}] | "
+                         f"{d['area_fraction_error']:+.3f} [{d['area_fraction_error_ci95'][0]:+.2f}, "
+                         f"{d['area_fraction_error_ci95'][1]:+.2f}] |")
     return "\n".join(lines) + "\n"
 
 

@@ -303,3 +303,22 @@ def test_models_table_gives_the_commands_that_reproduce_each_row(tmp_path):
         "| `idcmap train D --model cancernet-context && idcmap calibrate D --model cancernet-context "
         "--colour-normalise && idcmap quantize D --model cancernet-context` |")
     assert "0.900 / 0.800 / 0.950 | 0.050 [0.01, 0.10] | 0.800 [0.70, 0.90]" in rows["| `cancernet`"]
+
+
+def test_paired_differences_against_the_reference_model(evaluated):
+    """Each model's Dice and area-fraction error minus the reference model's (here the first
+    model: the default is not evaluated), on the same whole slides, with a paired interval."""
+    report = evaluated["report"]
+    paired = report["paired"]
+    assert set(paired) == {"patients"}  # the sparse patients are no whole slides
+    assert paired["patients"]["reference"] == MODELS[0]
+    difference = paired["patients"]["against"][MODELS[1]]
+    rows = {name: [r for r in report["models"][name]["per_patient"] if r["group"] == "patients"] for name in MODELS}
+    assert difference["slides"] == len(rows[MODELS[0]]) > 0
+    for key in ("dice", "area_fraction_error"):
+        expected = np.mean([a[key] - b[key] for a, b in zip(rows[MODELS[0]], rows[MODELS[1]])])
+        assert difference[key] == pytest.approx(expected)
+        low, high = difference[f"{key}_ci95"]
+        assert low <= expected + 1e-12 and expected - 1e-12 <= high
+    table = (evaluated["out"] / "models.md").read_text()
+    assert f"Paired against `{MODELS[0]}`" in table and f"| `{MODELS[1]}` | {difference['dice']:+.3f} [" in table
