@@ -15,7 +15,7 @@ from .export import json_text
 from .loader import DEFAULT_MAX_MOSAIC_PIXELS
 from .models import DEFAULT_MODEL, REGISTRY
 from .scoring import BACKENDS
-from .training import LIMITS, PRECISIONS, TrainConfig
+from .train_config import LIMITS, PRECISIONS, TrainConfig
 
 log = logging.getLogger("idcmap")
 

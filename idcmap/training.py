@@ -9,14 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import shlex
 import logging
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +31,8 @@ from .models import (Calibration, LoadedModel, ModelSpec, PatchClassifier, build
                      load_model, load_torch_file, read_weights, save_checkpoint, save_weights, sha256_of,
                      stored_precision)
 from .regions import dice, idc_area_fraction, predicted_mask
-from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, resolve_device, to_input
+from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, to_input
+from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,91 +51,6 @@ def input_description(reference: ColourReference | None) -> str:
         text += ("; before that, each whole slide's tissue colours mapped per channel onto colour_reference "
                  "(idcmap.colour)")
     return text
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters (the CLI exposes each)."""
-
-    epochs: int = 14
-    batch_patches: int = 256
-    window: int = 16
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
-    patience: int = 4
-    seed: int = 0
-    cell_dropout: float = 0.1
-    stain_jitter: float = 0.08
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    device: str = "auto"
-    precision: str = "auto"
-    colour_normalise: bool = False  # map each slide's colours onto the training slides' mean (idcmap.colour)
-
-    def validate(self) -> None:
-        """OptionError naming the first setting training cannot use (and the device, if unusable)."""
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, label, usable, requirement in CONFIG_RULES:
-            value = getattr(self, name)
-            if not usable(value):
-                raise OptionError(f"{label} {value!r}: must be {requirement} (default {defaults[name]!r})")
-        resolve_device(self.device)
-
-
-@dataclass(frozen=True)
-class Limit:
-    """The range of one numeric TrainConfig setting: what `TrainConfig.validate` enforces and what
-    the CLI's option type accepts (one place for both)."""
-
-    label: str  # how the user names it
-    whole: bool  # a whole number (int, not bool); else any finite number
-    low: float = 0
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def allows(self, value: object) -> bool:
-        """True when `value` is of the right kind and within the range."""
-        if isinstance(value, bool) or not isinstance(value, int if self.whole else (int, float)):
-            return False
-        if not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    @property
-    def requirement(self) -> str:
-        """What the value must be, in words: "a whole number >= 1", "a number in (0, 1)"."""
-        kind = "a whole number" if self.whole else "a number" if self.high is not None else "a finite number"
-        low, high = (str(v) if self.whole or v is None else f"{v:g}" for v in (self.low, self.high))
-        if self.high is None:
-            return f"{kind} {'>' if self.low_open else '>='} {low}"
-        return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-
-
-LIMITS: dict[str, Limit] = {
-    "epochs": Limit("--epochs", whole=True, low=1),
-    "batch_patches": Limit("--batch-patches", whole=True, low=1),
-    "window": Limit("--window", whole=True, low=1),
-    "learning_rate": Limit("--lr", whole=False, low=0, low_open=True),
-    "weight_decay": Limit("weight decay", whole=False, low=0),
-    "patience": Limit("--patience", whole=True, low=1),
-    "seed": Limit("--seed", whole=True, low=0, high=2**64 - 1),
-    "cell_dropout": Limit("cell dropout", whole=False, low=0, high=1, high_open=True),
-    "stain_jitter": Limit("--stain-jitter", whole=False, low=0, high=0.5),
-    "test_fraction": Limit("--test-fraction", whole=False, low=0, high=1, low_open=True, high_open=True),
-    "val_fraction": Limit("--val-fraction", whole=False, low=0, high=1, low_open=True, high_open=True),
-}
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-# (TrainConfig field, how the user names it, test, what it must be)
-CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
-    *((name, limit.label, limit.allows, limit.requirement) for name, limit in LIMITS.items()),
-    ("precision", "--precision", lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
-    ("colour_normalise", "--colour-normalise", lambda v: isinstance(v, bool), "True or False"),
-)
 
 
 def cpu_has_bf16() -> bool:
@@ -225,7 +139,7 @@ class BatchMaker:
             if count >= self.config.batch_patches:
                 yield self._make(group)
                 group, count = [], 0
-        if group:
+        if count > 1:  # a last batch of one patch is dropped: batch norm cannot train on it
             yield self._make(group)
 
     def _make(self, group: list[Window]):
@@ -564,8 +478,9 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         history, best_state, best_auc, stale, trained_in, colour = resume_from(checkpoint_path, model_name, network,
                                                                                optimizer, scheduler, rng)
         if (colour is None) != (reference is None):
-            trained = "with" if colour is not None else "without (or by an idcmap that did not record it)"
-            raise OptionError(f"--colour-normalise: {checkpoint_path} was trained {trained} colour normalisation; "
+            trained = "with colour normalisation" if colour is not None else \
+                "without colour normalisation (or by an idcmap that did not record it)"
+            raise OptionError(f"--colour-normalise: {checkpoint_path} was trained {trained}; "
                               f"resume with the same setting, or train without --resume")
         if colour is not None and colour != reference.as_dict():
             raise OptionError(f"--colour-normalise: {checkpoint_path} was trained with another colour reference "

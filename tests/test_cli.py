@@ -15,7 +15,7 @@ from idcmap import __version__, cli as cli_module
 from idcmap.cli import cli
 from idcmap.errors import EmptyFolderError, IdcmapError
 from idcmap.pipeline import PATIENT_FILES
-from idcmap.training import LIMITS, TrainConfig
+from idcmap.train_config import LIMITS, TrainConfig
 
 
 def _patient(root, name="P"):

@@ -203,7 +203,7 @@ def unread(monkeypatch, tmp_path):
     ("weight_decay", -1e-4), ("weight_decay", math.nan), ("epochs", 0), ("epochs", 1.5), ("batch_patches", 0),
     ("window", 0), ("patience", 0), ("seed", -1), ("cell_dropout", 1.0), ("stain_jitter", -0.1),
     ("test_fraction", 0.0), ("val_fraction", 1.0), ("epochs", True), ("device", "tpu"),
-    ("precision", "fp16"),
+    ("precision", "fp16"), ("seed", 10**400), ("batch_patches", 7),
 ])
 def test_unusable_setting_is_refused_before_reading_data(unread, tmp_path, setting, value):
     out = tmp_path / "w" / "m.pt"

@@ -382,7 +382,7 @@ def test_resume_refuses_another_colour_normalisation_setting(trained, tmp_path, 
     config = TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32")
     target = tmp_path / "resumed" / out.name
     _killed_after_first_epoch(root, target, config, monkeypatch)
-    with pytest.raises(IdcmapError, match=r"--colour-normalise: .*ckpt was trained without \(or by an idcmap"):
+    with pytest.raises(IdcmapError, match=r"--colour-normalise: .*ckpt was trained without colour normalisation \(or by an idcmap"):
         train(root, MODEL, target, replace(config, colour_normalise=True), resume=True)
     normalised = tmp_path / "normalised" / out.name
     _killed_after_first_epoch(root, normalised, replace(config, colour_normalise=True), monkeypatch)
