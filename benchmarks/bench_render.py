@@ -40,7 +40,7 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from idcmap.colour import normalised_pixels  # noqa: E402
+from idcmap.colour import normalise_slide  # noqa: E402
 from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
 from idcmap.pipeline import RenderOptions, completed_summary, effective_calibration, render_patient  # noqa: E402
@@ -83,7 +83,7 @@ def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float, flo
     patch network and of the other slide-aware stages (context head, grid smoothing, calibration)
     on one slide, timed apart on the scorer's device."""
     started = time.perf_counter()
-    pixels = slide.pixels if model.colour_reference is None else normalised_pixels(slide, model.colour_reference)
+    pixels = normalise_slide(slide, model.colour_reference).pixels
     colour_s = time.perf_counter() - started
     with torch.inference_mode():
         x = to_input(torch.from_numpy(pixels).to(scorer.device), scorer.mean, scorer.std)

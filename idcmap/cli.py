@@ -37,7 +37,7 @@ BACKEND_CHOICE = click.Choice(list(BACKENDS))
 
 def training_option(name: str, help: str | None = None):
     """The `idcmap train` option for TrainConfig setting `name`: its type from the setting's
-    `training.LIMITS` entry, its default from TrainConfig (one place for both)."""
+    `train_config.LIMITS` entry, its default from TrainConfig (one place for both)."""
     limit = LIMITS[name]
     kind = (click.IntRange if limit.whole else FiniteFloatRange)(
         limit.low, limit.high, min_open=limit.low_open, max_open=limit.high_open)

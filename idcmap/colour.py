@@ -109,11 +109,11 @@ def matched_pixels(slide: Slide, reference: ColourReference) -> np.ndarray:
     stats = slide_colour_statistics(slide)
     if stats is None:
         return slide.pixels
-    mean, std = stats
-    levels = np.arange(256, dtype=np.float64)[:, None]
-    table = np.clip(np.rint((levels - mean) / std * np.asarray(reference.std) + np.asarray(reference.mean)), 0, 255)
-    table = table.astype(np.uint8)  # (256, 3): row v holds each channel's new value for v
-    table = np.ascontiguousarray(table.T)  # one row per channel: faster lookups
+    mean, std = (v[:, None] for v in stats)
+    target_mean, target_std = (np.asarray(v)[:, None] for v in (reference.mean, reference.std))
+    levels = np.arange(256, dtype=np.float64)[None, :]
+    # (3, 256): row c, column v holds channel c's new value for v
+    table = np.clip(np.rint((levels - mean) / std * target_std + target_mean), 0, 255).astype(np.uint8)
     pixels = np.empty_like(slide.pixels)
     for c in range(3):
         pixels[..., c] = table[c][slide.pixels[..., c]]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .colour import normalised_pixels
+from .colour import normalise_slide
 from .errors import OptionError, WeightsError
 from .loader import Slide
 from .models import Calibration, LoadedModel, get_spec
@@ -254,8 +254,7 @@ class Scorer:
         """Score every patch of `slide`; deterministic for a given device and batch size. A model
         with a colour reference scores the slide's colour-normalised pixels."""
         network = self.network
-        reference = self.model.colour_reference
-        seen = slide.pixels if reference is None else normalised_pixels(slide, reference)
+        seen = normalise_slide(slide, self.model.colour_reference).pixels
         pixels = torch.from_numpy(seen)
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()

@@ -542,8 +542,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             "network": network.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "best_state": best_state,
             "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(), "precision": config.precision,
-            "colour_reference": reference.as_dict() if reference is not None else None,
+            "torch_rng": torch.get_rng_state(), "precision": config.precision, **colour_fields(reference),
         })
     network.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
     network.eval()
