@@ -14,7 +14,7 @@ Stages, each over the same real patients of ../shared/data/patients:
                    inference_mode; ONNX Runtime on the CPU, in int8 where the model has an int8
                    network, PyTorch on the GPU), and beside it PyTorch eager channels_last, on the
                    CPU PyTorch under bfloat16 autocast and, for an int8 model, fp32 ONNX Runtime,
-                   on the same slides
+                   on the GPU fp16 autocast (--mixed-precision), on the same slides
   4. render        render_patient end to end: decode, score, mosaic/overlay PNGs, CSV/NPY/GeoJSON/JSON
 Prints patches/s, the ratios score/naive, score/decode and render/decode, peak RSS, and per-patient
 time and RSS as patients accumulate (time per patch should stay flat, RSS should not grow).
@@ -44,7 +44,7 @@ from idcmap.colour import normalise_slide  # noqa: E402
 from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
 from idcmap.pipeline import RenderOptions, completed_summary, effective_calibration, render_patient  # noqa: E402
-from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
+from idcmap.scoring import Scorer, calibrated_scores, ieee_fp32_convolutions, padded_batch, to_input  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "patients"
 
@@ -86,11 +86,16 @@ def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float, flo
     pixels = normalise_slide(slide, model.colour_reference).pixels
     colour_s = time.perf_counter() - started
     with torch.inference_mode():
-        x = to_input(torch.from_numpy(pixels).to(scorer.device), scorer.mean, scorer.std)
+        x = to_input(torch.from_numpy(pixels).to(scorer.device), scorer.mean, scorer.std).contiguous(
+            memory_format=torch.channels_last)
+        gpu = scorer.device.type == "cuda"  # as Scorer.score: one batch shape, full fp32 convolutions
         started = time.perf_counter()
-        features, logits = zip(*(scorer.backbone(x[i : i + scorer.batch_size])
-                                 for i in range(0, len(slide), scorer.batch_size)))
-        features, logits = torch.cat(features).to(scorer.device), torch.cat(logits).to(scorer.device)
+        with ieee_fp32_convolutions(gpu):
+            features, logits = zip(*(scorer.backbone(padded_batch(x[i : i + scorer.batch_size], scorer.batch_size)
+                                                     if gpu else x[i : i + scorer.batch_size])
+                                     for i in range(0, len(slide), scorer.batch_size)))
+        n = len(slide)
+        features, logits = torch.cat(features)[:n].to(scorer.device), torch.cat(logits)[:n].to(scorer.device)
         sync(scorer.device)
         network_s = time.perf_counter() - started
         cells = torch.from_numpy(slide.cells).to(scorer.device)
@@ -139,6 +144,8 @@ def main() -> None:
     if scorer.device.type == "cpu":
         others["torch bf16"] = Scorer(model, args.device, args.batch_size, backend="torch")
         others["torch bf16"].backbone = under_bf16_autocast(others["torch bf16"].backbone)
+    else:
+        others["torch fp16"] = Scorer(model, args.device, args.batch_size, mixed_precision=True)
     if scorer.backend == "onnx-int8":
         others["onnx fp32"] = Scorer(model, args.device, args.batch_size, backend="onnx")
     calibration = effective_calibration(model.calibration, RenderOptions())

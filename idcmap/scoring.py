@@ -7,8 +7,10 @@ import logging
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -94,6 +96,29 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise OptionError(f"--device {device}: choose auto, cpu or cuda")
     return torch.device(device)
+
+
+def padded_batch(x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`x` with zero patches appended up to `batch_size`. On a GPU each new batch shape costs a
+    kernel choice (about 1 s for CancerNet on an H100, 200x the batch itself), and every slide's
+    last batch would be a new shape; padded, a run sees one shape."""
+    if len(x) >= batch_size:
+        return x
+    return torch.cat([x, x.new_zeros((batch_size - len(x), *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+
+
+@contextmanager
+def ieee_fp32_convolutions(enabled: bool) -> Iterator[None]:
+    """cuDNN convolutions in full fp32 while `enabled`: PyTorch runs them in TF32 by default, which
+    put an H100's probabilities 1.2e-4 from the CPU's (5e-7 in full fp32)."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    if enabled:
+        conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
 
 
 def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -255,27 +280,30 @@ class Scorer:
         with a colour reference scores the slide's colour-normalised pixels."""
         network = self.network
         seen = normalise_slide(slide, self.model.colour_reference).pixels
-        pixels = torch.from_numpy(seen)
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
+        gpu = self.device.type == "cuda"
+        pixels = torch.from_numpy(seen).to(self.device)  # on a GPU: the whole slide in one copy
         features, logits = [], []
         starts = range(0, len(slide), self.batch_size)
         for start in tqdm(starts, desc=f"score {slide.patient}", unit="batch", disable=not progress, leave=False):
-            batch = pixels[start : start + self.batch_size].to(self.device, non_blocking=True)
-            x = to_input(batch, self.mean, self.std)
+            x = to_input(pixels[start : start + self.batch_size], self.mean, self.std)
+            n = len(x)
             if self.backend == "torch":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+            if gpu:
+                x = padded_batch(x, self.batch_size)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast), \
+                    ieee_fp32_convolutions(gpu and not self.autocast):
                 f, logit = self.backbone(x)
-            features.append(f.float())
-            logits.append(logit.float())
+            features.append(f[:n].float())
+            logits.append(logit[:n].float())
         feature = torch.cat(features)
         patch_logit = torch.cat(logits)
         context_logit = patch_logit
         if network.context is not None:
             cells = torch.from_numpy(slide.cells).to(self.device)
             index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
-            context_logit = network.context(feature, patch_logit, index, (1, *slide.grid_shape))
+            with ieee_fp32_convolutions(gpu):
+                context_logit = network.context(feature, patch_logit, index, (1, *slide.grid_shape))
         scores = calibrated_scores(slide, patch_logit.cpu().numpy(), context_logit.cpu().numpy(),
                                    network.context_reach, self.model.calibration)
         scores.colour_normalised = seen is not slide.pixels

@@ -10,7 +10,7 @@ from conftest import MODEL_NAME, grid_patches, make_patient, textured, write_tin
 from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 from idcmap.models import REGISTRY, load_model
-from idcmap.scoring import Scorer, onnx_available, resolve_device
+from idcmap.scoring import Scorer, ieee_fp32_convolutions, onnx_available, padded_batch, resolve_device
 
 
 def _block(rows=5, cols=6, label_of=lambda r, c: (r + c) % 2, offset=(0, 0)):
@@ -264,3 +264,37 @@ def test_smoothing_refines_and_falls_back(tmp_path):
     assert ((scores.probability >= 0) & (scores.probability <= 1)).all()
     np.testing.assert_allclose(scores.probability[far], 1 / (1 + np.exp(-patch_logit[far] / 3.0)), atol=1e-6)
     np.testing.assert_allclose(scores.probability[~far], 1 / (1 + np.exp(-scores.logit[~far] / 2.0)), atol=1e-6)
+
+
+def test_padded_batch_keeps_the_patches_and_adds_zero_ones():
+    x = torch.rand(5, 3, 50, 50).contiguous(memory_format=torch.channels_last)
+    padded = padded_batch(x, 8)
+    assert padded.shape == (8, 3, 50, 50)
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded[:5], x) and not padded[5:].any()
+    full = torch.rand(8, 3, 50, 50)
+    assert padded_batch(full, 8) is full
+
+
+def test_padded_patches_do_not_change_the_real_ones(tiny_weights):
+    """Padding the last batch (as on a GPU) leaves the real patches' outputs as they were: the
+    network scores each patch on its own in eval mode."""
+    network = load_model(MODEL_NAME, tiny_weights).network.eval()
+    x = torch.rand(5, 3, 50, 50)
+    with torch.inference_mode():
+        alone = network.backbone(x)[1]
+        padded = network.backbone(padded_batch(x, 16))[1][:5]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_ieee_fp32_convolutions_restores_the_setting():
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with ieee_fp32_convolutions(True):
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+    with ieee_fp32_convolutions(False):
+        assert conv.fp32_precision == before
+    with pytest.raises(RuntimeError), ieee_fp32_convolutions(True):
+        raise RuntimeError("scoring failed")
+    assert conv.fp32_precision == before
