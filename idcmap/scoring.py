@@ -121,9 +121,14 @@ def ieee_fp32_convolutions(enabled: bool) -> Iterator[None]:
         conv.fp32_precision = before
 
 
-def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC patches -> normalised float NCHW in channels_last memory (no copy of layout)."""
-    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 NHWC patches -> normalised float NCHW, in channels_last memory (a view of the NHWC
+    layout) or, with `channels_last=False`, contiguous NCHW as ONNX Runtime takes it: the uint8
+    bytes are transposed before the conversion, 4x less to move than floats (3-5x faster)."""
+    x = pixels.permute(0, 3, 1, 2)
+    if not channels_last:
+        x = x.contiguous()
+    x = x.float().div_(255.0)
     return x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
 
 
@@ -285,10 +290,9 @@ class Scorer:
         features, logits = [], []
         starts = range(0, len(slide), self.batch_size)
         for start in tqdm(starts, desc=f"score {slide.patient}", unit="batch", disable=not progress, leave=False):
-            x = to_input(pixels[start : start + self.batch_size], self.mean, self.std)
+            x = to_input(pixels[start : start + self.batch_size], self.mean, self.std,
+                         channels_last=self.backend == "torch")
             n = len(x)
-            if self.backend == "torch":
-                x = x.contiguous(memory_format=torch.channels_last)
             if gpu:
                 x = padded_batch(x, self.batch_size)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast), \

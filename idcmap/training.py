@@ -331,7 +331,7 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
         normalise_slide(slide, model.colour_reference).pixels[chosen[(chosen >= start) & (chosen < end)] - start]
         for slide, start, end in zip(slides, starts[:-1], starts[1:])])
     mean, std = torch.tensor(model.mean), torch.tensor(model.std)
-    inputs = to_input(torch.from_numpy(pixels), mean, std).contiguous().numpy()
+    inputs = to_input(torch.from_numpy(pixels), mean, std, channels_last=False).numpy()
     data = quantize_backbone(model.network.backbone, inputs)
     record = {"file": model.int8_path.name, "sha256": hashlib.sha256(data).hexdigest(),
               "weights_sha256": model.sha256, "calibration_patches": len(chosen),
