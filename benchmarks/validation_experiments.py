@@ -1,6 +1,7 @@
 """Options tried for the default model and not adopted, measured on the VALIDATION patients only.
 
     python benchmarks/validation_experiments.py [--data ../shared/data] [--skip-tta] [--weights W] [--only N ...]
+                                                [--other W2]
 
 Prints, side by side in one run (each against `resnet18-context` as shipped, fp32 ONNX Runtime):
   1. test-time augmentation: logits and features averaged over 1, 2, 4 or 8 flips/rotations,
@@ -15,7 +16,11 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
   6. per-slide colour normalisation of the default's inputs: none, per-channel RGB (idcmap.colour,
      reference from the training patients) on whole slides only (as shipped) or on the scattered
      samples too, and Reinhard's in CIELAB, calibration refitted; the scattered samples' pooled
-     patch AUC, and per whole slide the AUC under each.
+     patch AUC, and per whole slide the AUC under each;
+  7. another resnet18-context network (`--other`, trained on the same split), given the default's
+     colour reference when it has none, against the default's: each alone and their logit
+     average, calibration refitted; the fitted calibration, per whole slide the AUC, and the
+     scattered samples' pooled patch AUC.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -206,6 +211,27 @@ def colour_normalisation(model, slides, train_slides) -> None:
                                                       for r in runs.values()))
 
 
+def other_network(model, other_weights: Path, slides) -> None:
+    print(f"\n7. resnet18-context as shipped against {other_weights}, both with the colour reference")
+    other = load_model(DEFAULT, other_weights)
+    if other.colour_reference is None:
+        other = replace(other, colour_reference=model.colour_reference)
+    scored = {"shipped": scaled(model, slides), "other": scaled(other, slides)}
+    scored["average"] = [(s, replace(a, patch_logit=(a.patch_logit + b.patch_logit) / 2,
+                                     context_logit=(a.context_logit + b.context_logit) / 2))
+                         for (s, a), (_, b) in zip(scored["shipped"], scored["other"])]
+    reach = model.network.context_reach
+    for name, pairs in scored.items():
+        calibration, _ = fit_calibration(pairs, reach, SMOOTHING_SIGMAS)
+        sparse = [(s, r) for s, r in pairs if not s.is_whole]
+        pooled = metrics.roc_auc(np.concatenate([s.labels for s, _ in sparse]),
+                                 np.concatenate([r.patch_logit for _, r in sparse])) if sparse else float("nan")
+        print(f"  {name}: {objective(pairs, reach)}; sigma {calibration.smoothing_sigma:g}, threshold "
+              f"{calibration.threshold:.2f}, min region {calibration.min_region_cells}; scattered pooled AUC {pooled:.4f}")
+        print("    per whole slide AUC: " + ", ".join(f"{s.patient} {metrics.roc_auc(s.labels, r.context_logit):.3f}"
+                                                     for s, r in pairs if s.is_whole))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -218,7 +244,9 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 7), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 8), help="run only these experiments")
+    parser.add_argument("--other", type=Path, default=None,
+                        help="for experiment 7: another resnet18-context weights file trained on the same split")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
@@ -228,7 +256,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 7)) - ({1} if args.skip_tta else set())
+    run = set(args.only or range(1, 8)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -242,6 +270,8 @@ def main() -> None:
     if 6 in run:
         train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
         colour_normalisation(model, slides, train_slides)
+    if 7 in run:
+        other_network(model, args.other, slides)
 
 
 if __name__ == "__main__":
