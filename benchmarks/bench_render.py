@@ -1,6 +1,7 @@
 """Speed of idcmap against the decode floor and a naive per-patch loop, side by side in one run.
 
     python benchmarks/bench_render.py [--patients N] [--naive-patches 600] [--device auto] [--model NAME]
+                                      [--weights FILE]
                                       [--repeat-largest N]
 
 Stages, each over the same real patients of ../shared/data/patients:
@@ -44,7 +45,7 @@ from idcmap.colour import normalise_slide  # noqa: E402
 from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
 from idcmap.pipeline import RenderOptions, completed_summary, effective_calibration, render_patient  # noqa: E402
-from idcmap.scoring import Scorer, calibrated_scores, ieee_fp32_convolutions, padded_batch, to_input  # noqa: E402
+from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "patients"
 
@@ -81,32 +82,19 @@ def naive_loop(model) -> Callable[[list[Path]], float]:
 def context_stage_share(model, scorer: Scorer, slide) -> tuple[float, float, float]:
     """Seconds of the colour normalisation (0 for a model without a colour reference), of the
     patch network and of the other slide-aware stages (context head, grid smoothing, calibration)
-    on one slide, timed apart on the scorer's device."""
+    on one slide, each as `Scorer.score` runs it, timed apart on the scorer's device."""
     started = time.perf_counter()
     pixels = normalise_slide(slide, model.colour_reference).pixels
     colour_s = time.perf_counter() - started
-    with torch.inference_mode():
-        x = to_input(torch.from_numpy(pixels).to(scorer.device), scorer.mean, scorer.std).contiguous(
-            memory_format=torch.channels_last)
-        gpu = scorer.device.type == "cuda"  # as Scorer.score: one batch shape, full fp32 convolutions
-        started = time.perf_counter()
-        with ieee_fp32_convolutions(gpu):
-            features, logits = zip(*(scorer.backbone(padded_batch(x[i : i + scorer.batch_size], scorer.batch_size)
-                                                     if gpu else x[i : i + scorer.batch_size])
-                                     for i in range(0, len(slide), scorer.batch_size)))
-        n = len(slide)
-        features, logits = torch.cat(features)[:n].to(scorer.device), torch.cat(logits)[:n].to(scorer.device)
-        sync(scorer.device)
-        network_s = time.perf_counter() - started
-        cells = torch.from_numpy(slide.cells).to(scorer.device)
-        index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
-        started = time.perf_counter()
-        context = logits
-        if model.network.context is not None:
-            context = model.network.context(features, logits, index, (1, *slide.grid_shape))
-        calibrated_scores(slide, logits.cpu().numpy(), context.cpu().numpy(), model.network.context_reach,
-                          model.calibration)
-        return colour_s, network_s, time.perf_counter() - started
+    started = time.perf_counter()
+    features, logits = scorer.patch_outputs(pixels)
+    sync(scorer.device)
+    network_s = time.perf_counter() - started
+    started = time.perf_counter()
+    context = scorer.context_logits(slide, features, logits)
+    calibrated_scores(slide, logits.cpu().numpy(), context.cpu().numpy(), model.network.context_reach,
+                      model.calibration)
+    return colour_s, network_s, time.perf_counter() - started
 
 
 def under_bf16_autocast(backbone):
@@ -130,6 +118,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--weights", type=Path, default=None, help="weights file [default: the model's shipped weights]")
     parser.add_argument("--data", type=Path, default=DATA, help="folder of patient folders")
     parser.add_argument("--repeat-largest", type=int, default=0, metavar="N",
                         help="then render the largest patient N more times, printing RSS after each")
@@ -138,7 +127,7 @@ def main() -> None:
         sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
     folders = find_patient_folders(args.data)
     folders = folders[: args.patients] if args.patients else folders
-    model = load_model(args.model)
+    model = load_model(args.model, args.weights)
     scorer = Scorer(model, args.device, args.batch_size)
     others = {"torch eager": Scorer(model, args.device, args.batch_size, backend="torch")}
     if scorer.device.type == "cpu":
@@ -149,7 +138,7 @@ def main() -> None:
     if scorer.backend == "onnx-int8":
         others["onnx fp32"] = Scorer(model, args.device, args.batch_size, backend="onnx")
     calibration = effective_calibration(model.calibration, RenderOptions())
-    options = RenderOptions(model=args.model, device=args.device, progress=False)
+    options = RenderOptions(model=args.model, weights=args.weights, device=args.device, progress=False)
     for folder in folders:  # every stage reads from the page cache, so decode is timed, not the disk
         for path in folder.rglob("*.png"):
             path.read_bytes()

@@ -5,7 +5,10 @@
 One step as `idcmap train` runs it (`idcmap.training.training_step`): a 16 x 16-cell grid window of 256 patches (50 x 50 px, channels_last)
 through the patch network and its context head, both losses, backward, AdamW. Random pixels: the
 time of a step does not depend on what the patches show. Prints seconds per step (best and mean of
---steps after one warm-up) for each precision, alternating them --rounds times, and the ratio.
+--steps after one warm-up) for each precision, alternating them --rounds times, and the ratio, then
+an approximate time of the training steps of a whole run (--epochs x one step per 256 training
+patches; decoding and validation left out). On a GPU, "fp32" runs cuDNN convolutions in PyTorch's
+default TF32, as training does.
 """
 from __future__ import annotations
 
@@ -68,8 +71,8 @@ def main() -> None:
     fp32, bf16 = (sum(v) / len(v) for v in means.values())
     print(f"bf16 autocast: {fp32 / bf16:.2f}x the fp32 step rate ({fp32:.3f} s vs {bf16:.3f} s per step)")
     steps = args.epochs * math.ceil(args.train_patches / (WINDOW * WINDOW))
-    print(f"{args.epochs} epochs over {args.train_patches:,} training patches ({steps} steps): "
-          f"{steps * min(fp32, bf16) / 60:.1f} min of training steps at the faster precision "
+    print(f"{args.epochs} epochs over {args.train_patches:,} training patches (about {steps} steps): "
+          f"about {steps * min(fp32, bf16) / 60:.1f} min of training steps at the faster precision "
           "(decoding and validation not included)")
 
 

@@ -212,7 +212,8 @@ def colour_normalisation(model, slides, train_slides) -> None:
 
 
 def other_network(model, other_weights: Path, slides) -> None:
-    print(f"\n7. resnet18-context as shipped against {other_weights}, both with the colour reference")
+    print(f"\n7. resnet18-context ({model.path}) against {other_weights}, the second given the first's colour "
+          f"reference ({model.colour_reference}) if it has none")
     other = load_model(DEFAULT, other_weights)
     if other.colour_reference is None:
         other = replace(other, colour_reference=model.colour_reference)
@@ -222,7 +223,7 @@ def other_network(model, other_weights: Path, slides) -> None:
                          for (s, a), (_, b) in zip(scored["shipped"], scored["other"])]
     reach = model.network.context_reach
     for name, pairs in scored.items():
-        calibration, _ = fit_calibration(pairs, reach, SMOOTHING_SIGMAS)
+        calibration, _ = fit_calibration(pairs, reach, SMOOTHING_SIGMAS)  # objective() below refits the same
         sparse = [(s, r) for s, r in pairs if not s.is_whole]
         pooled = metrics.roc_auc(np.concatenate([s.labels for s, _ in sparse]),
                                  np.concatenate([r.patch_logit for _, r in sparse])) if sparse else float("nan")
@@ -248,6 +249,8 @@ def main() -> None:
     parser.add_argument("--other", type=Path, default=None,
                         help="for experiment 7: another resnet18-context weights file trained on the same split")
     args = parser.parse_args()
+    if 7 in (args.only or []) and args.other is None:
+        parser.error("experiment 7 needs --other W2 (another resnet18-context weights file)")
     if not args.data.is_dir():
         sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
     folders = patient_ids(args.data)

@@ -99,9 +99,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def padded_batch(x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """`x` with zero patches appended up to `batch_size`. On a GPU each new batch shape costs a
-    kernel choice (about 1 s for CancerNet on an H100, 200x the batch itself), and every slide's
-    last batch would be a new shape; padded, a run sees one shape."""
+    """`x` with zero patches appended up to `batch_size` (channels_last). On a GPU each new batch
+    shape costs a kernel choice (about 1 s for CancerNet on an H100, benchmarks/RESULTS.md), and
+    every slide's last batch would be a new shape; padded, a run sees one shape."""
     if len(x) >= batch_size:
         return x
     return torch.cat([x, x.new_zeros((batch_size - len(x), *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
@@ -109,8 +109,8 @@ def padded_batch(x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 @contextmanager
 def ieee_fp32_convolutions(enabled: bool) -> Iterator[None]:
-    """cuDNN convolutions in full fp32 while `enabled`: PyTorch runs them in TF32 by default, which
-    put an H100's probabilities 1.2e-4 from the CPU's (5e-7 in full fp32)."""
+    """cuDNN convolutions in full fp32 while `enabled`. PyTorch runs them in TF32 by default, which
+    put an H100's probabilities 1.2e-4 from CPU PyTorch fp32 (5e-7 in full fp32; benchmarks/RESULTS.md)."""
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision
     if enabled:
@@ -122,9 +122,9 @@ def ieee_fp32_convolutions(enabled: bool) -> Iterator[None]:
 
 
 def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """uint8 NHWC patches -> normalised float NCHW, in channels_last memory (a view of the NHWC
-    layout) or, with `channels_last=False`, contiguous NCHW as ONNX Runtime takes it: the uint8
-    bytes are transposed before the conversion, 4x less to move than floats (3-5x faster)."""
+    """uint8 NHWC patches -> normalised float NCHW: in channels_last memory (the NHWC memory order)
+    or, with `channels_last=False`, contiguous NCHW as ONNX Runtime takes it (the uint8 bytes are
+    transposed before the conversion, a quarter of the bytes a float transpose moves)."""
     x = pixels.permute(0, 3, 1, 2)
     if not channels_last:
         x = x.contiguous()
@@ -273,6 +273,7 @@ class Scorer:
             self.backbone = self.network.backbone
         self.mean = torch.tensor(model.mean, device=self.device)
         self.std = torch.tensor(model.std, device=self.device)
+        self.fixed_batch_shape = self.device.type == "cuda"  # pad every slide's last batch (see padded_batch)
 
     @property
     def runtime(self) -> dict:
@@ -280,35 +281,44 @@ class Scorer:
         return {"backend": self.backend, "int8_sha256": self.int8_sha256, "mixed_precision": self.autocast}
 
     @torch.inference_mode()
+    def patch_outputs(self, pixels: np.ndarray, progress_label: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits) of the patch network for (N, 50, 50, 3) uint8 patches, on the scorer's
+        device, in batches. On a GPU the patches go over in one copy, the last batch is padded to
+        the batch size (`padded_batch`) and fp32 convolutions run in full fp32."""
+        patches = torch.from_numpy(pixels).to(self.device)
+        features, logits = [], []
+        starts = range(0, len(patches), self.batch_size)
+        with ieee_fp32_convolutions(self.device.type == "cuda" and not self.autocast):
+            for start in tqdm(starts, desc=f"score {progress_label}", unit="batch", disable=progress_label is None,
+                              leave=False):
+                x = to_input(patches[start : start + self.batch_size], self.mean, self.std,
+                             channels_last=self.backend == "torch")
+                n = len(x)
+                if self.fixed_batch_shape:
+                    x = padded_batch(x, self.batch_size)
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+                    f, logit = self.backbone(x)
+                features.append(f[:n].float())
+                logits.append(logit[:n].float())
+        return torch.cat(features), torch.cat(logits)
+
+    @torch.inference_mode()
+    def context_logits(self, slide: Slide, features: torch.Tensor, patch_logits: torch.Tensor) -> torch.Tensor:
+        """The context head's logits over `slide`'s grid (the patch logits for a model without one)."""
+        if self.network.context is None:
+            return patch_logits
+        cells = torch.from_numpy(slide.cells).to(self.device)
+        index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
+        with ieee_fp32_convolutions(self.device.type == "cuda"):
+            return self.network.context(features, patch_logits, index, (1, *slide.grid_shape))
+
     def score(self, slide: Slide, progress: bool = False) -> SlideScores:
         """Score every patch of `slide`; deterministic for a given device and batch size. A model
         with a colour reference scores the slide's colour-normalised pixels."""
-        network = self.network
         seen = normalise_slide(slide, self.model.colour_reference).pixels
-        gpu = self.device.type == "cuda"
-        pixels = torch.from_numpy(seen).to(self.device)  # on a GPU: the whole slide in one copy
-        features, logits = [], []
-        starts = range(0, len(slide), self.batch_size)
-        for start in tqdm(starts, desc=f"score {slide.patient}", unit="batch", disable=not progress, leave=False):
-            x = to_input(pixels[start : start + self.batch_size], self.mean, self.std,
-                         channels_last=self.backend == "torch")
-            n = len(x)
-            if gpu:
-                x = padded_batch(x, self.batch_size)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast), \
-                    ieee_fp32_convolutions(gpu and not self.autocast):
-                f, logit = self.backbone(x)
-            features.append(f[:n].float())
-            logits.append(logit[:n].float())
-        feature = torch.cat(features)
-        patch_logit = torch.cat(logits)
-        context_logit = patch_logit
-        if network.context is not None:
-            cells = torch.from_numpy(slide.cells).to(self.device)
-            index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
-            with ieee_fp32_convolutions(gpu):
-                context_logit = network.context(feature, patch_logit, index, (1, *slide.grid_shape))
+        features, patch_logit = self.patch_outputs(seen, slide.patient if progress else None)
+        context_logit = self.context_logits(slide, features, patch_logit)
         scores = calibrated_scores(slide, patch_logit.cpu().numpy(), context_logit.cpu().numpy(),
-                                   network.context_reach, self.model.calibration)
+                                   self.network.context_reach, self.model.calibration)
         scores.colour_normalised = seen is not slide.pixels
         return scores

@@ -388,6 +388,12 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
             f"--precision {config.precision}" + (" --colour-normalise" if config.colour_normalise else ""))
 
 
+def split_fractions(split: dict, split_file: str | Path | None) -> dict:
+    """The test and validation fractions a reused split file (--split) was drawn with, as it records
+    them (None where it does not), in place of the command line's unused ones; {} for a drawn split."""
+    return {key: split.get(key) for key in ("test_fraction", "val_fraction")} if split_file else {}
+
+
 def check_outputs(out: Path) -> None:
     """OutputError before any training when `out`, its card, split or checkpoint could not be written:
     one of them is a folder, or the folder they go in is not writable (or not a folder)."""
@@ -563,7 +569,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         **colour_fields(reference),
         "calibration": asdict(calibration),
         "calibration_fit": choice,
-        "training": {**asdict(config), "command": training_command(data_root, model_name, out, config, split_file),
+        "training": {**asdict(config), **split_fractions(split, split_file),
+                     "command": training_command(data_root, model_name, out, config, split_file),
                      "data_root": str(data_root), "split_file": split_path.name,
                      "train_patients": len(split["train"]), "val_patients": len(split["val"]),
                      "test_patients": len(split["test"]),

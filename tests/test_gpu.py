@@ -33,3 +33,16 @@ def test_gpu_matches_cpu(tmp_path, slide, model):
     np.testing.assert_allclose(gpu.patch_probability, cpu.patch_probability, atol=1e-4)
     np.testing.assert_allclose(half.probability, cpu.probability, atol=1e-3)
     assert (gpu.refined == cpu.refined).all()
+
+
+def test_gpu_batches_and_precision_setting(tmp_path, slide):
+    """Several batches with a padded last one give the CPU's scores, and scoring leaves the cuDNN
+    fp32 precision setting as it found it."""
+    weights = write_tiny_weights(tmp_path / "resnet18-context.pt", model="resnet18-context",
+                                 calibration={"threshold": 0.5, "smoothing_sigma": 1.0})
+    before = torch.backends.cudnn.conv.fp32_precision
+    cpu = Scorer(load_model("resnet18-context", weights), device="cpu").score(slide)
+    gpu = Scorer(load_model("resnet18-context", weights), device="cuda", batch_size=64).score(slide)
+    assert len(slide) % 64
+    np.testing.assert_allclose(gpu.probability, cpu.probability, atol=1e-4)
+    assert torch.backends.cudnn.conv.fp32_precision == before

@@ -276,15 +276,17 @@ def test_padded_batch_keeps_the_patches_and_adds_zero_ones():
     assert padded_batch(full, 8) is full
 
 
-def test_padded_patches_do_not_change_the_real_ones(tiny_weights):
-    """Padding the last batch (as on a GPU) leaves the real patches' outputs as they were: the
-    network scores each patch on its own in eval mode."""
-    network = load_model(MODEL_NAME, tiny_weights).network.eval()
-    x = torch.rand(5, 3, 50, 50)
-    with torch.inference_mode():
-        alone = network.backbone(x)[1]
-        padded = network.backbone(padded_batch(x, 16))[1][:5]
-    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("batch_size", [4, 7, 512])
+def test_padded_last_batch_gives_the_same_scores(tiny_weights, slide, batch_size):
+    """The GPU path pads each slide's last batch to the batch size; the real patches' scores stay
+    as they were (the network scores each patch on its own in eval mode)."""
+    plain = Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", batch_size=batch_size, backend="torch")
+    padded = Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", batch_size=batch_size, backend="torch")
+    padded.fixed_batch_shape = True
+    assert len(slide) % batch_size or batch_size == 512  # a short last batch to pad
+    expected, got = plain.score(slide), padded.score(slide)
+    np.testing.assert_allclose(got.probability, expected.probability, atol=1e-5)
+    np.testing.assert_allclose(got.patch_logit, expected.patch_logit, atol=1e-5)
 
 
 def test_ieee_fp32_convolutions_restores_the_setting():

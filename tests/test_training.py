@@ -69,6 +69,20 @@ def test_training_writes_weights_card_and_split(trained):
     assert len(on_disk["mean"]) == len(on_disk["std"]) == 3
 
 
+def test_a_reused_split_records_the_fractions_it_was_drawn_with(trained, tmp_path):
+    """With --split, the card gives the split file's fractions, not the unused command-line ones."""
+    root, out, card = trained
+    split_file = out.with_suffix(".split.json")
+    split = json.loads(split_file.read_text())
+    assert card["training"]["val_fraction"] == split["val_fraction"]  # drawn: the config's own
+    reused = train(root, MODEL, tmp_path / f"{MODEL}.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu",
+                                                                       seed=0, precision="fp32", val_fraction=0.3,
+                                                                       test_fraction=0.4), split_file=split_file)
+    assert (reused["training"]["test_fraction"], reused["training"]["val_fraction"]) == (
+        split["test_fraction"], split["val_fraction"])
+    assert "--split" in reused["training"]["command"]
+
+
 def test_auto_precision_is_bf16_where_the_hardware_computes_it_natively(monkeypatch):
     import torch
 
