@@ -72,7 +72,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
                    "made (CPU; ResNet-18 3.4x faster).")
 @click.option("--mixed-precision", is_flag=True, help="fp16 autocast on the GPU (probabilities within 1e-3 of fp32).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
-              help="Patches per batch [default: 512 on CPU, 1024 on GPU].")
+              help="Patches per batch [default: 512 on CPU, 1024 on GPU]. On a GPU every slide's last "
+                   "batch is padded to this size (one batch shape), so keep it near the default.")
 @click.option("--threshold", type=FiniteFloatRange(0, 1), default=None,
               help="IDC probability threshold [default: the model's, fitted on validation patients].")
 @click.option("--smoothing", "smoothing_sigma", type=FiniteFloatRange(0, 10), default=None,
