@@ -43,7 +43,7 @@ from idcmap import metrics  # noqa: E402
 from idcmap.colour import colour_reference, matched_pixels, normalised_pixels, real_pixel_mask  # noqa: E402
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
-from idcmap.models import get_spec, load_model  # noqa: E402
+from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer  # noqa: E402
 from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc  # noqa: E402
@@ -51,10 +51,15 @@ from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, m
 DEFAULT = "resnet18-context"
 
 
+def fitted(scored, reach: int, sigmas=SMOOTHING_SIGMAS) -> tuple[Calibration, str]:
+    """The calibration fitted on `scored` and its objective in words."""
+    calibration, choice = fit_calibration(scored, reach, sigmas)
+    return calibration, (f"objective {choice['value']:.4f} (Dice {choice['val_dice']:.4f}, area MAE "
+                         f"{choice['val_area_fraction_mae']:.4f}), patient AUC {mean_patient_auc(scored):.4f}")
+
+
 def objective(scored, reach: int, sigmas=SMOOTHING_SIGMAS) -> str:
-    _, choice = fit_calibration(scored, reach, sigmas)
-    return (f"objective {choice['value']:.4f} (Dice {choice['val_dice']:.4f}, area MAE "
-            f"{choice['val_area_fraction_mae']:.4f}), patient AUC {mean_patient_auc(scored):.4f}")
+    return fitted(scored, reach, sigmas)[1]
 
 
 def dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -153,9 +158,10 @@ def lab_tissue(slide) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lab, real, real & (lab[:, 0] < 88)
 
 
-def lab_statistics(slide) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of the slide's tissue in CIELAB."""
-    lab, _, tissue = lab_tissue(slide)
+def lab_statistics(slide, measured: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the slide's tissue in CIELAB (from `measured` = (lab, tissue mask) of
+    `lab_tissue` when given, so the conversion is not done twice)."""
+    lab, tissue = measured or lab_tissue(slide)[::2]
     return lab[tissue].mean(0), lab[tissue].std(0)
 
 
@@ -164,7 +170,7 @@ def lab_reinhard(slide: Slide, reference: tuple[np.ndarray, np.ndarray]) -> Slid
     from skimage.color import lab2rgb
 
     lab, real, tissue = lab_tissue(slide)
-    mean, std = lab[tissue].mean(0), lab[tissue].std(0)
+    mean, std = lab_statistics(slide, (lab, tissue))
     lab[tissue] = (lab[tissue] - mean) / std * reference[1] + reference[0]
     with warnings.catch_warnings():  # lab2rgb warns about the few colours outside sRGB, clipped here
         warnings.simplefilter("ignore")
@@ -223,11 +229,11 @@ def other_network(model, other_weights: Path, slides) -> None:
                          for (s, a), (_, b) in zip(scored["shipped"], scored["other"])]
     reach = model.network.context_reach
     for name, pairs in scored.items():
-        calibration, _ = fit_calibration(pairs, reach, SMOOTHING_SIGMAS)  # objective() below refits the same
+        calibration, fit = fitted(pairs, reach)
         sparse = [(s, r) for s, r in pairs if not s.is_whole]
         pooled = metrics.roc_auc(np.concatenate([s.labels for s, _ in sparse]),
                                  np.concatenate([r.patch_logit for _, r in sparse])) if sparse else float("nan")
-        print(f"  {name}: {objective(pairs, reach)}; sigma {calibration.smoothing_sigma:g}, threshold "
+        print(f"  {name}: {fit}; sigma {calibration.smoothing_sigma:g}, threshold "
               f"{calibration.threshold:.2f}, min region {calibration.min_region_cells}; scattered pooled AUC {pooled:.4f}")
         print("    per whole slide AUC: " + ", ".join(f"{s.patient} {metrics.roc_auc(s.labels, r.context_logit):.3f}"
                                                      for s, r in pairs if s.is_whole))

@@ -81,7 +81,7 @@ def tissue_histograms(slide: Slide) -> np.ndarray:
     stacked = slide.pixels.reshape(-1, PATCH_SIZE, 3)
     brightness = stacked[..., 0].astype(np.uint16) + stacked[..., 1] + stacked[..., 2]
     tissue = Image.fromarray(np.where(brightness < NEAR_WHITE, np.uint8(255), np.uint8(0)))
-    return np.array(_stacked_image(slide.pixels).histogram(mask=tissue), dtype=np.int64).reshape(3, 256)
+    return np.array(_stacked_image(stacked).histogram(mask=tissue), dtype=np.int64).reshape(3, 256)
 
 
 def slide_colour_statistics(slide: Slide) -> tuple[np.ndarray, np.ndarray] | None:
