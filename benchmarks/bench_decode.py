@@ -32,7 +32,7 @@ CHUNK = 256
 def in_chunks(pool: Executor, paths: list[Path]) -> list:
     """Decode `paths` in tasks of CHUNK files on `pool`."""
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    return [array for part in pool.map(loader.decode_patches, chunks) for array in part]
+    return [decoded for part in pool.map(loader.decode_patches, chunks) for decoded in part]
 
 
 def main() -> None:

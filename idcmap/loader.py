@@ -6,6 +6,7 @@ the mosaic and the model.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -85,6 +86,7 @@ class Slide:
     sizes: np.ndarray  # (N, 2) int64, (height, width)
     labels: np.ndarray  # (N,) int8: 0, 1, or -1 (unlabelled)
     pixels: np.ndarray  # (N, 50, 50, 3) uint8
+    inputs_sha256: str  # fingerprint of the patch files as read (`inputs_fingerprint`)
     skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -239,15 +241,18 @@ def _missing_file(path: Path) -> str:
     return f"{path}: file vanished while reading; was the folder changed during the run? run again"
 
 
-def _decode(path: Path) -> np.ndarray:
-    """Decode one patch into an (h, w, 3) uint8 array, or raise PatchImageError.
+def _decode(path: Path) -> tuple[np.ndarray, os.stat_result]:
+    """Decode one patch into an (h, w, 3) uint8 array, with the file's stat as it was read; or
+    raise PatchImageError.
 
     16-bit PNGs are refused whatever their colour type: pillow would open 16-bit grey as an
     integer image but 16-bit RGB/RGBA silently reduced to 8 bits, so the bit depth is read from
     the PNG header itself (IHDR, byte 24 of the file).
     """
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            data = handle.read()
         if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24:25] == b"\x10":
             raise PatchImageError(
                 f"{path}: a 16-bit PNG (16 bits per channel); idcmap reads 8-bit patches only, "
@@ -282,13 +287,22 @@ def _decode(path: Path) -> np.ndarray:
         raise PatchImageError(
             f"{path}: {w}x{h} px; patches must be at most {PATCH_SIZE}x{PATCH_SIZE}"
         )
-    return array
+    return array, stat
 
 
-def decode_patches(paths: list[Path]) -> list[np.ndarray]:
-    """Decode PNGs one after another in this thread. A 50 x 50 PNG is mostly Python-level parsing
-    that holds the GIL, so a thread pool decoded at about 0.6 of this rate (benchmarks/bench_decode.py)."""
+def decode_patches(paths: list[Path]) -> list[tuple[np.ndarray, os.stat_result]]:
+    """Decode PNGs one after another in this thread, each with its file's stat as read. A 50 x 50
+    PNG is mostly Python-level parsing that holds the GIL, so a thread pool decoded at about 0.6
+    of this rate (benchmarks/bench_decode.py)."""
     return [_decode(p) for p in paths]
+
+
+def inputs_fingerprint(folder: Path, stats: list[tuple[Path, os.stat_result]]) -> str:
+    """sha256 over patch files of `folder` (relative paths, byte sizes, modification times): what
+    `render --resume` compares to tell whether a patient's inputs changed since its render."""
+    listing = "\n".join(f"{path.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}"
+                        for path, stat in sorted(stats, key=lambda item: item[0]))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _patient_id(folder: Path, files: list[Path], names: list[PatchName]) -> str:
@@ -362,7 +376,8 @@ def load_slide(
     xy = np.array([[n.x, n.y] for _, n in parsed], dtype=np.int64)
     _check_mosaic_size(folder, xy, max_mosaic_pixels)
     paths = [p for p, _ in parsed]
-    decoded = decode_patches(paths)
+    decoded, stats = zip(*decode_patches(paths))
+    fingerprint = inputs_fingerprint(folder, list(zip(paths, stats)))
     keep = _drop_duplicates(paths, xy, [n.label for _, n in parsed], decoded)
     paths = [paths[i] for i in keep]
     decoded = [decoded[i] for i in keep]
@@ -376,7 +391,7 @@ def load_slide(
         h, w = array.shape[:2]
         pixels[i, :h, :w] = array
         sizes[i] = (h, w)
-    return Slide(patient, paths, xy, sizes, labels, pixels, skipped)
+    return Slide(patient, paths, xy, sizes, labels, pixels, fingerprint, skipped)
 
 
 def _check_mosaic_size(folder: Path, xy: np.ndarray, max_pixels: int) -> None:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from .errors import IdcmapError, OptionError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, write_csv, write_json, write_npy, write_png
-from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, list_patch_files, load_slide
+from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, inputs_fingerprint,
+                     list_patch_files, load_slide)
 from .models import Calibration, load_model
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
 from .render import overlay_png
@@ -96,12 +97,10 @@ def summary_name(shard: tuple[int, int] | None) -> str:
 
 
 def inputs_sha256(folder: Path) -> str:
-    """sha256 over a patient folder's patch files (relative paths, byte sizes, modification
-    times): what `--resume` compares to tell whether the inputs changed since a render."""
+    """The fingerprint (`inputs_fingerprint`) of a patient folder's patch files as they are now,
+    to compare with the one a render recorded from the files it read."""
     files, _ = list_patch_files(folder)
-    stats = ((f.relative_to(folder).as_posix(), f.stat()) for f in sorted(files))
-    listing = "\n".join(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}" for name, stat in stats)
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return inputs_fingerprint(folder, [(f, f.stat()) for f in files])
 
 
 def _file_record(path: Path) -> dict:
@@ -227,7 +226,7 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
         "runtime": scorer.runtime,  # how the patch network ran: backend, int8 network, fp16
         "colour_normalised": scores.colour_normalised,
         "skipped": slide.skipped,
-        "inputs_sha256": inputs_sha256(folder),
+        "inputs_sha256": slide.inputs_sha256,
     }
     labelled = slide.labels >= 0
     if labelled.any() and not labelled.all():

@@ -461,3 +461,18 @@ def test_find_patient_folders_none(tmp_path):
         find_patient_folders(tmp_path)
     with pytest.raises(EmptyFolderError):
         find_patient_folders(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("layout", ["class", "flat"])
+def test_inputs_fingerprint_is_of_the_files_read(patient_factory, layout):
+    from idcmap.pipeline import inputs_sha256
+
+    folder = patient_factory("P", {(0, 0): (0, solid((10, 20, 30))), (50, 0): (1, solid((200, 10, 10))),
+                                   (0, 50): (1, solid((90, 90, 90)))}, layout)
+    slide = load_slide(folder)
+    assert len(slide.inputs_sha256) == 64
+    assert slide.inputs_sha256 == inputs_sha256(folder)  # what `render --resume` compares it with
+    patch = sorted(folder.rglob("*.png"))[-1]
+    os.utime(patch, ns=(patch.stat().st_atime_ns, patch.stat().st_mtime_ns + 10**9))
+    assert inputs_sha256(folder) != slide.inputs_sha256
+    assert load_slide(folder).inputs_sha256 == inputs_sha256(folder)
