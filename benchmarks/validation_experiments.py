@@ -1,7 +1,7 @@
 """Options tried for the default model and not adopted, measured on the VALIDATION patients only.
 
     python benchmarks/validation_experiments.py [--data ../shared/data] [--skip-tta] [--weights W] [--only N ...]
-                                                [--other W2]
+                                                [--other W2 [W3 ...]]
 
 Prints, side by side in one run (each against `resnet18-context` as shipped, fp32 ONNX Runtime):
   1. test-time augmentation: logits and features averaged over 1, 2, 4 or 8 flips/rotations,
@@ -17,16 +17,17 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
      reference from the training patients) on whole slides only (as shipped) or on the scattered
      samples too, and Reinhard's in CIELAB, calibration refitted; the scattered samples' pooled
      patch AUC, and per whole slide the AUC under each;
-  7. another resnet18-context network (`--other`, trained on the same split), given the default's
-     colour reference when it has none, against the default's: each alone and their logit
-     average, calibration refitted; the fitted calibration, per whole slide the AUC, and the
-     scattered samples' pooled patch AUC.
+  7. other resnet18-context networks (`--other`, trained on the same split), given the default's
+     colour reference when they have none, against the default's: each alone and the logit
+     average of every mix of them, calibration refitted; the fitted calibration, per whole slide
+     the AUC, and the scattered samples' pooled patch AUC.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 import warnings
@@ -217,16 +218,22 @@ def colour_normalisation(model, slides, train_slides) -> None:
                                                       for r in runs.values()))
 
 
-def other_network(model, other_weights: Path, slides) -> None:
-    print(f"\n7. resnet18-context ({model.path}) against {other_weights}, the second given the first's colour "
-          f"reference ({model.colour_reference}) if it has none")
-    other = load_model(DEFAULT, other_weights)
-    if other.colour_reference is None:
-        other = replace(other, colour_reference=model.colour_reference)
-    scored = {"shipped": scaled(model, slides), "other": scaled(other, slides)}
-    scored["average"] = [(s, replace(a, patch_logit=(a.patch_logit + b.patch_logit) / 2,
-                                     context_logit=(a.context_logit + b.context_logit) / 2))
-                         for (s, a), (_, b) in zip(scored["shipped"], scored["other"])]
+def other_networks(model, others: list[Path], slides) -> None:
+    print(f"\n7. resnet18-context ({model.path}) against {', '.join(map(str, others))}, each given the first's "
+          f"colour reference ({model.colour_reference}) if it has none")
+    networks = {"shipped": model}
+    for path in others:
+        other = load_model(DEFAULT, path)
+        if other.colour_reference is None:
+            other = replace(other, colour_reference=model.colour_reference)
+        networks[str(path)] = other
+    scored = {name: scaled(network, slides) for name, network in networks.items()}
+    for size in range(2, len(scored) + 1):  # every mix: logits averaged after each network's patch temperature
+        for names in itertools.combinations(list(networks), size):
+            scored[" + ".join(names)] = [
+                (group[0][0], replace(group[0][1], patch_logit=np.mean([r.patch_logit for _, r in group], axis=0),
+                                      context_logit=np.mean([r.context_logit for _, r in group], axis=0)))
+                for group in zip(*(scored[name] for name in names))]
     reach = model.network.context_reach
     for name, pairs in scored.items():
         calibration, fit = fitted(pairs, reach)
@@ -252,11 +259,11 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
     parser.add_argument("--only", type=int, nargs="+", choices=range(1, 8), help="run only these experiments")
-    parser.add_argument("--other", type=Path, default=None,
-                        help="for experiment 7: another resnet18-context weights file trained on the same split")
+    parser.add_argument("--other", type=Path, nargs="+", default=None,
+                        help="for experiment 7: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
-        parser.error("experiment 7 needs --other W2 (another resnet18-context weights file)")
+        parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
     if not args.data.is_dir():
         sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
     folders = patient_ids(args.data)
@@ -280,7 +287,7 @@ def main() -> None:
         train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
         colour_normalisation(model, slides, train_slides)
     if 7 in run:
-        other_network(model, args.other, slides)
+        other_networks(model, args.other, slides)
 
 
 if __name__ == "__main__":
