@@ -305,6 +305,13 @@ def inputs_fingerprint(folder: Path, stats: list[tuple[Path, os.stat_result]]) -
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+def inputs_sha256(folder: Path) -> str:
+    """The fingerprint (`inputs_fingerprint`) of a patient folder's patch files as they are now,
+    to compare with the one a render recorded from the files it read (`Slide.inputs_sha256`)."""
+    files, _ = list_patch_files(folder)
+    return inputs_fingerprint(folder, [(f, f.stat()) for f in files])
+
+
 def _patient_id(folder: Path, files: list[Path], names: list[PatchName]) -> str:
     """The patient of a folder's patches, from the ids in their file names.
 

@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from .errors import IdcmapError, OptionError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, write_csv, write_json, write_npy, write_png
-from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, inputs_fingerprint,
-                     list_patch_files, load_slide)
+from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, inputs_sha256, load_slide
 from .models import Calibration, load_model
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
 from .render import overlay_png
@@ -94,13 +93,6 @@ def patient_name(folder: Path) -> str:
 def summary_name(shard: tuple[int, int] | None) -> str:
     """summary.csv, or summary-<I>-of-<N>.csv for one shard of a sharded run."""
     return "summary.csv" if shard is None or shard[1] == 1 else f"summary-{shard[0]}-of-{shard[1]}.csv"
-
-
-def inputs_sha256(folder: Path) -> str:
-    """The fingerprint (`inputs_fingerprint`) of a patient folder's patch files as they are now,
-    to compare with the one a render recorded from the files it read."""
-    files, _ = list_patch_files(folder)
-    return inputs_fingerprint(folder, [(f, f.stat()) for f in files])
 
 
 def _file_record(path: Path) -> dict:

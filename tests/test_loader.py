@@ -19,7 +19,7 @@ from idcmap.errors import (
     PatchNameError,
     PatientMismatchError,
 )
-from idcmap.loader import BACKGROUND, PatchName, find_patient_folders, load_slide, parse_patch_name
+from idcmap.loader import BACKGROUND, PatchName, find_patient_folders, inputs_sha256, load_slide, parse_patch_name
 
 # ----------------------------------------------------------------------------------------------
 # parse_patch_name
@@ -465,8 +465,6 @@ def test_find_patient_folders_none(tmp_path):
 
 @pytest.mark.parametrize("layout", ["class", "flat"])
 def test_inputs_fingerprint_is_of_the_files_read(patient_factory, layout):
-    from idcmap.pipeline import inputs_sha256
-
     folder = patient_factory("P", {(0, 0): (0, solid((10, 20, 30))), (50, 0): (1, solid((200, 10, 10))),
                                    (0, 50): (1, solid((90, 90, 90)))}, layout)
     slide = load_slide(folder)
