@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import metrics
@@ -360,6 +361,16 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
     return card
 
 
+def weight_average(network: PatchClassifier, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `network`'s weights and batch-norm statistics (a copy that
+    `update_parameters(network)` moves towards it by 1 - `decay` after each step); None when
+    `decay` is 0. Averaging damps the epoch-to-epoch swings of the validation AUC that early
+    stopping and the choice of the kept epoch read."""
+    if not decay:
+        return None
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def training_step(network: PatchClassifier, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                   index: torch.Tensor, grid_shape: tuple[int, int, int], bf16: bool) -> float:
     """One optimiser step on a batch of grid windows; returns its loss: the patch logits' binary
@@ -385,7 +396,8 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
             f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
             f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
             f"--stain-jitter {config.stain_jitter:g} --seed {config.seed} --device {config.device} "
-            f"--precision {config.precision}" + (" --colour-normalise" if config.colour_normalise else ""))
+            f"--precision {config.precision}" + (" --colour-normalise" if config.colour_normalise else "")
+            + (f" --ema {config.ema:g}" if config.ema else ""))
 
 
 def split_fractions(split: dict, split_file: str | Path | None) -> dict:
@@ -412,14 +424,19 @@ CHECKPOINT_REMEDY = "delete it, or train without --resume"
 
 
 def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler,
-                rng: np.random.Generator) -> tuple[list[dict], dict | None, float, int, str, dict | None]:
-    """Restore a run from its checkpoint: network, optimizer, scheduler and both RNGs in place;
-    returns (history, best state, best AUC, stale epochs, the precision it trained in: fp32 for
-    checkpoints older than --precision, the colour reference it trained with as stored or None).
-    WeightsError naming the checkpoint when it is not one, or belongs to another run (another
-    model, another idcmap version)."""
+                scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
+                averaged: AveragedModel | None = None,
+                ema: float = 0.0) -> tuple[list[dict], dict | None, float, int, str, dict | None]:
+    """Restore a run from its checkpoint: network, optimizer, scheduler, both RNGs and the weight
+    average (`averaged`, of a run with `--ema` decay `ema`) in place; returns (history, best state,
+    best AUC, stale epochs, the precision it trained in: fp32 for checkpoints older than
+    --precision, the colour reference it trained with as stored or None). WeightsError naming the
+    checkpoint when it is not one, or belongs to another run (another model, another idcmap
+    version); OptionError when it was trained with another --ema."""
     state = load_torch_file(path, "an idcmap training checkpoint", CHECKPOINT_REMEDY)
+    if state.get("ema", 0.0) != ema:
+        raise OptionError(f"--ema {ema:g}: {path} was trained with --ema {state.get('ema', 0.0):g}; resume with "
+                          f"the same setting, or train without --resume")
     misfit = (f"{path}: this checkpoint does not fit a {model_name!r} training run (another model's, or from "
               f"another idcmap version); {CHECKPOINT_REMEDY}")
     try:
@@ -428,6 +445,8 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
         precision = state.get("precision", "fp32")
         if precision not in ("bf16", "fp32"):
@@ -467,7 +486,9 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     train_slides = [normalise_slide(s, reference) for s in train_slides]  # val: the scorer normalises
     mean, std = pixel_statistics(train_slides)
     network = build_model(model_name)
-    scorer_model = LoadedModel(model_name, network, tuple(mean), tuple(std), Calibration(), sha256="",
+    averaged = weight_average(network, config.ema)
+    evaluated = network if averaged is None else averaged.module  # what is validated, kept and stored
+    scorer_model = LoadedModel(model_name, evaluated, tuple(mean), tuple(std), Calibration(), sha256="",
                                colour_reference=reference)
     scorer = Scorer(scorer_model, config.device, backend="torch")
     device = scorer.device
@@ -475,6 +496,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         log.warning("--precision bf16: this CPU has no native bfloat16 (AVX512-BF16/AMX), so training "
                     "will likely be slower than in fp32; use --precision auto or fp32")
     network.to(device).to(memory_format=torch.channels_last)
+    if averaged is not None:
+        averaged.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     checkpoint_path = out.with_suffix(".ckpt")
@@ -482,7 +505,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     best_state, best_auc, epoch0, stale = None, -1.0, 0, 0
     if resume and checkpoint_path.is_file():
         history, best_state, best_auc, stale, trained_in, colour = resume_from(checkpoint_path, model_name, network,
-                                                                               optimizer, scheduler, rng)
+                                                                               optimizer, scheduler, rng, averaged,
+                                                                               config.ema)
         if (colour is None) != (reference is None):
             trained = "with colour normalisation" if colour is not None else \
                 "without colour normalisation (or by an idcmap that did not record it)"
@@ -518,11 +542,13 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         for x, y, index, grid_shape in bar:
             x, y, index = x.to(device), y.to(device), index.to(device)
             loss = training_step(network, optimizer, x, y, index, grid_shape, autocast)
+            if averaged is not None:
+                averaged.update_parameters(network)
             total_loss += loss * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
         scheduler.step()
-        network.eval()
+        evaluated.eval()
         scored = collect_scores(scorer, val_slides)
         val_labels = np.concatenate([s.labels for s, _ in scored])
         val_logits = np.concatenate([r.context_logit for _, r in scored])
@@ -541,7 +567,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             tqdm.write(json.dumps(record))
         if best_state is None or record["val_auc"] > best_auc:
             best_auc, stale = record["val_auc"], 0
-            best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
         else:
             stale += 1
         save_checkpoint(checkpoint_path, {
@@ -549,14 +575,15 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             "scheduler": scheduler.state_dict(), "history": history, "best_state": best_state,
             "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "precision": config.precision, **colour_fields(reference),
+            "ema": config.ema, **({"averaged": averaged.state_dict()} if averaged is not None else {}),
         })
-    network.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
-    network.eval()
+    evaluated.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
+    evaluated.eval()
     calibration, choice = fit_calibration(collect_scores(scorer, val_slides), network.context_reach,
                                           smoothing_sigmas(spec))
     save_weights(out, {
         "model": model_name,
-        "state_dict": {k: v.cpu() for k, v in network.state_dict().items()},
+        "state_dict": {k: v.cpu() for k, v in evaluated.state_dict().items()},
         "mean": mean, "std": std, "calibration": asdict(calibration),
         **colour_fields(reference),
     })

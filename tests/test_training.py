@@ -420,3 +420,46 @@ def test_adding_a_colour_reference_retires_the_int8_network(quantised, tmp_path,
     requantised = quantize(root, MODEL, tmp_path / weights.name, patches=64)
     assert requantised["int8"]["weights_sha256"] == sha256_of(tmp_path / weights.name)
     assert Scorer(load_model(MODEL, tmp_path / weights.name), device="cpu").backend == "onnx-int8"
+
+
+def test_ema_keeps_the_averaged_weights_deterministically_across_a_resume(trained, tmp_path, monkeypatch):
+    """--ema: the kept weights are the moving average (not the last step's network), the card and its
+    command say so, and a run killed after epoch 1 and resumed keeps the same average bit for bit."""
+    import torch
+
+    from idcmap import training
+
+    root, out, card = trained
+    config = TrainConfig(epochs=2, batch_patches=32, device="cpu", seed=0, precision="fp32", ema=0.9)
+    made = []
+    real_average = training.weight_average
+
+    def watched(network, decay):
+        made.append((network, real_average(network, decay)))
+        return made[-1][1]
+
+    monkeypatch.setattr(training, "weight_average", watched)
+    averaged = train(root, MODEL, tmp_path / "ema" / out.name, config)
+    monkeypatch.setattr(training, "weight_average", real_average)
+    assert averaged["training"]["ema"] == 0.9 and averaged["training"]["command"].endswith("--ema 0.9")
+    stored = read_weights(tmp_path / "ema" / out.name)["state_dict"]
+    network, average = made[0]
+    kept = average.module.state_dict()
+    last_step = training.stored_precision(network.state_dict())  # rounded as stored weights are
+    assert all(torch.equal(stored[k], kept[k]) for k in stored)
+    assert not all(torch.equal(stored[k], last_step[k]) for k in stored)
+    assert averaged["sha256"] != card["sha256"]
+
+    target = tmp_path / "resumed" / out.name
+    _killed_after_first_epoch(root, target, config, monkeypatch)
+    with pytest.raises(IdcmapError, match=r"--ema 0: .*ckpt was trained with --ema 0.9; resume with the same"):
+        train(root, MODEL, target, replace(config, ema=0.0), resume=True)
+    resumed = train(root, MODEL, target, config, resume=True)
+    assert resumed["sha256"] == averaged["sha256"]
+
+
+def test_ema_must_be_a_decay_below_one(trained, tmp_path):
+    root, out, _ = trained
+    for decay in (1.0, -0.1):
+        with pytest.raises(IdcmapError, match=r"--ema .*must be a number in \[0, 1\)"):
+            train(root, MODEL, tmp_path / out.name, TrainConfig(epochs=1, device="cpu", ema=decay))
