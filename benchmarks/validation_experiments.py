@@ -20,7 +20,10 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
   7. other resnet18-context networks (`--other`, trained on the same split), given the default's
      colour reference when they have none, against the default's: each alone and the logit
      average of every mix of them, calibration refitted; the fitted calibration, per whole slide
-     the AUC, and the scattered samples' pooled patch AUC.
+     the AUC, and the scattered samples' pooled patch AUC;
+  8. the strength of the per-slide colour normalisation: each whole slide mapped part of the way
+     (0.5, 0.75) or all the way (1, as shipped) from its own colour statistics to the reference
+     (means interpolated, stds geometrically), calibration refitted; per whole slide the AUC.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -41,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from idcmap import metrics  # noqa: E402
-from idcmap.colour import colour_reference, matched_pixels, normalised_pixels, real_pixel_mask  # noqa: E402
+from idcmap.colour import (ColourReference, colour_reference, matched_pixels, normalised_pixels,  # noqa: E402
+                           real_pixel_mask, slide_colour_statistics)
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
@@ -246,6 +250,29 @@ def other_networks(model, others: list[Path], slides) -> None:
                                                      for s, r in pairs if s.is_whole))
 
 
+def partly_normalised(slide: Slide, reference: ColourReference, strength: float) -> Slide:
+    """A whole slide with its tissue colours mapped `strength` of the way onto `reference`
+    (per channel: the target mean interpolated, the target std geometrically); 1: as shipped."""
+    stats = slide_colour_statistics(slide)
+    if stats is None or not slide.is_whole:
+        return slide
+    mean, std = stats
+    target = ColourReference(tuple(strength * np.asarray(reference.mean) + (1 - strength) * mean),
+                             tuple(np.exp(strength * np.log(reference.std) + (1 - strength) * np.log(std))))
+    return replace(slide, pixels=matched_pixels(slide, target))
+
+
+def normalisation_strength(model, slides) -> None:
+    print("\n8. strength of the per-slide colour normalisation (calibration refitted)")
+    plain = replace(model, colour_reference=None)
+    for strength in (0.5, 0.75, 1.0):
+        scored = collect_scores(Scorer(plain, "cpu", backend="onnx"),
+                                [partly_normalised(s, model.colour_reference, strength) for s in slides])
+        print(f"  strength {strength:g}: {objective(scored, model.network.context_reach)}")
+        print("    per whole slide AUC: " + ", ".join(f"{s.patient} {metrics.roc_auc(s.labels, r.context_logit):.3f}"
+                                                     for s, r in scored if s.is_whole))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -258,7 +285,7 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 8), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 9), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
                         help="for experiment 7: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
@@ -272,7 +299,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 8)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 9)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -288,6 +315,10 @@ def main() -> None:
         colour_normalisation(model, slides, train_slides)
     if 7 in run:
         other_networks(model, args.other, slides)
+    if 8 in run:
+        if model.colour_reference is None:
+            sys.exit("experiment 8 needs weights with a colour reference (idcmap calibrate --colour-normalise)")
+        normalisation_strength(model, slides)
 
 
 if __name__ == "__main__":
