@@ -395,9 +395,10 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
     return (f"idcmap train {shlex.quote(str(data_root))} --model {model_name} -o {shlex.quote(str(out))} {split} "
             f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
             f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
-            f"--stain-jitter {config.stain_jitter:g} --seed {config.seed} --device {config.device} "
-            f"--precision {config.precision}" + (" --colour-normalise" if config.colour_normalise else "")
-            + (f" --ema {config.ema:g}" if config.ema else ""))
+            f"--stain-jitter {config.stain_jitter:g} --seed {config.seed}"
+            + (f" --ema {config.ema:.10g}" if config.ema else "")
+            + f" --device {config.device} --precision {config.precision}"
+            + (" --colour-normalise" if config.colour_normalise else ""))
 
 
 def split_fractions(split: dict, split_file: str | Path | None) -> dict:
@@ -434,9 +435,6 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
     checkpoint when it is not one, or belongs to another run (another model, another idcmap
     version); OptionError when it was trained with another --ema."""
     state = load_torch_file(path, "an idcmap training checkpoint", CHECKPOINT_REMEDY)
-    if state.get("ema", 0.0) != ema:
-        raise OptionError(f"--ema {ema:g}: {path} was trained with --ema {state.get('ema', 0.0):g}; resume with "
-                          f"the same setting, or train without --resume")
     misfit = (f"{path}: this checkpoint does not fit a {model_name!r} training run (another model's, or from "
               f"another idcmap version); {CHECKPOINT_REMEDY}")
     try:
@@ -445,6 +443,10 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+        trained_ema = float(state.get("ema", 0.0))  # checkpoints older than --ema: 0, off
+        if trained_ema != ema:
+            raise OptionError(f"--ema {ema:.10g}: {path} was trained with --ema {trained_ema:.10g}; resume with "
+                              f"--ema {trained_ema:.10g}, or train without --resume")
         if averaged is not None:
             averaged.load_state_dict(state["averaged"])
         history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
