@@ -20,7 +20,8 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
   7. other resnet18-context networks (`--other`, trained on the same split), given the default's
      colour reference when they have none, against the default's: each alone and the logit
      average of every mix of them, calibration refitted; the fitted calibration, per whole slide
-     the AUC, and the scattered samples' pooled patch AUC;
+     the AUC and the predicted and labelled IDC area fractions, and the scattered samples' pooled
+     patch AUC;
   8. the strength of the per-slide colour normalisation: each whole slide mapped part of the way
      (0.5, 0.75) or all the way (1, as shipped) from its own colour statistics to the reference
      (means interpolated, stds geometrically), calibration refitted; per whole slide the AUC.
@@ -50,7 +51,7 @@ from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
-from idcmap.scoring import Scorer  # noqa: E402
+from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
 from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc  # noqa: E402
 
 DEFAULT = "resnet18-context"
@@ -248,6 +249,13 @@ def other_networks(model, others: list[Path], slides) -> None:
               f"{calibration.threshold:.2f}, min region {calibration.min_region_cells}; scattered pooled AUC {pooled:.4f}")
         print("    per whole slide AUC: " + ", ".join(f"{s.patient} {metrics.roc_auc(s.labels, r.context_logit):.3f}"
                                                      for s, r in pairs if s.is_whole))
+        areas = []
+        for s, r in pairs:
+            if s.is_whole:
+                probability = calibrated_scores(s, r.patch_logit, r.context_logit, reach, calibration).probability
+                areas.append(f"{s.patient} {idc_area_fraction(s, predicted_mask(s, probability, calibration)):.2f}"
+                             f"/{idc_area_fraction(s, s.labels == 1):.2f}")
+        print("    per whole slide IDC area fraction, predicted/labelled: " + ", ".join(areas))
 
 
 def partly_normalised(slide: Slide, reference: ColourReference, strength: float) -> Slide:
