@@ -64,6 +64,11 @@ def fitted(scored, reach: int, sigmas=SMOOTHING_SIGMAS) -> tuple[Calibration, st
                          f"{choice['val_area_fraction_mae']:.4f}), patient AUC {mean_patient_auc(scored):.4f}")
 
 
+def whole_slide_aucs(scored) -> str:
+    """Each whole slide's patient and the AUC of its context logits: "10253 0.956, ..."."""
+    return ", ".join(f"{s.patient} {metrics.roc_auc(s.labels, r.context_logit):.3f}" for s, r in scored if s.is_whole)
+
+
 def objective(scored, reach: int, sigmas=SMOOTHING_SIGMAS) -> str:
     return fitted(scored, reach, sigmas)[1]
 
@@ -247,8 +252,7 @@ def other_networks(model, others: list[Path], slides) -> None:
                                  np.concatenate([r.patch_logit for _, r in sparse])) if sparse else float("nan")
         print(f"  {name}: {fit}; sigma {calibration.smoothing_sigma:g}, threshold "
               f"{calibration.threshold:.2f}, min region {calibration.min_region_cells}; scattered pooled AUC {pooled:.4f}")
-        print("    per whole slide AUC: " + ", ".join(f"{s.patient} {metrics.roc_auc(s.labels, r.context_logit):.3f}"
-                                                     for s, r in pairs if s.is_whole))
+        print("    per whole slide AUC: " + whole_slide_aucs(pairs))
         areas = []
         for s, r in pairs:
             if s.is_whole:
@@ -277,8 +281,7 @@ def normalisation_strength(model, slides) -> None:
         scored = collect_scores(Scorer(plain, "cpu", backend="onnx"),
                                 [partly_normalised(s, model.colour_reference, strength) for s in slides])
         print(f"  strength {strength:g}: {objective(scored, model.network.context_reach)}")
-        print("    per whole slide AUC: " + ", ".join(f"{s.patient} {metrics.roc_auc(s.labels, r.context_logit):.3f}"
-                                                     for s, r in scored if s.is_whole))
+        print("    per whole slide AUC: " + whole_slide_aucs(scored))
 
 
 def _seconds(scorer: Scorer, slide) -> float:
