@@ -24,7 +24,14 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
      patch AUC;
   8. the strength of the per-slide colour normalisation: each whole slide mapped part of the way
      (0.5, 0.75) or all the way (1, as shipped) from its own colour statistics to the reference
-     (means interpolated, stds geometrically), calibration refitted; per whole slide the AUC.
+     (means interpolated, stds geometrically), calibration refitted; per whole slide the AUC;
+  9. leave-one-slide-out estimates of the decision rules, for the default and each `--other`
+     network and their logit average: the calibration is fitted without one whole validation
+     slide (the scattered samples always kept for the temperatures) and judged on that slide
+     alone, slide after slide. Rules: the fitted threshold and post-processing (as shipped);
+     per-slide area matching (each slide's threshold set so that its thresholded area equals its
+     expected area, the area-weighted mean calibrated probability; temperature and smoothing fitted
+     as shipped); the same followed by the fitted post-processing.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -50,7 +57,7 @@ from idcmap.colour import (ColourReference, colour_reference, matched_pixels, no
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
-from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
+from idcmap.regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
 from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc  # noqa: E402
 
@@ -284,6 +291,59 @@ def normalisation_strength(model, slides) -> None:
         print("    per whole slide AUC: " + whole_slide_aucs(scored))
 
 
+def area_matched_threshold(slide: Slide, probability: np.ndarray) -> float:
+    """The threshold whose thresholded area fraction (patches at their real size) comes closest to
+    the slide's expected area fraction, the area-weighted mean of `probability`."""
+    area = slide.areas.astype(float)
+    expected = float((probability * area).sum() / area.sum())
+    order = np.argsort(-probability, kind="stable")
+    covered = np.cumsum(area[order]) / area.sum()
+    k = int(np.argmin(np.abs(np.concatenate([[0.0], covered]) - expected)))  # the k most probable patches
+    return float(probability[order[k - 1]]) if k else float(np.nextafter(probability.max(), np.inf))
+
+
+def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
+    """Rule name -> (Dice, |area error|) on each whole slide, with the calibration fitted without it."""
+    judged = {"fitted threshold and post-processing (shipped)": [], "area-matched threshold": [],
+              "area-matched threshold, then fitted post-processing": []}
+    whole = [i for i, (s, _) in enumerate(pairs) if s.is_whole]
+    for i in whole:
+        slide, scores = pairs[i]
+        calibration, _ = fit_calibration([p for j, p in enumerate(pairs) if j != i], reach)
+        probability = calibrated_scores(slide, scores.patch_logit, scores.context_logit, reach, calibration).probability
+        truth = slide.labels == 1
+        matched = replace(calibration, threshold=area_matched_threshold(slide, probability))
+        for rule, trial in zip(judged, (calibration, replace(matched, min_region_cells=0, max_hole_cells=0), matched)):
+            mask = predicted_mask(slide, probability, trial)
+            judged[rule].append((dice(slide, mask, truth),
+                                 abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth))))
+    return judged
+
+
+def leave_one_slide_out(model, others: list[Path], slides) -> None:
+    print("\n9. leave-one-slide-out: calibration fitted without each whole validation slide, judged on it")
+    networks = {"shipped": model}
+    for path in others:
+        other = load_model(DEFAULT, path)
+        networks[str(path)] = other if other.colour_reference else replace(other, colour_reference=model.colour_reference)
+    scored = {name: scaled(network, slides) for name, network in networks.items()}
+    if len(scored) > 1:
+        scored["average of all"] = [
+            (group[0][0], replace(group[0][1], patch_logit=np.mean([r.patch_logit for _, r in group], axis=0),
+                                  context_logit=np.mean([r.context_logit for _, r in group], axis=0)))
+            for group in zip(*scored.values())]
+    reach = model.network.context_reach
+    patients = [s.patient for s in slides if s.is_whole]
+    for name, pairs in scored.items():
+        print(f"  {name}: in-sample {objective(pairs, reach)}")
+        for rule, figures in left_out_rules(pairs, reach).items():
+            dices, errors = np.array(figures).T
+            print(f"    {rule}: objective {dices.mean() - errors.mean():.4f} (Dice {dices.mean():.4f}, "
+                  f"area MAE {errors.mean():.4f})")
+            print("      per slide Dice/area error: " + ", ".join(f"{p} {d:.2f}/{e:.2f}"
+                                                            for p, d, e in zip(patients, dices, errors)))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -296,9 +356,9 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 9), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 10), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
-                        help="for experiment 7: other resnet18-context weights files trained on the same split")
+                        help="for experiments 7 and 9: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
         parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
@@ -310,7 +370,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 9)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 10)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -330,6 +390,8 @@ def main() -> None:
         if model.colour_reference is None:
             sys.exit("experiment 8 needs weights with a colour reference (idcmap calibrate --colour-normalise)")
         normalisation_strength(model, slides)
+    if 9 in run:
+        leave_one_slide_out(model, args.other or [], slides)
 
 
 if __name__ == "__main__":
