@@ -31,7 +31,10 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
      alone, slide after slide. Rules: the fitted threshold and post-processing (as shipped);
      per-slide area matching (each slide's threshold set so that its thresholded area equals its
      expected area, the area-weighted mean calibrated probability; temperature and smoothing fitted
-     as shipped); the same followed by the fitted post-processing.
+     as shipped); the same followed by the fitted post-processing;
+ 10. stain test-time augmentation: the default and each `--other` network score each (colour-
+     normalised) slide as it is and with its haematoxylin or eosin amount scaled by 1 +/- 0.2
+     (3 or 5 views, logits averaged), calibration refitted; in sample and left one slide out.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -59,7 +62,7 @@ from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
-from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc  # noqa: E402
+from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc, stain_jitter  # noqa: E402
 
 DEFAULT = "resnet18-context"
 
@@ -344,6 +347,41 @@ def leave_one_slide_out(model, others: list[Path], slides) -> None:
                                                             for p, d, e in zip(patients, dices, errors)))
 
 
+STAIN_VIEWS = ((1.0, 1.0, 1.0), (1.2, 1.0, 1.0), (0.8, 1.0, 1.0), (1.0, 1.2, 1.0), (1.0, 0.8, 1.0))
+"""Haematoxylin, eosin, DAB scales of the stain views: as it is, H +/- 20%, E +/- 20%."""
+
+
+def stained(pixels: np.ndarray, scale: tuple[float, float, float]) -> np.ndarray:
+    """(N, 50, 50, 3) uint8 pixels with every patch's stain amounts scaled by `scale`."""
+    if scale == (1.0, 1.0, 1.0):
+        return pixels
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+    factors = torch.tensor(scale).expand(len(x), 3)
+    out = stain_jitter(x, factors, torch.zeros_like(factors))
+    return out.mul_(255).round_().byte().permute(0, 2, 3, 1).numpy()
+
+
+def stain_views(model, others: list[Path], slides) -> None:
+    print("\n10. stain test-time augmentation: logits averaged over H/E-scaled views of the normalised slides")
+    networks = {"shipped": model}
+    for path in others:
+        networks[str(path)] = load_model(DEFAULT, path)
+    normalised = [replace(s, pixels=normalised_pixels(s, model.colour_reference)) for s in slides]
+    reach = model.network.context_reach
+    for name, network in networks.items():
+        scorer = Scorer(replace(network, colour_reference=None), "cpu", backend="onnx")
+        views = [collect_scores(scorer, [replace(s, pixels=stained(s.pixels, scale)) for s in normalised])
+                 for scale in STAIN_VIEWS]
+        for count in (1, 3, 5):
+            pairs = [(group[0][0], replace(group[0][1], patch_logit=np.mean([r.patch_logit for _, r in group], axis=0),
+                                           context_logit=np.mean([r.context_logit for _, r in group], axis=0)))
+                     for group in zip(*views[:count])]
+            dices, errors = np.array(left_out_rules(pairs, reach)["fitted threshold and post-processing (shipped)"]).T
+            print(f"  {name}, {count} view(s): in sample {objective(pairs, reach)}; left out: objective "
+                  f"{dices.mean() - errors.mean():.4f} (Dice {dices.mean():.4f}, area MAE {errors.mean():.4f})")
+            print("    per whole slide AUC: " + whole_slide_aucs(pairs))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -356,9 +394,9 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 10), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 11), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
-                        help="for experiments 7 and 9: other resnet18-context weights files trained on the same split")
+                        help="for experiments 7, 9 and 10: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
         parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
@@ -370,7 +408,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 10)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 11)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -392,6 +430,8 @@ def main() -> None:
         normalisation_strength(model, slides)
     if 9 in run:
         leave_one_slide_out(model, args.other or [], slides)
+    if 10 in run:
+        stain_views(model, args.other or [], slides)
 
 
 if __name__ == "__main__":
