@@ -238,22 +238,32 @@ def colour_normalisation(model, slides, train_slides) -> None:
                                                       for r in runs.values()))
 
 
-def other_networks(model, others: list[Path], slides) -> None:
-    print(f"\n7. resnet18-context ({model.path}) against {', '.join(map(str, others))}, each given the first's "
-          f"colour reference ({model.colour_reference}) if it has none")
+def with_others(model, others: list[Path]) -> dict:
+    """{"shipped": model, path: the resnet18-context network of each other weights file}, each given
+    `model`'s colour reference when it has none."""
     networks = {"shipped": model}
     for path in others:
         other = load_model(DEFAULT, path)
-        if other.colour_reference is None:
-            other = replace(other, colour_reference=model.colour_reference)
-        networks[str(path)] = other
+        networks[str(path)] = other if other.colour_reference else replace(other, colour_reference=model.colour_reference)
+    return networks
+
+
+def averaged(runs: list[list]) -> list:
+    """Per slide, the scores of the first run with the patch and context logits averaged over
+    `runs` (each a list of (slide, scores) over the same slides)."""
+    return [(group[0][0], replace(group[0][1], patch_logit=np.mean([r.patch_logit for _, r in group], axis=0),
+                                  context_logit=np.mean([r.context_logit for _, r in group], axis=0)))
+            for group in zip(*runs)]
+
+
+def other_networks(model, others: list[Path], slides) -> None:
+    print(f"\n7. resnet18-context ({model.path}) against {', '.join(map(str, others))}, each given the first's "
+          f"colour reference ({model.colour_reference}) if it has none")
+    networks = with_others(model, others)
     scored = {name: scaled(network, slides) for name, network in networks.items()}
     for size in range(2, len(scored) + 1):  # every mix: logits averaged after each network's patch temperature
         for names in itertools.combinations(list(networks), size):
-            scored[" + ".join(names)] = [
-                (group[0][0], replace(group[0][1], patch_logit=np.mean([r.patch_logit for _, r in group], axis=0),
-                                      context_logit=np.mean([r.context_logit for _, r in group], axis=0)))
-                for group in zip(*(scored[name] for name in names))]
+            scored[" + ".join(names)] = averaged([scored[name] for name in names])
     reach = model.network.context_reach
     for name, pairs in scored.items():
         calibration, fit = fitted(pairs, reach)
@@ -325,16 +335,9 @@ def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
 
 def leave_one_slide_out(model, others: list[Path], slides) -> None:
     print("\n9. leave-one-slide-out: calibration fitted without each whole validation slide, judged on it")
-    networks = {"shipped": model}
-    for path in others:
-        other = load_model(DEFAULT, path)
-        networks[str(path)] = other if other.colour_reference else replace(other, colour_reference=model.colour_reference)
-    scored = {name: scaled(network, slides) for name, network in networks.items()}
+    scored = {name: scaled(network, slides) for name, network in with_others(model, others).items()}
     if len(scored) > 1:
-        scored["average of all"] = [
-            (group[0][0], replace(group[0][1], patch_logit=np.mean([r.patch_logit for _, r in group], axis=0),
-                                  context_logit=np.mean([r.context_logit for _, r in group], axis=0)))
-            for group in zip(*scored.values())]
+        scored["average of all"] = averaged(list(scored.values()))
     reach = model.network.context_reach
     patients = [s.patient for s in slides if s.is_whole]
     for name, pairs in scored.items():
@@ -363,9 +366,7 @@ def stained(pixels: np.ndarray, scale: tuple[float, float, float]) -> np.ndarray
 
 def stain_views(model, others: list[Path], slides) -> None:
     print("\n10. stain test-time augmentation: logits averaged over H/E-scaled views of the normalised slides")
-    networks = {"shipped": model}
-    for path in others:
-        networks[str(path)] = load_model(DEFAULT, path)
+    networks = with_others(model, others)  # all score the slides as normalised to the default's reference
     normalised = [replace(s, pixels=normalised_pixels(s, model.colour_reference)) for s in slides]
     reach = model.network.context_reach
     for name, network in networks.items():
@@ -373,9 +374,7 @@ def stain_views(model, others: list[Path], slides) -> None:
         views = [collect_scores(scorer, [replace(s, pixels=stained(s.pixels, scale)) for s in normalised])
                  for scale in STAIN_VIEWS]
         for count in (1, 3, 5):
-            pairs = [(group[0][0], replace(group[0][1], patch_logit=np.mean([r.patch_logit for _, r in group], axis=0),
-                                           context_logit=np.mean([r.context_logit for _, r in group], axis=0)))
-                     for group in zip(*views[:count])]
+            pairs = averaged(views[:count])
             dices, errors = np.array(left_out_rules(pairs, reach)["fitted threshold and post-processing (shipped)"]).T
             print(f"  {name}, {count} view(s): in sample {objective(pairs, reach)}; left out: objective "
                   f"{dices.mean() - errors.mean():.4f} (Dice {dices.mean():.4f}, area MAE {errors.mean():.4f})")
