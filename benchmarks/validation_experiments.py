@@ -60,16 +60,17 @@ from idcmap.colour import (ColourReference, colour_reference, matched_pixels, no
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
-from idcmap.regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
+from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
-from idcmap.training import SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc, stain_jitter  # noqa: E402
+from idcmap.training import (SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc,  # noqa: E402
+                             region_figures, stain_jitter)
 
 DEFAULT = "resnet18-context"
 
 
 def fitted(scored, reach: int, sigmas=SMOOTHING_SIGMAS) -> tuple[Calibration, str]:
     """The calibration fitted on `scored` and its objective in words."""
-    calibration, choice = fit_calibration(scored, reach, sigmas)
+    calibration, choice = fit_calibration(scored, reach, sigmas, left_out=False)
     return calibration, (f"objective {choice['value']:.4f} (Dice {choice['val_dice']:.4f}, area MAE "
                          f"{choice['val_area_fraction_mae']:.4f}), patient AUC {mean_patient_auc(scored):.4f}")
 
@@ -322,14 +323,11 @@ def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
     whole = [i for i, (s, _) in enumerate(pairs) if s.is_whole]
     for i in whole:
         slide, scores = pairs[i]
-        calibration, _ = fit_calibration([p for j, p in enumerate(pairs) if j != i], reach)
+        calibration, _ = fit_calibration([p for j, p in enumerate(pairs) if j != i], reach, left_out=False)
         probability = calibrated_scores(slide, scores.patch_logit, scores.context_logit, reach, calibration).probability
-        truth = slide.labels == 1
         matched = replace(calibration, threshold=area_matched_threshold(slide, probability))
         for rule, trial in zip(judged, (calibration, replace(matched, min_region_cells=0, max_hole_cells=0), matched)):
-            mask = predicted_mask(slide, probability, trial)
-            judged[rule].append((dice(slide, mask, truth),
-                                 abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth))))
+            judged[rule].append(region_figures(slide, probability, trial))
     return judged
 
 

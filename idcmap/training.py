@@ -214,7 +214,7 @@ HOLE_CELLS = (0, 1, 2, 4, 8)
 
 
 def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
-                    sigmas: tuple[float, ...] = SMOOTHING_SIGMAS) -> tuple[Calibration, dict]:
+                    sigmas: tuple[float, ...] = SMOOTHING_SIGMAS, left_out: bool = True) -> tuple[Calibration, dict]:
     """Smoothing, temperatures, threshold and region post-processing fitted on validation patients.
 
     Every validation patient weighs the same (patches weighted 1/patches of their patient), so
@@ -223,7 +223,8 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     final logits minimises that of the patches they refine. Smoothing, threshold, speck and hole
     sizes are chosen together on the whole validation slides (all slides when none is whole) to
     maximise mean Dice minus mean area-fraction error: regions that overlap the labelled ones
-    and have their size.
+    and have their size. `left_out`: the choice also records `left_one_slide_out` (see there),
+    the objective on slides the calibration was not fitted on.
     """
     labels = np.concatenate([s.labels for s, _ in scored])
     weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
@@ -243,12 +244,7 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
             for speck in SPECK_CELLS:
                 for hole in HOLE_CELLS:
                     trial = replace(base, threshold=float(threshold), min_region_cells=speck, max_hole_cells=hole)
-                    errors, dices = [], []
-                    for slide, probability in judged:
-                        mask = predicted_mask(slide, probability, trial)
-                        truth = slide.labels == 1
-                        errors.append(abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth)))
-                        dices.append(dice(slide, mask, truth))
+                    dices, errors = zip(*(region_figures(slide, probability, trial) for slide, probability in judged))
                     results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),
                                     float(np.mean(errors)), trial))
     simplest_first = lambda r: (r[0], -r[3].smoothing_sigma, -r[3].min_region_cells, -r[3].max_hole_cells)  # noqa: E731
@@ -256,7 +252,38 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
               "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
               "slides": [s.patient for s, _ in whole]}
+    if left_out:
+        choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas)
+        if choice["left_one_slide_out"] is not None:
+            log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each "
+                     "left out of the fit", objective, len(whole), choice["left_one_slide_out"]["value"])
     return best, choice
+
+
+def region_figures(slide: Slide, probability: np.ndarray, calibration: Calibration) -> tuple[float, float]:
+    """(Dice, absolute area-fraction error) of the slide's predicted regions against its labelled ones."""
+    mask, truth = predicted_mask(slide, probability, calibration), slide.labels == 1
+    return dice(slide, mask, truth), abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth))
+
+
+def left_one_slide_out(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
+                       context_reach: int, sigmas: tuple[float, ...]) -> dict | None:
+    """How the calibration carries over to a slide it was not fitted on: each `judged` slide under
+    the calibration fitted on all the other validation patients, and the objective (mean Dice
+    minus mean area-fraction error) over them; None with fewer than 2 judged slides. The
+    in-sample objective overstates, since the grid choices are fitted on the slides they are
+    judged on."""
+    if len(judged) < 2:
+        return None
+    figures = {}
+    for slide, scores in judged:
+        calibration, _ = fit_calibration([p for p in scored if p[0] is not slide], context_reach, sigmas, left_out=False)
+        probability = calibrated_scores(slide, scores.patch_logit, scores.context_logit, context_reach, calibration).probability
+        figures[slide.patient] = region_figures(slide, probability, calibration)
+    dices, errors = (np.array(v) for v in zip(*figures.values()))
+    return {"value": float(dices.mean() - errors.mean()), "val_dice": float(dices.mean()),
+            "val_area_fraction_mae": float(errors.mean()),
+            "per_slide": {p: {"dice": d, "area_fraction_error": e} for p, (d, e) in figures.items()}}
 
 
 def require_mixed_validation(val_slides: list[Slide], source: str | Path, remedy: str) -> None:

@@ -257,6 +257,49 @@ def test_calibration_smooths_noisy_logits_of_a_coherent_region(tmp_path):
     assert choice["slides"] == ["P0", "P1"]
 
 
+def _scored_slides(tmp_path, shifts: list[float]) -> list:
+    """Whole 10x10 slides, IDC in the left 4 columns, logits +2 (IDC) / -2 (not) plus each slide's shift."""
+    from idcmap.models import Calibration
+    from idcmap.scoring import calibrated_scores
+
+    from conftest import grid_patches
+
+    scored = []
+    for i, shift in enumerate(shifts):
+        slide = load_slide(make_patient(tmp_path, f"P{i}", grid_patches(10, 10, label_of=lambda r, c: int(c < 4))))
+        logit = (np.where(slide.labels == 1, 2.0, -2.0) + shift).astype(np.float32)
+        scored.append((slide, calibrated_scores(slide, logit, logit, 0, Calibration())))
+    return scored
+
+
+def test_left_one_slide_out_equals_in_sample_on_alike_slides(tmp_path):
+    from idcmap.training import fit_calibration
+
+    _, choice = fit_calibration(_scored_slides(tmp_path, [0.0, 0.0, 0.0]), context_reach=0, sigmas=(0.0,))
+    left_out = choice["left_one_slide_out"]
+    assert sorted(left_out["per_slide"]) == ["P0", "P1", "P2"]
+    assert left_out["value"] == pytest.approx(choice["value"]) and choice["value"] == pytest.approx(1.0)
+
+
+def test_left_one_slide_out_judges_each_slide_by_a_fit_without_it(tmp_path):
+    from idcmap.training import fit_calibration
+
+    # P2's logits sit 2.5 lower: fitted with it, the calibration takes in its IDC; fitted without it, not
+    _, choice = fit_calibration(_scored_slides(tmp_path, [0.0, 0.0, -2.5]), context_reach=0, sigmas=(0.0,))
+    left_out = choice["left_one_slide_out"]
+    assert choice["value"] == pytest.approx(1.0)
+    assert left_out["per_slide"]["P2"]["dice"] < 0.5 and left_out["per_slide"]["P0"]["dice"] == pytest.approx(1.0)
+    assert left_out["value"] < choice["value"] - 0.1
+
+
+def test_left_one_slide_out_needs_two_slides(tmp_path):
+    from idcmap.training import fit_calibration
+
+    _, choice = fit_calibration(_scored_slides(tmp_path, [0.0]), context_reach=0, sigmas=(0.0,))
+    assert choice["left_one_slide_out"] is None
+    assert "left_one_slide_out" not in fit_calibration(_scored_slides(tmp_path, [0.0, 0.0]), 0, (0.0,), left_out=False)[1]
+
+
 def test_patch_only_models_are_never_smoothed():
     from idcmap.models import REGISTRY
     from idcmap.training import SMOOTHING_SIGMAS, smoothing_sigmas
