@@ -12,7 +12,8 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
   3. smoothing alone on the patch-only resnet18 (sigma fitted on validation) against its
      unsmoothed calibration and the learned head;
   4. an expected-area estimator (area-weighted mean probability) against the thresholded regions;
-  5. ONNX Runtime scoring speed of CancerNet and resnet18-context by batch size (patient 10262);
+  5. ONNX Runtime scoring speed of CancerNet and resnet18-context (fp32, and the default's int8
+     network) by batch size (patient 10262), and each patch network's GMAC a patch;
   6. per-slide colour normalisation of the default's inputs: none, per-channel RGB (idcmap.colour,
      reference from the training patients) on whole slides only (as shipped) or on the scattered
      samples too, and Reinhard's in CIELAB, calibration refitted; the scattered samples' pooled
@@ -62,17 +63,23 @@ from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
-from idcmap.training import (SMOOTHING_SIGMAS, collect_scores, fit_calibration, mean_patient_auc,  # noqa: E402
-                             region_figures, stain_jitter)
+from idcmap.training import (SMOOTHING_SIGMAS, collect_scores, fit_calibration, left_out_fits,  # noqa: E402
+                             mean_patient_auc, region_figures, stain_jitter)
 
 DEFAULT = "resnet18-context"
 
 
-def fitted(scored, reach: int, sigmas=SMOOTHING_SIGMAS) -> tuple[Calibration, str]:
-    """The calibration fitted on `scored` and its objective in words."""
-    calibration, choice = fit_calibration(scored, reach, sigmas, left_out=False)
-    return calibration, (f"objective {choice['value']:.4f} (Dice {choice['val_dice']:.4f}, area MAE "
-                         f"{choice['val_area_fraction_mae']:.4f}), patient AUC {mean_patient_auc(scored):.4f}")
+def fitted(scored, reach: int, sigmas=SMOOTHING_SIGMAS, left_out: bool = False) -> tuple[Calibration, str]:
+    """The calibration fitted on `scored` and its objective in words (`left_out`: also the
+    objective with each whole slide left out of the fit)."""
+    calibration, choice = fit_calibration(scored, reach, sigmas, left_out=left_out)
+    words = (f"objective {choice['value']:.4f} (Dice {choice['val_dice']:.4f}, area MAE "
+             f"{choice['val_area_fraction_mae']:.4f}), patient AUC {mean_patient_auc(scored):.4f}")
+    if left_out:
+        figures = choice["left_one_slide_out"]
+        words += (f"; left out: objective {figures['value']:.4f} (Dice {figures['val_dice']:.4f}, area MAE "
+                  f"{figures['val_area_fraction_mae']:.4f})")
+    return calibration, words
 
 
 def whole_slide_aucs(scored) -> str:
@@ -156,18 +163,29 @@ def expected_area(model, slides) -> None:
         print(f"  {name}: MAE {np.mean(values):.4f}")
 
 
+def gmac_per_patch(model) -> float:
+    """Multiply-accumulates (billions) of the model's patch network on one 50x50 patch (torch's count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.network.backbone(torch.zeros(1, 3, 50, 50))
+    return counter.get_total_flops() / 2e9
+
+
 def batch_sweep(data: Path) -> None:
     print("\n5. ONNX Runtime scoring speed by batch size, patient 10262 (best of 3)")
     slide = load_slide(data / "patients" / "10262")
-    for name in ("cancernet", DEFAULT):
+    for name, backends in (("cancernet", ("onnx",)), (DEFAULT, ("onnx", "onnx-int8"))):
         model = load_model(name)
-        rates = []
-        for batch in (16, 64, 128, 256, 512):
-            scorer = Scorer(model, "cpu", batch_size=batch, backend="onnx")
-            scorer.score(slide)
-            best = min(_seconds(scorer, slide) for _ in range(3))
-            rates.append(f"{batch}: {len(slide) / best:,.0f}")
-        print(f"  {name} (fp32) patches/s by batch: " + ", ".join(rates))
+        print(f"  {name}: {gmac_per_patch(model):.3f} GMAC a patch")
+        for backend in backends:
+            rates = []
+            for batch in (16, 64, 128, 256, 512, 1024):
+                scorer = Scorer(model, "cpu", batch_size=batch, backend=backend)
+                scorer.score(slide)
+                best = min(_seconds(scorer, slide) for _ in range(3))
+                rates.append(f"{batch}: {len(slide) / best:,.0f}")
+            print(f"  {name} ({backend}) patches/s by batch: " + ", ".join(rates))
 
 
 def lab_tissue(slide) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -320,11 +338,8 @@ def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
     """Rule name -> (Dice, |area error|) on each whole slide, with the calibration fitted without it."""
     judged = {"fitted threshold and post-processing (shipped)": [], "area-matched threshold": [],
               "area-matched threshold, then fitted post-processing": []}
-    whole = [i for i, (s, _) in enumerate(pairs) if s.is_whole]
-    for i in whole:
-        slide, scores = pairs[i]
-        calibration, _ = fit_calibration([p for j, p in enumerate(pairs) if j != i], reach, left_out=False)
-        probability = calibrated_scores(slide, scores.patch_logit, scores.context_logit, reach, calibration).probability
+    for slide, probability, calibration in left_out_fits(pairs, [p for p in pairs if p[0].is_whole], reach,
+                                                         SMOOTHING_SIGMAS):
         matched = replace(calibration, threshold=area_matched_threshold(slide, probability))
         for rule, trial in zip(judged, (calibration, replace(matched, min_region_cells=0, max_hole_cells=0), matched)):
             judged[rule].append(region_figures(slide, probability, trial))
@@ -337,6 +352,13 @@ def leave_one_slide_out(model, others: list[Path], slides) -> None:
     if len(scored) > 1:
         scored["average of all"] = averaged(list(scored.values()))
     reach = model.network.context_reach
+    seconds = []
+    for left_out in (False, True):
+        started = time.perf_counter()
+        fit_calibration(scored["shipped"], reach, left_out=left_out)
+        seconds.append(time.perf_counter() - started)
+    print(f"  fitting the shipped network's calibration: {seconds[0]:.1f} s, {seconds[1]:.1f} s with the "
+          f"left-one-slide-out figure that idcmap train and calibrate record")
     patients = [s.patient for s in slides if s.is_whole]
     for name, pairs in scored.items():
         print(f"  {name}: in-sample {objective(pairs, reach)}")
@@ -373,9 +395,7 @@ def stain_views(model, others: list[Path], slides) -> None:
                  for scale in STAIN_VIEWS]
         for count in (1, 3, 5):
             pairs = averaged(views[:count])
-            dices, errors = np.array(left_out_rules(pairs, reach)["fitted threshold and post-processing (shipped)"]).T
-            print(f"  {name}, {count} view(s): in sample {objective(pairs, reach)}; left out: objective "
-                  f"{dices.mean() - errors.mean():.4f} (Dice {dices.mean():.4f}, area MAE {errors.mean():.4f})")
+            print(f"  {name}, {count} view(s): in sample {fitted(pairs, reach, left_out=True)[1]}")
             print("    per whole slide AUC: " + whole_slide_aucs(pairs))
 
 

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -266,6 +267,16 @@ def region_figures(slide: Slide, probability: np.ndarray, calibration: Calibrati
     return dice(slide, mask, truth), abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth))
 
 
+def left_out_fits(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
+                  context_reach: int, sigmas: tuple[float, ...]) -> Iterator[tuple[Slide, np.ndarray, Calibration]]:
+    """Each `judged` slide with the calibration fitted on all the other validation patients of
+    `scored`, and its probabilities under that calibration."""
+    for slide, scores in judged:
+        calibration, _ = fit_calibration([p for p in scored if p[0] is not slide], context_reach, sigmas, left_out=False)
+        yield slide, calibrated_scores(slide, scores.patch_logit, scores.context_logit, context_reach,
+                                       calibration).probability, calibration
+
+
 def left_one_slide_out(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
                        context_reach: int, sigmas: tuple[float, ...]) -> dict | None:
     """How the calibration carries over to a slide it was not fitted on: each `judged` slide under
@@ -275,11 +286,8 @@ def left_one_slide_out(scored: list[tuple[Slide, SlideScores]], judged: list[tup
     judged on."""
     if len(judged) < 2:
         return None
-    figures = {}
-    for slide, scores in judged:
-        calibration, _ = fit_calibration([p for p in scored if p[0] is not slide], context_reach, sigmas, left_out=False)
-        probability = calibrated_scores(slide, scores.patch_logit, scores.context_logit, context_reach, calibration).probability
-        figures[slide.patient] = region_figures(slide, probability, calibration)
+    figures = {slide.patient: region_figures(slide, probability, calibration)
+               for slide, probability, calibration in left_out_fits(scored, judged, context_reach, sigmas)}
     dices, errors = (np.array(v) for v in zip(*figures.values()))
     return {"value": float(dices.mean() - errors.mean()), "val_dice": float(dices.mean()),
             "val_area_fraction_mae": float(errors.mean()),
