@@ -36,12 +36,17 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
  10. stain test-time augmentation: the default and each `--other` network score each (colour-
      normalised) slide as it is and with its haematoxylin or eosin amount scaled by 1 +/- 0.2
      (3 or 5 views, logits averaged), calibration refitted; in sample and left one slide out.
+ 11. per-slide batch-norm statistics (AdaBN): before scoring a whole slide, the patch network's
+     batch-norm means and variances are re-estimated on that slide's own (colour-normalised)
+     patches and blended with the trained ones (weight 0 = as shipped, 0.5, 1), PyTorch fp32,
+     calibration refitted; in sample and left one slide out, per whole slide the AUC.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import sys
 import time
@@ -57,12 +62,12 @@ sys.path.insert(0, str(ROOT))
 
 from idcmap import metrics  # noqa: E402
 from idcmap.colour import (ColourReference, colour_reference, matched_pixels, normalised_pixels,  # noqa: E402
-                           real_pixel_mask, slide_colour_statistics)
+                           normalise_slide, real_pixel_mask, slide_colour_statistics)
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
-from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
+from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 from idcmap.training import (SMOOTHING_SIGMAS, collect_scores, fit_calibration, left_out_fits,  # noqa: E402
                              mean_patient_auc, region_figures, stain_jitter)
 
@@ -399,6 +404,51 @@ def stain_views(model, others: list[Path], slides) -> None:
             print("    per whole slide AUC: " + whole_slide_aucs(pairs))
 
 
+def slide_batchnorm(backbone: torch.nn.Module, x: torch.Tensor, weight: float, batch_size: int = 256) -> torch.nn.Module:
+    """A copy of `backbone` whose batch-norm means and variances are `weight` of the way from the
+    trained ones to those of the normalised input patches `x` (AdaBN; labels are not used)."""
+    adapted = copy.deepcopy(backbone).eval()
+    norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    trained = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the slide's batches
+        m.train()
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            adapted(x[start : start + batch_size])
+    for m, (mean, var) in zip(norms, trained):
+        m.running_mean.mul_(weight).add_((1 - weight) * mean)
+        m.running_var.mul_(weight).add_((1 - weight) * var)
+        m.eval()
+    return adapted
+
+
+def slide_batchnorm_scores(model, slides, weight: float) -> list:
+    """(slide, scores) with each whole slide scored by the patch network adapted to it (PyTorch fp32)."""
+    scorer = Scorer(model, "cpu", backend="torch")
+    shipped = scorer.backbone
+    pairs = []
+    for slide in slides:
+        if slide.is_whole and weight > 0:
+            seen = torch.from_numpy(normalise_slide(slide, model.colour_reference).pixels)
+            scorer.backbone = slide_batchnorm(shipped, to_input(seen, scorer.mean, scorer.std), weight)
+        pairs.append((slide, scorer.score(slide)))
+        scorer.backbone = shipped
+    return pairs
+
+
+def batchnorm_adaptation(model, slides) -> None:
+    print("\n11. per-slide batch-norm statistics (AdaBN) on the whole slides, PyTorch fp32 (calibration refitted)")
+    reach = model.network.context_reach
+    for weight in (0.0, 0.5, 1.0):
+        started = time.perf_counter()
+        pairs = slide_batchnorm_scores(model, slides, weight)
+        seconds = time.perf_counter() - started
+        print(f"  weight {weight:g} ({seconds:.0f} s): {fitted(pairs, reach, left_out=True)[1]}")
+        print("    per whole slide AUC: " + whole_slide_aucs(pairs))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -411,7 +461,7 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 11), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 12), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
                         help="for experiments 7, 9 and 10: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
@@ -425,7 +475,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 11)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 12)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -449,6 +499,8 @@ def main() -> None:
         leave_one_slide_out(model, args.other or [], slides)
     if 10 in run:
         stain_views(model, args.other or [], slides)
+    if 11 in run:
+        batchnorm_adaptation(model, slides)
 
 
 if __name__ == "__main__":
