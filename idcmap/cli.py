@@ -20,6 +20,9 @@ from .train_config import LIMITS, PRECISIONS, TrainConfig
 log = logging.getLogger("idcmap")
 
 MODEL_CHOICE = click.Choice(sorted(REGISTRY))
+UNSHIPPED = ", ".join(name for name, spec in sorted(REGISTRY.items()) if not spec.weights_path.is_file())
+UNSHIPPED_NOTE = f" Without shipped weights (train them, then pass --weights): {UNSHIPPED}." if UNSHIPPED else ""
+DEVICE_HELP = "auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N."
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -53,7 +56,8 @@ def training_option(name: str, help: str | None = None):
 def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Reassemble IDC patch folders into slides, score every patch, and map the cancer."""
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="idcmap: %(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="idcmap: %(levelname)s: %(message)s")
+    log.setLevel(level)  # -v: idcmap's own debug lines, not those of pillow or matplotlib
     ctx.obj = {"quiet": quiet}
 
 
@@ -62,10 +66,11 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
               help="Output folder; each patient gets out/<patient>/.")
 @click.option("--model", type=MODEL_CHOICE, default=None,
-              help=f"Model from the registry [default: {DEFAULT_MODEL}, or the model a --weights file holds].")
+              help=f"Model from the registry [default: {DEFAULT_MODEL}, or the model a --weights file holds]."
+                   + UNSHIPPED_NOTE)
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="Weights file (default: weights/<model>.pt shipped with idcmap).")
-@click.option("--device", default="auto", show_default=True, help="auto (GPU if present), cpu or cuda.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
               help="Patch network runtime: auto = ONNX Runtime on CPU (1.3-4x PyTorch eager), in int8 where the "
                    "model ships an int8 network, PyTorch on GPU; onnx-int8 = the int8 network `idcmap quantize` "
@@ -158,7 +163,7 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @training_option("test_fraction", help="Share of each patient group (e.g. patients/, sparse/) held out for test.")
 @training_option("val_fraction",
                  help="Share of the remaining patients of each group used for early stopping and calibration.")
-@training_option("epochs")
+@training_option("epochs", help="Most epochs to train; early stopping (--patience) may end it sooner.")
 @training_option("batch_patches", help="Patches per training batch (whole grid windows are kept together).")
 @training_option("window", help="Training windows of WINDOW x WINDOW grid cells (context seen in training).")
 @training_option("learning_rate", help="AdamW learning rate.")
@@ -167,8 +172,9 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
                  help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
 @training_option("ema", help="Validate, keep and store an exponential moving average of the weights, updated "
                              "after every step with this decay (0.995: about the last 200 steps); 0: off.")
-@training_option("seed")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@training_option("seed", help="Seeds the split, initialisation, sampling and augmentation: the same seed on the "
+                               "same machine gives the same weights.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
               help="bf16: bfloat16 autocast (master weights and optimiser state stay fp32; the weights file is "
                    "stored in bf16 either way). auto: bf16 on a GPU or on a CPU with native "
@@ -219,11 +225,11 @@ def trained_model_options(verb: str, weights_note: str):
 @trained_model_options("quantise", "the int8 network is written beside it")
 @click.option("--patches", type=click.IntRange(16), default=1024, show_default=True,
               help="Training patches that calibrate the int8 activation ranges.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of calibration patches.")
 @click.pass_obj
 def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
              patches: int, seed: int) -> None:
-    """Quantise MODEL's patch network to int8 for `render --backend onnx-int8`, and report on the
+    """Quantise a model's patch network to int8 (used by `render` on the CPU), and report on the
     validation patients how far it stays from fp32."""
     from .training import quantize as run_quantize
 
@@ -233,7 +239,7 @@ def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None
 
 @cli.command()
 @trained_model_options("calibrate", "rewritten with the new calibration")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--colour-normalise", is_flag=True,
               help="Also normalise each whole slide's colours before scoring: store the training patients' "
                    "mean tissue colours with the weights (the network itself is unchanged; a model that has "
@@ -253,23 +259,26 @@ def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | Non
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", "models", type=MODEL_CHOICE, multiple=True,
               help="Model(s) to evaluate side by side [default: every model with shipped weights].")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Evaluate this weights file (e.g. one `idcmap train -o` wrote) instead; --record writes into "
+                   "its card.")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Split JSON [default: the one shipped beside the first model's weights].")
+              help="Split JSON [default: the one beside the first model's weights].")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
               help="Folder for metrics.json and the figures.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
               help="Patch network runtime, as for render (auto: int8 where a model ships an int8 network).")
-@click.option("--record", is_flag=True, help="Write the test figures into each model's card in weights/.")
+@click.option("--record", is_flag=True, help="Write the test figures into each model's card.")
 @click.pass_obj
-def evaluate(obj: dict, data_root: Path, models: tuple[str, ...], split_file: Path | None, out: Path, device: str,
-             backend: str, record: bool) -> None:
+def evaluate(obj: dict, data_root: Path, models: tuple[str, ...], weights: Path | None, split_file: Path | None,
+             out: Path, device: str, backend: str, record: bool) -> None:
     """Evaluate models side by side on the test patients of DATA_ROOT: patch and slide metrics
     (whole and sparse patients apart, 95% bootstrap intervals), speed, figures."""
     from .evaluation import evaluate_models
 
     report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device,
-                             backend=backend, record=record, progress=not obj["quiet"])
+                             backend=backend, record=record, progress=not obj["quiet"], weights=weights)
     click.echo(json_text(report["summary"]))
 
 
@@ -289,13 +298,10 @@ def main() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("idcmap: aborted", err=True)
-        sys.exit(130)
     except IdcmapError as err:
         click.echo(f"idcmap: error: {err}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("idcmap: interrupted; finished files are complete, unfinished ones were not written", err=True)
         sys.exit(130)
 

@@ -71,7 +71,8 @@ def load_split(path: str | Path, available: dict[str, Path]) -> dict:
                 raise SplitError(f"{path}: patients in both {a} and {b}: {sorted(sets[a] & sets[b])[:5]}")
     missing = sorted(set().union(*sets.values()) - set(available))
     if missing:
-        raise SplitError(f"{path}: {len(missing)} patients not found under the data root, e.g. {missing[:3]}")
+        raise SplitError(f"{path}: {len(missing)} patients not found under the data root, e.g. {missing[:3]}; "
+                         "pass the data root the split was drawn from, or a split of this one (--split)")
     return split
 
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .dataset import SPLIT_SETS, load_slides, load_split, patient_ids  # noqa: E402
-from .errors import IdcmapError  # noqa: E402
+from .errors import IdcmapError, OptionError  # noqa: E402
 from .export import atomic_write_bytes, write_json  # noqa: E402
 from .loader import Slide  # noqa: E402
 from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
@@ -83,17 +83,24 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, split_file: str | Path | None = None,
-                    device: str = "auto", record: bool = False, backend: str = "auto", progress: bool = True) -> dict:
-    """Evaluate `models` (default: every registry model with weights) on the split's test patients;
-    write metrics.json and figures to `out`; with `record`, add the test figures to each model's
-    card in weights/. Return the report."""
+                    device: str = "auto", record: bool = False, backend: str = "auto", progress: bool = True,
+                    weights: str | Path | None = None) -> dict:
+    """Evaluate `models` (default: every registry model with weights) on the split's test patients,
+    or the one `weights` file (with at most one model name); write metrics.json and figures to
+    `out`; with `record`, add the test figures to each model's card. Return the report."""
     out = Path(out)
-    models = models or [name for name, spec in REGISTRY.items() if spec.weights_path.is_file()]
-    if not models:
-        raise IdcmapError("no model has weights in weights/; train one or pass --model")
-    loaded = [load_model(name) for name in models]
+    if weights is not None:
+        if len(models) > 1:
+            raise OptionError("--weights evaluates one weights file: pass at most one --model with it")
+        loaded = [load_model(models[0] if models else None, weights)]
+    else:
+        models = models or [name for name, spec in REGISTRY.items() if spec.weights_path.is_file()]
+        if not models:
+            raise IdcmapError("no model has weights in weights/; train one or pass --model")
+        loaded = [load_model(name) for name in models]
+    models = [model.name for model in loaded]
     folders = patient_ids(data_root)
-    split_file = Path(split_file) if split_file else REGISTRY[models[0]].weights_path.with_suffix(".split.json")
+    split_file = Path(split_file) if split_file else loaded[0].path.with_suffix(".split.json")
     split = load_split(split_file, folders)
     test_ids = split["test"]
     labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test", progress)) if s.has_labels]
@@ -171,7 +178,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             card = dict(model.card)
             card["test"] = {"split_file": Path(split_file).name, "patients": len(slides),
                             **report["summary"][model.name]}
-            write_json(card_path(REGISTRY[model.name].weights_path), card)
+            write_json(card_path(model.path), card)
     _figures(out, curves, loaded)
     return report
 

@@ -20,7 +20,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 SUMMARY_FIELDS = [
-    "patient", "status", "error", "patches", "skipped_files", "tissue_area_px",
+    "patient", "folder", "status", "error", "patches", "skipped_files", "tissue_area_px",
     "predicted_idc_area_fraction", "labelled_idc_area_fraction", "dice", "threshold",
     "min_region_cells", "max_hole_cells", "model", "weights_sha256",
 ]
@@ -36,7 +36,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)
     except OSError as err:
-        raise OutputError(f"{path}: cannot write here ({err.strerror}); choose a writable -o folder") from err
+        raise OutputError(f"{path}: cannot write here ({err.strerror}); make its folder writable or write elsewhere") from err
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -21,6 +21,7 @@ from .errors import (
     DuplicatePatchError,
     EmptyFolderError,
     FolderLayoutError,
+    IdcmapError,
     MosaicTooLargeError,
     PatchImageError,
     PatchNameError,
@@ -488,6 +489,7 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise EmptyFolderError(f"{root}: {_not_a_folder(root)}")
     found: list[Path] = []
+    unrecognised: list[str] = []  # "<folder>: N image files, e.g. <name>" for folders of images none named like patches
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
@@ -502,9 +504,36 @@ def find_patient_folders(root: str | Path) -> list[Path]:
             dirnames.clear()
         else:
             dirnames.sort()
+            images = sorted(name for name in filenames if _is_foreign_image(name))
+            if images:
+                unrecognised.append(f"{here}: {len(images)} image file{'s' if len(images) > 1 else ''}, e.g. {images[0]}")
+    expected = "<patient>_idx5_x<X>_y<Y>_class<C>.png, directly or in 0/ and 1/"
     if not found:
-        raise EmptyFolderError(
-            f"{root}: no patient folder below (a patient folder holds files named "
-            "<patient>_idx5_x<X>_y<Y>_class<C>.png, directly or in 0/ and 1/); point idcmap at the data set"
-        )
+        hint = f"; found {unrecognised[0]}, not named like a patch" if unrecognised else ""
+        raise EmptyFolderError(f"{root}: no patient folder below (a patient folder holds files named {expected})"
+                               f"{hint}; point idcmap at the data set, or rename the patches")
+    for what in unrecognised:
+        log.warning("%s, none named like a patch (%s): not rendered; rename them to render it", what, expected)
     return sorted(found)
+
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+OUTPUT_PNGS = ("mosaic.png", "overlay.png")
+
+
+def _is_foreign_image(name: str) -> bool:
+    """An image file that is not hidden, not named like a patch and not one of idcmap's own outputs."""
+    return (name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".") and name not in OUTPUT_PNGS
+            and not _looks_like_patch(name))
+
+
+def named_patient(folder: Path) -> str:
+    """The patient id that a folder's patch file names agree on, else the folder's own name: the
+    id a summary gives a patient that failed to load, as `load_slide` would have given it."""
+    try:
+        files, _ = list_patch_files(folder)
+    except IdcmapError:
+        files = []
+    ids = {parse_patch_name(path.name).patient for path in files}
+    name = Path(os.path.abspath(folder)).name
+    return ids.pop() if len(ids) == 1 else name

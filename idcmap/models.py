@@ -408,6 +408,10 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
         raise WeightsError(f"{path}: no such weights file; check the --weights path" if weights is not None else
                            f"{path}: no weights for model {name!r}; train them with "
                            f"`idcmap train DATA_ROOT --model {name} -o {path}`")
+    if path.name.endswith((".json", ".onnx")):
+        what = "the int8 patch network" if path.suffix == ".onnx" else "a model card or split (JSON)"
+        beside = path.parent / (path.name.split(".")[0] + ".pt")
+        raise WeightsError(f"{path}: {what}, not a weights file; pass the .pt file beside it ({beside})")
     try:
         data = path.read_bytes()  # read once: hashed here, loaded below
     except OSError as err:

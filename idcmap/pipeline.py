@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from .errors import IdcmapError, OptionError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, encode_png, write_csv, write_json, write_npy
-from .loader import DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, inputs_sha256, load_slide
+from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, inputs_sha256, load_slide,
+                     named_patient)
 from .models import Calibration, load_model
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
 from .render import overlay_png
@@ -144,12 +145,13 @@ def effective_calibration(model_calibration: Calibration, options: RenderOptions
     return calibration
 
 
-def summarise(slide: Slide, scores: SlideScores, predicted: np.ndarray, calibration: Calibration,
+def summarise(slide: Slide, folder: str, scores: SlideScores, predicted: np.ndarray, calibration: Calibration,
               model_name: str, sha256: str) -> dict:
-    """One patient's summary row (the fields of summary.csv)."""
+    """One patient's summary row (the fields of summary.csv); `folder`: its output folder below OUT."""
     labelled = slide.labels == 1
     return {
         "patient": slide.patient,
+        "folder": folder,
         "status": "ok",
         "error": None,
         "patches": len(slide),
@@ -200,14 +202,15 @@ def _probability_rows(slide: Slide, scores: SlideScores, predicted: np.ndarray) 
     ]
 
 
-def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Calibration,
+def render_patient(folder: Path, out_dir: Path, name: str, scorer: Scorer, calibration: Calibration,
                    options: RenderOptions) -> dict:
-    """Write every output file of one patient into `out_dir` (all or nothing); return its summary."""
+    """Write every output file of one patient into `out_dir` (all or nothing; `name`: its path
+    below OUT); return its summary."""
     slide = load_slide(folder, max_mosaic_pixels=options.max_mosaic_pixels)
     scores = scorer.score(slide, progress=options.progress)
     predicted = predicted_mask(slide, scores.probability, calibration)
     mosaic = slide.mosaic()
-    row = summarise(slide, scores, predicted, calibration, scorer.model.name, scorer.model.sha256)
+    row = summarise(slide, name, scores, predicted, calibration, scorer.model.name, scorer.model.sha256)
     details = {
         **row,
         "grid": {"origin_x": slide.origin_xy[0], "origin_y": slide.origin_xy[1], "cell_px": PATCH_SIZE,
@@ -302,6 +305,9 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
                           "earlier outputs, if any, are kept") from err
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+        if trash.exists():
+            log.warning("%s: the earlier outputs could not be removed; delete it (the next render of this patient "
+                        "tries again)", trash)
 
 
 def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibration: Calibration,
@@ -326,7 +332,9 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     """Render one patient folder or every patient folder below `folder` into `out`.
 
     One model load serves all patients. A patient that fails gets status `failed` and its
-    error in summary.csv; the others go on. Returns the summary rows (also in out/summary.csv).
+    error in summary.csv; the others go on. Returns this run's summary rows. out/summary.csv
+    lists every patient rendered into `out`, by this run or earlier ones (a shard's
+    summary-I-of-N.csv: its own patients).
     """
     folder, out = Path(folder), Path(out)
     folders = find_patient_folders(folder)
@@ -356,40 +364,67 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
         row = (completed_summary(out_dir, patient_folder, model.sha256, calibration, scorer.runtime)
                if options.resume else None)
         if row is not None:
+            row["folder"] = name  # where it lies now (summaries written before idcmap recorded it lack it)
             log.info("%s: complete in %s, skipped (--resume)", name, out_dir)
             resumed += 1
         else:
             try:
-                row = render_patient(patient_folder, out_dir, scorer, calibration, options)
+                row = render_patient(patient_folder, out_dir, name, scorer, calibration, options)
             except IdcmapError as err:
                 if isinstance(err, OutputError):
                     raise
                 log.info("%s: failed: %s", name, err)  # the CLI prints every failure at the end
                 row = {field: None for field in SUMMARY_FIELDS}
-                row.update(patient=patient_name(patient_folder), status="failed", error=str(err), model=model.name,
-                           weights_sha256=model.sha256)
+                row.update(patient=named_patient(patient_folder), folder=name, status="failed", error=str(err),
+                           model=model.name, weights_sha256=model.sha256)
                 record_failure(out_dir, row)
         rows.append(row)
-    write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, rows)
+    every = rows if options.shard is not None else merged_summaries(out, rows)
+    write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, every)
     if resumed:
         log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)
     return rows
 
 
-def collect_summaries(out: str | Path) -> list[dict]:
-    """Summary rows of every rendered patient below `out` (from their summary.json), sorted."""
-    out = Path(out)
-    rows = []
+def _summary_paths(out: Path) -> Iterator[tuple[str, Path]]:
+    """(folder below `out`, its summary.json) of every rendered patient below `out`, sorted; hidden
+    folders (staging, trash) left out."""
     for path in sorted(out.rglob("summary.json")):
-        if any(part.startswith(".") for part in path.relative_to(out).parts):
-            continue
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise OutputError(f"{path}: unreadable summary ({err}); render that patient again") from err
-        if not isinstance(summary, dict) or summary.get("status") not in ("ok", "failed"):
-            raise OutputError(f"{path}: not a summary idcmap wrote (no ok/failed status); render that patient again")
-        rows.append({field: summary.get(field) for field in SUMMARY_FIELDS})
+        folder = path.parent.relative_to(out)
+        if folder.parts and not any(part.startswith(".") for part in folder.parts):
+            yield folder.as_posix(), path
+
+
+def read_summary(path: Path, folder: str) -> dict:
+    """The summary row in a patient's summary.json; `folder` (its place below OUT) is taken from
+    where the file lies. OutputError when it is unreadable or not idcmap's."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise OutputError(f"{path}: unreadable summary ({err}); render that patient again") from err
+    if not isinstance(summary, dict) or summary.get("status") not in ("ok", "failed"):
+        raise OutputError(f"{path}: not a summary idcmap wrote (no ok/failed status); render that patient again")
+    return {**{field: summary.get(field) for field in SUMMARY_FIELDS}, "folder": folder}
+
+
+def collect_summaries(out: str | Path) -> list[dict]:
+    """Summary rows of every rendered patient below `out` (from their summary.json), sorted by folder."""
+    out = Path(out)
+    rows = [read_summary(path, folder) for folder, path in _summary_paths(out)]
     if not rows:
         raise IdcmapError(f"{out}: no rendered patient (no */summary.json); run `idcmap render` first")
     return rows
+
+
+def merged_summaries(out: Path, rows: list[dict]) -> list[dict]:
+    """This run's `rows` with the summaries of the other patients already rendered into `out`, sorted
+    by folder. An earlier summary that cannot be read is left out with a warning: this run's
+    outputs are complete, and `idcmap export` names the file."""
+    by_folder = {row["folder"]: row for row in rows}
+    for folder, path in _summary_paths(out):
+        if folder not in by_folder:
+            try:
+                by_folder[folder] = read_summary(path, folder)
+            except OutputError as err:
+                log.warning("%s; left out of %s", err, out / "summary.csv")
+    return [by_folder[folder] for folder in sorted(by_folder)]

@@ -5,6 +5,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -91,10 +92,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     """`auto` is cuda when a GPU is visible, else cpu; asking for cuda without one is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise OptionError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise OptionError(f"--device {device}: choose auto, cpu or cuda")
+        raise OptionError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
+    count = torch.cuda.device_count() if device.startswith("cuda:") else 0
+    if device.startswith("cuda:") and int(device[5:]) >= count:
+        raise OptionError(f"--device {device}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
     return torch.device(device)
 
 

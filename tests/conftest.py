@@ -83,6 +83,17 @@ def grid_patches(rows: int, cols: int, label_of=lambda r, c: 0, pixels_of=None, 
     return patches
 
 
+@pytest.fixture(autouse=True)
+def idcmap_log_level():
+    """Each test starts with the idcmap logger's level unset: the CLI's -q and -v set it, for the process."""
+    import logging
+
+    logger = logging.getLogger("idcmap")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
 @pytest.fixture
 def patient_factory(tmp_path):
     """make_patient bound to a fresh tmp folder: factory(patient, patches, layout="class")."""

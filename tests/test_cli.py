@@ -333,3 +333,39 @@ def test_train_options_refuse_what_training_refuses(tmp_path, monkeypatch, capsy
     code, out, err = _run_main(["train", ".", "-o", "w.pt", limit.label, str(value)], monkeypatch, capsys)
     assert code == 2 and limit.label in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix, what", [(".json", "a model card or split (JSON)"), (".int8.onnx", "the int8 patch network")])
+def test_weights_option_given_the_card_or_int8_file_points_at_the_pt(tmp_path, monkeypatch, capsys, suffix, what):
+    folder = _patient(tmp_path / "in")
+    given = tmp_path / f"cancernet{suffix}"
+    given.write_text("{}")
+    code, out, err = _run_main(["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(given)],
+                               monkeypatch, capsys)
+    line = _one_line_error(err)
+    assert code == 2 and what in line and str(tmp_path / "cancernet.pt") in line
+
+
+def test_verbose_shows_idcmap_debug_lines_only(tmp_path, monkeypatch, capsys, tiny_weights):
+    import logging
+
+    folder = _patient(tmp_path / "in")
+    monkeypatch.setattr(logging.root, "handlers", [])  # let basicConfig install its handler afresh
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    code, out, err = _run_main(["-v", "render", str(folder), "-o", str(tmp_path / "out"), "--weights",
+                                str(tiny_weights), "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0
+    assert logging.getLogger("idcmap").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("PIL").getEffectiveLevel() == logging.WARNING
+
+
+def test_ctrl_c_inside_click_prints_the_interrupted_line(monkeypatch, capsys):
+    import click
+
+    def aborted(*args, **kwargs):
+        raise click.exceptions.Abort
+
+    monkeypatch.setattr(cli_module.cli, "main", aborted)
+    code, out, err = _run_main(["--help"], monkeypatch, capsys)
+    assert code == 130 and err.strip() == ("idcmap: interrupted; finished files are complete, unfinished ones "
+                                           "were not written")

@@ -17,6 +17,7 @@ from idcmap import models as models_module
 from idcmap.dataset import make_split, patient_ids, save_split
 from idcmap.colour import ColourReference
 from idcmap.evaluation import evaluate_models, models_table
+from idcmap.errors import OptionError
 from idcmap.loader import load_slide
 from idcmap.models import card_path, load_model, sha256_of
 from idcmap.scoring import Scorer
@@ -322,3 +323,19 @@ def test_paired_differences_against_the_reference_model(evaluated):
         assert low <= expected + 1e-12 and expected - 1e-12 <= high
     table = (evaluated["out"] / "models.md").read_text()
     assert f"Paired against `{MODELS[0]}`" in table and f"| `{MODELS[1]}` | {difference['dice']:+.3f} [" in table
+
+
+def test_evaluate_a_weights_file_outside_weights(tmp_path, evaluated):
+    """--weights: a freshly trained file is evaluated under the model it holds, with the split beside
+    it, and --record writes into its own card."""
+    trained = tmp_path / "run" / "trained.pt"
+    write_tiny_weights(trained, model="cancernet", seed=5)
+    save_split(evaluated["split"], trained.with_suffix(".split.json"))
+    report = evaluate_models(evaluated["root"], [], tmp_path / "out", device="cpu", record=True, weights=trained)
+    assert list(report["models"]) == ["cancernet"]
+    assert report["split_file"] == str(trained.with_suffix(".split.json"))
+    assert report["models"]["cancernet"]["sha256"] == sha256_of(trained)
+    card = json.loads(card_path(trained).read_text())
+    assert card["test"]["patch_all"] == report["summary"]["cancernet"]["patch_all"]
+    with pytest.raises(OptionError, match="at most one --model"):
+        evaluate_models(evaluated["root"], ["cancernet", "resnet18"], tmp_path / "out", device="cpu", weights=trained)

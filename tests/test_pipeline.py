@@ -537,3 +537,61 @@ def test_resume_sees_a_same_size_edit_of_a_patch(tmp_path, tiny_weights):
     os.utime(patch, ns=(patch.stat().st_atime_ns, patch.stat().st_mtime_ns + 10**9))
     render_folder(folder, out, _options(tiny_weights, resume=True))
     assert _stamps(out / "P")["summary.json"] != stamp
+
+
+def test_a_folder_of_misnamed_patches_is_named_in_a_warning(tmp_path, tiny_weights, caplog):
+    root = tmp_path / "in"
+    make_patient(root, "A", _patches(1))
+    misnamed = make_patient(root, "B", _patches(2))
+    for i, path in enumerate(sorted(misnamed.rglob("*.png"))):
+        path.rename(path.with_name(f"img{i}.png"))
+    make_patient(tmp_path / "old_out", "A", {})  # idcmap's own outputs below the root are not reported
+    (root / "A_out").mkdir()
+    for name in ("mosaic.png", "overlay.png"):
+        (root / "A_out" / name).write_bytes(b"")
+    with caplog.at_level("WARNING", logger="idcmap"):
+        rows = render_folder(root, tmp_path / "out", _options(tiny_weights))
+    assert [r["patient"] for r in rows] == ["A"]
+    reported = [r.getMessage() for r in caplog.records if "none named like a patch" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in reported) == [str(misnamed / "0"), str(misnamed / "1")]
+    assert "img0.png" in reported[0] and "not rendered" in reported[0]
+
+
+def test_a_root_of_only_misnamed_patches_says_what_it_found(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "B", grid_patches(1, 2), layout="flat")
+    for path in folder.iterdir():
+        path.rename(path.with_name("scan_" + path.name.split("_x")[1]))
+    with pytest.raises(EmptyFolderError, match=r"found .*B: 2 image files, e.g. scan_1_y1_class0\.png, not named like a patch"):
+        render_folder(tmp_path / "in", tmp_path / "out", _options(tiny_weights))
+
+
+def test_summary_rows_say_their_folder_and_keep_one_patient_id(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    make_patient(root, "9035", _patches(1))
+    (root / "9035").rename(root / "copyA")
+    make_patient(root, "9035", _patches(1))
+    (root / "9035").rename(root / "copyB")
+    bad = sorted((root / "copyB").rglob("*.png"))[0]
+    bad.write_bytes(bad.read_bytes()[:40])
+    out = tmp_path / "out"
+    rows = render_folder(root, out, _options(tiny_weights))
+    # the failed copy keeps the id its file names give, as the rendered one does; folders tell them apart
+    assert [(r["patient"], r["folder"], r["status"]) for r in rows] == [("9035", "copyA", "ok"),
+                                                                       ("9035", "copyB", "failed")]
+    table = _read_csv(out / "summary.csv")
+    assert [(r["patient"], r["folder"]) for r in table] == [("9035", "copyA"), ("9035", "copyB")]
+    assert [(r["patient"], r["folder"]) for r in collect_summaries(out)] == [("9035", "copyA"), ("9035", "copyB")]
+
+
+def test_summary_csv_lists_every_patient_rendered_into_the_output(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    for i, name in enumerate(["A", "B"]):
+        make_patient(root, name, grid_patches(2, 2, pixels_of=lambda r, c, i=i: solid((i * 50, r * 90, c * 90))))
+    out = tmp_path / "out"
+    render_folder(root / "B", out, _options(tiny_weights))
+    rows = render_folder(root / "A", out, _options(tiny_weights))
+    assert [r["patient"] for r in rows] == ["A"]  # this run's rows
+    assert [r["folder"] for r in _read_csv(out / "summary.csv")] == ["A", "B"]  # every patient in out/
+    (out / "B" / "summary.json").write_text("{")
+    render_folder(root / "A", out, _options(tiny_weights))  # an unreadable earlier summary is left out
+    assert [r["folder"] for r in _read_csv(out / "summary.csv")] == ["A"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import MODEL_NAME, grid_patches, make_patient, textured, write_tiny_weights
-from idcmap.errors import IdcmapError
+from idcmap.errors import IdcmapError, OptionError
 from idcmap.loader import load_slide
 from idcmap.models import REGISTRY, load_model
 from idcmap.scoring import Scorer, ieee_fp32_convolutions, onnx_available, padded_batch, resolve_device
@@ -300,3 +300,14 @@ def test_ieee_fp32_convolutions_restores_the_setting():
     with pytest.raises(RuntimeError), ieee_fp32_convolutions(True):
         raise RuntimeError("scoring failed")
     assert conv.fp32_precision == before
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:x", "choose auto, cpu, cuda or cuda:N"),
+    ("gpu", "choose auto, cpu, cuda or cuda:N"),
+    ("cuda:99", "cuda:99: "),  # named as given, whether or not a GPU is visible
+])
+def test_device_errors_name_the_device_as_given(device, message):
+    with pytest.raises(OptionError) as err:
+        resolve_device(device)
+    assert message in str(err.value)
