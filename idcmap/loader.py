@@ -260,6 +260,9 @@ def _decode(path: Path) -> tuple[np.ndarray, os.stat_result]:
                 "save the patch as 8-bit RGB"
             )
         with Image.open(io.BytesIO(data)) as image:
+            if image.width > PATCH_SIZE or image.height > PATCH_SIZE:  # from the header, before decoding
+                raise PatchImageError(f"{path}: {image.width}x{image.height} px; patches must be at most "
+                                      f"{PATCH_SIZE}x{PATCH_SIZE}")
             image.load()
             if image.format != "PNG":
                 raise PatchImageError(f"{path}: a {image.format} image with a .png name; save it as PNG")
@@ -279,6 +282,9 @@ def _decode(path: Path) -> tuple[np.ndarray, os.stat_result]:
             f"{path}: cannot decode (not an image format pillow knows); the file is corrupt or truncated, "
             "replace or delete it"
         ) from err
+    except Image.DecompressionBombError as err:
+        raise PatchImageError(f"{path}: its header claims an image far larger than a patch ({err}); "
+                              "replace or delete it") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise PatchImageError(
             f"{path}: cannot decode ({err}); the file is corrupt or truncated, replace or delete it"

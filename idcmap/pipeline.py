@@ -370,16 +370,20 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
         else:
             try:
                 row = render_patient(patient_folder, out_dir, name, scorer, calibration, options)
-            except IdcmapError as err:
+            except Exception as err:  # noqa: BLE001 (idcmap errors, and bugs isolated per patient)
                 if isinstance(err, OutputError):
                     raise
+                if not isinstance(err, IdcmapError):  # a bug: the patient fails, the others go on
+                    log.debug("%s: unexpected error", name, exc_info=True)
+                    err = IdcmapError(f"{patient_folder}: unexpected {type(err).__name__} ({err}); please report "
+                                      "it with `idcmap -v` output")
                 log.info("%s: failed: %s", name, err)  # the CLI prints every failure at the end
                 row = {field: None for field in SUMMARY_FIELDS}
                 row.update(patient=named_patient(patient_folder), folder=name, status="failed", error=str(err),
                            model=model.name, weights_sha256=model.sha256)
                 record_failure(out_dir, row)
         rows.append(row)
-    every = rows if options.shard is not None else merged_summaries(out, rows)
+    every = rows if options.shard is not None and options.shard[1] > 1 else merged_summaries(out, rows)
     write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, every)
     if resumed:
         log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)

@@ -189,6 +189,28 @@ def test_16_bit_png_refused_whatever_its_colours(tmp_path, colour_type, channels
     assert message.startswith(f"{bad}: ") and "16-bit" in message and "save the patch as 8-bit RGB" in message
 
 
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """An 8-bit RGB PNG whose (valid, checksummed) header claims width x height, with one row of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 61))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pillow's, for 12,000^2 px
+@pytest.mark.parametrize("side", [60, 12_000, 20_000])  # 20,000^2 px: pillow's decompression-bomb error
+def test_a_header_claiming_a_huge_image_is_a_patch_error(tmp_path, side):
+    folder = make_patient(tmp_path, "P", ONE)
+    bad = _png_claiming(folder / "0" / "P_idx5_x51_y1_class0.png", side, side)
+    with pytest.raises(PatchImageError) as info:
+        load_slide(folder)
+    assert str(info.value).startswith(f"{bad}: ")
+
 def test_broken_symlink_is_called_a_broken_link(tmp_path):
     folder = make_patient(tmp_path, "P", ONE)
     link = folder / "0" / "P_idx5_x51_y1_class0.png"

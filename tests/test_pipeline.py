@@ -595,3 +595,31 @@ def test_summary_csv_lists_every_patient_rendered_into_the_output(tmp_path, tiny
     (out / "B" / "summary.json").write_text("{")
     render_folder(root / "A", out, _options(tiny_weights))  # an unreadable earlier summary is left out
     assert [r["folder"] for r in _read_csv(out / "summary.csv")] == ["A"]
+
+
+def test_an_unexpected_error_fails_one_patient_not_the_run(tmp_path, tiny_weights, monkeypatch):
+    from idcmap import pipeline
+
+    _three_patients(tmp_path / "in")  # B's broken patch is never read: render_patient fails first
+    real = pipeline.render_patient
+
+    def buggy(folder, *args, **kwargs):
+        if folder.name == "B":
+            raise ZeroDivisionError("division by zero")
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "render_patient", buggy)
+    rows = render_folder(tmp_path / "in", tmp_path / "out", _options(tiny_weights))
+    assert [(r["patient"], r["status"]) for r in rows] == [("A", "ok"), ("B", "failed"), ("C", "ok")]
+    assert "unexpected ZeroDivisionError (division by zero)" in rows[1]["error"]
+    assert str(tmp_path / "in" / "B") in rows[1]["error"]
+
+
+def test_a_single_shard_writes_the_whole_summary(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    for i, name in enumerate(["A", "B"]):
+        make_patient(root, name, grid_patches(2, 2, pixels_of=lambda r, c, i=i: solid((i * 50, r * 90, c * 90))))
+    out = tmp_path / "out"
+    render_folder(root / "B", out, _options(tiny_weights))
+    render_folder(root / "A", out, _options(tiny_weights, shard=(0, 1)))  # `--shard env` outside torchrun
+    assert [r["folder"] for r in _read_csv(out / "summary.csv")] == ["A", "B"]
