@@ -319,6 +319,11 @@ def inputs_sha256(folder: Path) -> str:
     return inputs_fingerprint(folder, [(f, f.stat()) for f in files])
 
 
+def folder_name(folder: Path) -> str:
+    """A folder's own name, from its absolute path (so `.` and `..` work; a link keeps its own name)."""
+    return Path(os.path.abspath(folder)).name
+
+
 def _patient_id(folder: Path, files: list[Path], names: list[PatchName]) -> str:
     """The patient of a folder's patches, from the ids in their file names.
 
@@ -330,25 +335,25 @@ def _patient_id(folder: Path, files: list[Path], names: list[PatchName]) -> str:
     the folder's name, are an error. The folder's name comes from its absolute path, so `.` and
     `..` work (symbolic links are not resolved: a link's own name counts).
     """
-    folder_name = Path(os.path.abspath(folder)).name
+    own_name = folder_name(folder)
     ids = sorted({name.patient for name in names})
-    if folder_name in ids:
+    if own_name in ids:
         for path, name in zip(files, names):
-            if name.patient != folder_name:
+            if name.patient != own_name:
                 raise PatientMismatchError(
-                    f"{path}: names patient {name.patient!r} but lies in folder {folder_name!r}, whose other "
+                    f"{path}: names patient {name.patient!r} but lies in folder {own_name!r}, whose other "
                     "files name that patient; move it to its own patient folder"
                 )
     if len(ids) > 1:
         first = {name.patient: path for path, name in reversed(list(zip(files, names)))}
         raise PatientMismatchError(
             f"{folder}: its files name {len(ids)} patients ({', '.join(map(repr, ids[:5]))}), none of them the "
-            f"folder's name {folder_name!r}, e.g. {first[ids[0]]} and {first[ids[1]]}; a patient folder holds "
+            f"folder's name {own_name!r}, e.g. {first[ids[0]]} and {first[ids[1]]}; a patient folder holds "
             "one patient's patches: move each patient's files into a folder named after it"
         )
-    if ids[0] != folder_name:
+    if ids[0] != own_name:
         log.warning("%s: folder name %r differs from the patient id %r in its file names; using %r",
-                    folder, folder_name, ids[0], ids[0])
+                    folder, own_name, ids[0], ids[0])
     return ids[0]
 
 
@@ -541,5 +546,4 @@ def named_patient(folder: Path) -> str:
     except IdcmapError:
         files = []
     ids = {parse_patch_name(path.name).patient for path in files}
-    name = Path(os.path.abspath(folder)).name
-    return ids.pop() if len(ids) == 1 else name
+    return ids.pop() if len(ids) == 1 else folder_name(folder)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from .errors import IdcmapError, OptionError, OutputError
 from .export import SUMMARY_FIELDS, atomic_write_bytes, encode_png, write_csv, write_json, write_npy
-from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, inputs_sha256, load_slide,
-                     named_patient)
+from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, folder_name, inputs_sha256,
+                     load_slide, named_patient)
 from .models import Calibration, load_model
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
 from .render import overlay_png
@@ -85,11 +85,6 @@ def parse_shard(text: str, environ: dict[str, str]) -> tuple[int, int]:
     if not 0 <= index < count:
         raise OptionError(f"--shard {text}: need 0 <= I < N")
     return index, count
-
-
-def patient_name(folder: Path) -> str:
-    """A patient folder's own name, from its absolute path (so `.` works; links keep their name)."""
-    return Path(os.path.abspath(folder)).name
 
 
 def summary_name(shard: tuple[int, int] | None) -> str:
@@ -344,7 +339,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     model = replace(model, calibration=calibration)  # the scorer applies its smoothing and temperatures
     scorer = Scorer(model, options.device, options.batch_size, options.mixed_precision, options.backend, options.jobs)
     if folders == [folder]:
-        names = [patient_name(folder)]  # `render .` inside a patient folder
+        names = [folder_name(folder)]  # `render .` inside a patient folder
     else:
         names = [f.relative_to(folder).as_posix() for f in folders]
     if options.shard is not None:
