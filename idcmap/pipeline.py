@@ -197,10 +197,11 @@ def _probability_rows(slide: Slide, scores: SlideScores, predicted: np.ndarray) 
     ]
 
 
-def render_patient(folder: Path, out_dir: Path, name: str, scorer: Scorer, calibration: Calibration,
-                   options: RenderOptions) -> dict:
-    """Write every output file of one patient into `out_dir` (all or nothing; `name`: its path
-    below OUT); return its summary."""
+def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Calibration,
+                   options: RenderOptions, name: str | None = None) -> dict:
+    """Write every output file of one patient into `out_dir` (all or nothing); return its summary,
+    whose `folder` is `name` (out_dir's path below OUT; default: out_dir's own name)."""
+    name = out_dir.name if name is None else name
     slide = load_slide(folder, max_mosaic_pixels=options.max_mosaic_pixels)
     scores = scorer.score(slide, progress=options.progress)
     predicted = predicted_mask(slide, scores.probability, calibration)
@@ -364,7 +365,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
             resumed += 1
         else:
             try:
-                row = render_patient(patient_folder, out_dir, name, scorer, calibration, options)
+                row = render_patient(patient_folder, out_dir, scorer, calibration, options, name)
             except Exception as err:  # noqa: BLE001 (idcmap errors, and bugs isolated per patient)
                 if isinstance(err, OutputError):
                     raise
