@@ -48,11 +48,12 @@ def timed(fn: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--patient", default="10262")
+    parser.add_argument("--patient", default="10262",
+                        help="a patient of ../shared/data/patients, or the path of a patient folder")
     parser.add_argument("--model", default="cancernet")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    folder = DATA / args.patient
+    folder = Path(args.patient) if Path(args.patient).is_dir() else DATA / args.patient
     if not folder.is_dir():
         sys.exit(f"skipped: {folder} is absent (the real patches live in ../shared/data)")
 
