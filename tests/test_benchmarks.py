@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import MODEL_NAME, REPO_ROOT, grid_patches, make_patient, textured
+from conftest import DATA_ROOT, MODEL_NAME, REPO_ROOT, grid_patches, make_patient, textured
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,9 @@ def test_bench_prefetch(data_root):
 def test_bench_train_step():
     out = _run("bench_train_step.py", "--model", "cancernet", "--steps", "1", "--rounds", "1", "--device", "cpu")
     assert "per step" in out
+
+
+@pytest.mark.skipif(not (DATA_ROOT / "patients").is_dir(), reason="../shared/data (the real patches) is absent")
+def test_validation_experiments_runs_on_the_shipped_split():
+    out = _run("validation_experiments.py", "--data", str(DATA_ROOT), "--only", "4")
+    assert "24 validation patients (6 whole slides)" in out and "thresholded regions: MAE" in out
