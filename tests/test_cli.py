@@ -179,18 +179,27 @@ def test_cli_runner_surfaces_the_idcmap_error(tmp_path):
     assert isinstance(result.exception, EmptyFolderError)
 
 
-def test_render_with_weights(tmp_path, tiny_weights):
+def test_render_with_weights_and_a_threshold(tmp_path, tiny_weights):
+    """--threshold reaches the regions, the area fractions, the per-patch table and the overlay."""
     folder = _patient(tmp_path / "in")
-    out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["render", str(folder), "-o", str(out), "--weights", str(tiny_weights),
-                                      "--device", "cpu", "--threshold", "0.5"])
-    assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
-    with open(out / "summary.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [(r["patient"], r["status"]) for r in rows] == [("P", "ok")]
-    assert "1 of 1 patients rendered" in result.stderr
-    assert result.stdout == ""
+    overlays = {}
+    for threshold, fraction in (("0", 1.0), ("1", 0.0)):  # every patch IDC; none (no probability reaches 1)
+        out = tmp_path / f"out{threshold}"
+        result = CliRunner().invoke(cli, ["render", str(folder), "-o", str(out), "--weights", str(tiny_weights),
+                                          "--device", "cpu", "--threshold", threshold])
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
+        with open(out / "summary.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [(r["patient"], r["status"]) for r in rows] == [("P", "ok")]
+        assert float(rows[0]["threshold"]) == float(threshold)
+        assert float(rows[0]["predicted_idc_area_fraction"]) == fraction
+        with open(out / "P" / "probabilities.csv", newline="") as handle:
+            assert {r["predicted_idc"] for r in csv.DictReader(handle)} == {str(int(fraction))}
+        overlays[threshold] = (out / "P" / "overlay.png").read_bytes()
+        assert "1 of 1 patients rendered" in result.stderr
+        assert result.stdout == ""
+    assert overlays["0"] != overlays["1"]  # the regions are drawn
 
 
 def test_render_json(tmp_path, tiny_weights):
@@ -246,7 +255,10 @@ def test_export_merges_summaries(tmp_path, tiny_weights):
     with open(out / "summary.csv", newline="") as handle:
         assert [r["patient"] for r in csv.DictReader(handle)] == ["A", "B"]
     result = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "merged.csv")])
-    assert result.exit_code == 0 and (tmp_path / "merged.csv").is_file()
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "merged.csv", newline="") as handle:
+        assert [(r["patient"], r["folder"], r["status"]) for r in csv.DictReader(handle)] == [("A", "A", "ok"),
+                                                                                              ("B", "B", "ok")]
 
 
 def test_console_script_target_is_main():
@@ -289,7 +301,7 @@ def test_ctrl_c_exit_130_without_traceback(tmp_path, monkeypatch, capsys, tiny_w
     code, out, err = _run_main(["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights)],
                                monkeypatch, capsys)
     assert code == 130
-    assert "Traceback" not in err and "idcmap:" in err
+    assert err.strip() == "idcmap: interrupted; finished files are complete, unfinished ones were not written"
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])

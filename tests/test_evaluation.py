@@ -197,11 +197,17 @@ def test_figures_exist_and_open(evaluated):
     out = evaluated["out"]
     expected = ["roc_pr.png", *(f"confusion_{m}.png" for m in MODELS), *(f"samples_{m}.png" for m in MODELS),
                 "training_cancernet-context.png"]  # only the model whose card has a training history
+    pixels = {}
     for name in expected:
         with Image.open(out / name) as image:
             image.verify()
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100
+            pixels[name] = np.asarray(image.convert("RGB"))
+        assert len(np.unique(pixels[name].reshape(-1, 3), axis=0)) > 10, name  # drawn, not blank
+    for kind in ("confusion", "samples"):  # each model's own figures
+        first, second = (pixels[f"{kind}_{m}.png"] for m in MODELS)
+        assert first.shape != second.shape or not np.array_equal(first, second), kind
     assert not (out / "training_cancernet.png").exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,6 +250,17 @@ def test_output_in_a_read_only_folder_is_refused(unread, tmp_path):
             train(unread, MODEL_NAME, folder / "cn.pt", TrainConfig(**FAST))
     finally:
         folder.chmod(0o755)
+
+
+def test_output_in_a_folder_the_user_cannot_write_is_refused(unread, tmp_path, monkeypatch):
+    """The same refusal as above, simulated so that it runs as root too (root may write anywhere)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    with pytest.raises(OutputError, match=f"{folder}: not a writable folder"):
+        train(unread, MODEL_NAME, folder / "cn.pt", TrainConfig(**FAST))
+    assert list(folder.iterdir()) == []
 
 
 def test_output_whose_card_would_overwrite_it_is_refused(unread, tmp_path):

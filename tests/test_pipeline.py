@@ -419,7 +419,10 @@ def test_render_real_patient(tmp_path, tiny_weights):
     assert sum(int(r["label"]) for r in table) == 111
     with Image.open(out / "8916" / "mosaic.png") as mosaic:
         np.testing.assert_array_equal(np.asarray(mosaic.convert("RGB")), load_slide(folder).mosaic())
-    assert not math.isnan(row["dice"])
+    predicted = np.array([int(r["predicted_idc"]) for r in table]) == 1
+    labelled = np.array([int(r["label"]) for r in table]) == 1  # all 50x50: counts are areas
+    assert row["dice"] == pytest.approx(2 * (predicted & labelled).sum() / (predicted.sum() + labelled.sum()), abs=1e-6)
+    assert row["predicted_idc_area_fraction"] == pytest.approx(predicted.mean(), abs=1e-6)
     assert _hidden(out) == []
     assert sorted(os.listdir(out)) == ["8916", "summary.csv"]
 
@@ -623,3 +626,34 @@ def test_a_single_shard_writes_the_whole_summary(tmp_path, tiny_weights):
     render_folder(root / "B", out, _options(tiny_weights))
     render_folder(root / "A", out, _options(tiny_weights, shard=(0, 1)))  # `--shard env` outside torchrun
     assert [r["folder"] for r in _read_csv(out / "summary.csv")] == ["A", "B"]
+
+
+def test_min_region_and_max_hole_reach_the_outputs(tmp_path, tiny_weights, cpu_scorer):
+    """The post-processing options change what render predicts, exactly as regions.predicted_mask says."""
+    from dataclasses import replace
+
+    from idcmap.regions import predicted_mask
+
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    slide = load_slide(folder)
+    probability = cpu_scorer.score(slide).probability
+    base = replace(cpu_scorer.model.calibration, min_region_cells=0, max_hole_cells=0)
+
+    def changes(threshold, **setting):
+        trial = replace(base, threshold=threshold, **setting)
+        return not np.array_equal(predicted_mask(slide, probability, trial), probability >= threshold)
+
+    thresholds = sorted(set(probability.tolist()))[1:]  # each leaves some patch below it
+    cases = [(next(t for t in thresholds if changes(t, min_region_cells=3)), {"min_region_cells": 3}),
+             (next(t for t in thresholds if changes(t, max_hole_cells=2)), {"max_hole_cells": 2})]
+    for i, (threshold, setting) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        options = {"min_region_cells": 0, "max_hole_cells": 0, **setting}
+        render_folder(folder, out, _options(tiny_weights, threshold=threshold, **options))
+        expected = predicted_mask(slide, probability, replace(base, threshold=threshold, **options))
+        table = _read_csv(out / "P" / "probabilities.csv")
+        assert [int(r["predicted_idc"]) for r in table] == expected.astype(int).tolist()
+        assert not np.array_equal(expected, probability >= threshold)
+        summary = json.loads((out / "P" / "summary.json").read_text())
+        assert summary["predicted_idc_area_fraction"] == pytest.approx(
+            float(slide.areas[expected].sum() / slide.areas.sum()), abs=1e-6)
