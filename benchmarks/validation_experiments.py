@@ -40,6 +40,9 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
      batch-norm means and variances are re-estimated on that slide's own (colour-normalised)
      patches and blended with the trained ones (weight 0 = as shipped, 0.5, 1), PyTorch fp32,
      calibration refitted; in sample and left one slide out, per whole slide the AUC.
+ 12. how training batches mix slides: with 16x16- and 8x8-cell windows (`--window`), grouped into
+     batches of 256 patches as `idcmap train` groups them, how many training slides a batch holds
+     and the largest one's share of it (what its batch-norm statistics are computed on).
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -68,7 +71,7 @@ from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
-from idcmap.training import (SMOOTHING_SIGMAS, collect_scores, fit_calibration, left_out_fits,  # noqa: E402
+from idcmap.training import (SMOOTHING_SIGMAS, collect_scores, fit_calibration, grid_windows, left_out_fits,  # noqa: E402
                              mean_patient_auc, region_figures, stain_jitter)
 
 DEFAULT = "resnet18-context"
@@ -449,6 +452,25 @@ def batchnorm_adaptation(model, slides) -> None:
         print("    per whole slide AUC: " + whole_slide_aucs(pairs))
 
 
+def batch_composition(train_slides: list[Slide], batch_patches: int = 256) -> None:
+    print(f"\n12. slides in a training batch of {batch_patches} patches (whole windows, grouped as idcmap train does)")
+    for size in (16, 8):
+        rng = np.random.default_rng(0)
+        windows = grid_windows(train_slides, size, rng)
+        slides_in, largest = [], []
+        group: list[int] = []
+        for i in rng.permutation(len(windows)):
+            group += [windows[i].slide] * len(windows[i].patches)
+            if len(group) >= batch_patches:
+                counts = np.bincount(group)
+                slides_in.append(int((counts > 0).sum()))
+                largest.append(counts.max() / counts.sum())
+                group = []
+        print(f"  {size}x{size} windows: {len(windows)} windows, {len(largest)} full batches; slides per batch median "
+              f"{np.median(slides_in):.0f}, largest slide's share of a batch median {np.median(largest):.2f} "
+              f"(mean {np.mean(largest):.2f})")
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -461,7 +483,7 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 12), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 13), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
                         help="for experiments 7, 9 and 10: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
@@ -475,7 +497,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 12)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 13)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -486,8 +508,9 @@ def main() -> None:
         expected_area(model, slides)
     if 5 in run:
         batch_sweep(args.data)
-    if 6 in run:
+    if run & {6, 12}:
         train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
+    if 6 in run:
         colour_normalisation(model, slides, train_slides)
     if 7 in run:
         other_networks(model, args.other, slides)
@@ -501,6 +524,8 @@ def main() -> None:
         stain_views(model, args.other or [], slides)
     if 11 in run:
         batchnorm_adaptation(model, slides)
+    if 12 in run:
+        batch_composition(train_slides)
 
 
 if __name__ == "__main__":
