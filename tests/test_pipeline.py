@@ -368,10 +368,15 @@ def test_missing_or_empty_input(tmp_path, tiny_weights):
         render_folder(tmp_path / "empty", tmp_path / "out", _options(tiny_weights))
 
 
+def _small_patients(root: Path, names: list[str]) -> None:
+    """2 x 2 patients of plain colours, one colour scheme each."""
+    for i, name in enumerate(names):
+        make_patient(root, name, grid_patches(2, 2, pixels_of=lambda r, c, i=i: solid((i * 50, r * 90, c * 90))))
+
+
 def test_sharded_renders_partition_patients_and_merge(tmp_path, tiny_weights):
     root = tmp_path / "in"
-    for i, name in enumerate(["A", "B", "C"]):
-        make_patient(root, name, grid_patches(2, 2, pixels_of=lambda r, c, i=i: solid((i * 50, r * 90, c * 90))))
+    _small_patients(root, ["A", "B", "C"])
     out = tmp_path / "out"
     first = render_folder(root, out, _options(tiny_weights, shard=(0, 2)))
     second = render_folder(root, out, _options(tiny_weights, shard=(1, 2)))
@@ -588,8 +593,7 @@ def test_summary_rows_say_their_folder_and_keep_one_patient_id(tmp_path, tiny_we
 
 def test_summary_csv_lists_every_patient_rendered_into_the_output(tmp_path, tiny_weights):
     root = tmp_path / "in"
-    for i, name in enumerate(["A", "B"]):
-        make_patient(root, name, grid_patches(2, 2, pixels_of=lambda r, c, i=i: solid((i * 50, r * 90, c * 90))))
+    _small_patients(root, ["A", "B"])
     out = tmp_path / "out"
     render_folder(root / "B", out, _options(tiny_weights))
     rows = render_folder(root / "A", out, _options(tiny_weights))
@@ -620,8 +624,7 @@ def test_an_unexpected_error_fails_one_patient_not_the_run(tmp_path, tiny_weight
 
 def test_a_single_shard_writes_the_whole_summary(tmp_path, tiny_weights):
     root = tmp_path / "in"
-    for i, name in enumerate(["A", "B"]):
-        make_patient(root, name, grid_patches(2, 2, pixels_of=lambda r, c, i=i: solid((i * 50, r * 90, c * 90))))
+    _small_patients(root, ["A", "B"])
     out = tmp_path / "out"
     render_folder(root / "B", out, _options(tiny_weights))
     render_folder(root / "A", out, _options(tiny_weights, shard=(0, 1)))  # `--shard env` outside torchrun
