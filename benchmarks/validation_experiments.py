@@ -71,8 +71,9 @@ from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
-from idcmap.training import (SMOOTHING_SIGMAS, collect_scores, fit_calibration, grid_windows, left_out_fits,  # noqa: E402
-                             mean_patient_auc, region_figures, stain_jitter)
+from idcmap.train_config import TrainConfig  # noqa: E402
+from idcmap.training import (SMOOTHING_SIGMAS, BatchMaker, collect_scores, fit_calibration, grid_windows,  # noqa: E402
+                             left_out_fits, mean_patient_auc, region_figures, stain_jitter)
 
 DEFAULT = "resnet18-context"
 
@@ -456,17 +457,15 @@ def batch_composition(train_slides: list[Slide], batch_patches: int = 256) -> No
     print(f"\n12. slides in a training batch of {batch_patches} patches (whole windows, grouped as idcmap train does)")
     for size in (16, 8):
         rng = np.random.default_rng(0)
+        maker = BatchMaker(train_slides, TrainConfig(window=size, batch_patches=batch_patches), torch.zeros(3),
+                           torch.ones(3), rng)
         windows = grid_windows(train_slides, size, rng)
         slides_in, largest = [], []
-        group: list[int] = []
-        for i in rng.permutation(len(windows)):
-            group += [windows[i].slide] * len(windows[i].patches)
-            if len(group) >= batch_patches:
-                counts = np.bincount(group)
-                slides_in.append(int((counts > 0).sum()))
-                largest.append(counts.max() / counts.sum())
-                group = []
-        print(f"  {size}x{size} windows: {len(windows)} windows, {len(largest)} full batches; slides per batch median "
+        for group in maker.window_groups(windows):
+            counts = np.bincount([w.slide for w in group for _ in w.patches])
+            slides_in.append(int((counts > 0).sum()))
+            largest.append(counts.max() / counts.sum())
+        print(f"  {size}x{size} windows: {len(windows)} windows, {len(largest)} batches; slides per batch median "
               f"{np.median(slides_in):.0f}, largest slide's share of a batch median {np.median(largest):.2f} "
               f"(mean {np.mean(largest):.2f})")
 

@@ -98,7 +98,6 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
         if not models:
             raise IdcmapError("no model has weights in weights/; train one or pass --model")
         loaded = [load_model(name) for name in models]
-    models = [model.name for model in loaded]
     folders = patient_ids(data_root)
     split_file = Path(split_file) if split_file else loaded[0].path.with_suffix(".split.json")
     split = load_split(split_file, folders)
@@ -162,7 +161,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             "scoring_patches_per_s": round(entry["scoring_patches_per_s"], 1),
             "backend": scorer.backend,
         }
-    reference = DEFAULT_MODEL if DEFAULT_MODEL in report["models"] else models[0]
+    reference = DEFAULT_MODEL if DEFAULT_MODEL in report["models"] else loaded[0].name
     whole = [i for i, s in enumerate(slides) if s.is_whole]
     rows = {name: entry["per_patient"] for name, entry in report["models"].items()}
     report["paired"] = {

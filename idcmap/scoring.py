@@ -96,8 +96,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise OptionError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
-    count = torch.cuda.device_count() if device.startswith("cuda:") else 0
-    if device.startswith("cuda:") and int(device[5:]) >= count:
+    if device.startswith("cuda:") and int(device[5:]) >= (count := torch.cuda.device_count()):
         raise OptionError(f"--device {device}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
     return torch.device(device)
 

@@ -131,17 +131,23 @@ class BatchMaker:
             target[moved.flatten()] = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij"), -1).view(-1, 2)
             self.cell_maps.append(target)
 
-    def batches(self, windows: list[Window]):
-        """Yield (x, labels, index, k) with windows grouped to about batch_patches patches."""
+    def window_groups(self, windows: list[Window]) -> Iterator[list[Window]]:
+        """The windows in random order, grouped until each group holds at least batch_patches
+        patches (before cell dropout): the windows of one training batch each."""
         group: list[Window] = []
         count = 0
         for i in self.rng.permutation(len(windows)):
             group.append(windows[i])
             count += len(windows[i].patches)
             if count >= self.config.batch_patches:
-                yield self._make(group)
+                yield group
                 group, count = [], 0
         if count > 1:  # a last batch of one patch is dropped: batch norm cannot train on it
+            yield group
+
+    def batches(self, windows: list[Window]):
+        """Yield (x, labels, index, k): one augmented batch per group of `window_groups`."""
+        for group in self.window_groups(windows):
             yield self._make(group)
 
     def _make(self, group: list[Window]):
