@@ -43,6 +43,12 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
  12. how training batches mix slides: with 16x16- and 8x8-cell windows (`--window`), grouped into
      batches of 256 patches as `idcmap train` groups them, how many training slides a batch holds
      and the largest one's share of it (what its batch-norm statistics are computed on).
+ 13. precise batch-norm statistics: the running means and variances that training leaves (a moving
+     average over its last few dozen batches, each mostly one or two slides) replaced by the
+     average over one pass of the training patients: in training batches (grid windows,
+     augmented, as the network's card says it was trained) or in batches of 256 patches drawn
+     from all training slides, colour-normalised as at scoring, unaugmented. For the default and
+     each `--other` network, calibration refitted; in sample and left one slide out.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -54,7 +60,8 @@ import itertools
 import sys
 import time
 import warnings
-from dataclasses import replace
+from collections.abc import Iterable, Iterator
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -408,23 +415,31 @@ def stain_views(model, others: list[Path], slides) -> None:
             print("    per whole slide AUC: " + whole_slide_aucs(pairs))
 
 
+def batch_norms(network: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def reestimated_batchnorm(backbone: torch.nn.Module, batches: Iterable[torch.Tensor]) -> torch.nn.Module:
+    """A copy of `backbone`, in eval mode, whose batch-norm running means and variances are the
+    average of those of the normalised input `batches` (labels are not used)."""
+    adapted = copy.deepcopy(backbone).eval()
+    for m in batch_norms(adapted):
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    with torch.no_grad():
+        for x in batches:
+            adapted(x)
+    return adapted.eval()
+
+
 def slide_batchnorm(backbone: torch.nn.Module, x: torch.Tensor, weight: float, batch_size: int = 256) -> torch.nn.Module:
     """A copy of `backbone` whose batch-norm means and variances are `weight` of the way from the
     trained ones to those of the normalised input patches `x` (AdaBN; labels are not used)."""
-    adapted = copy.deepcopy(backbone).eval()
-    norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    trained = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the slide's batches
-        m.train()
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            adapted(x[start : start + batch_size])
-    for m, (mean, var) in zip(norms, trained):
-        m.running_mean.mul_(weight).add_((1 - weight) * mean)
-        m.running_var.mul_(weight).add_((1 - weight) * var)
-        m.eval()
+    adapted = reestimated_batchnorm(backbone, (x[start : start + batch_size] for start in range(0, len(x), batch_size)))
+    for m, trained in zip(batch_norms(adapted), batch_norms(backbone)):
+        m.running_mean.mul_(weight).add_((1 - weight) * trained.running_mean)
+        m.running_var.mul_(weight).add_((1 - weight) * trained.running_var)
     return adapted
 
 
@@ -470,6 +485,45 @@ def batch_composition(train_slides: list[Slide], batch_patches: int = 256) -> No
               f"(mean {np.mean(largest):.2f})")
 
 
+def training_batches(model, train_slides: list[Slide]) -> Iterator[torch.Tensor]:
+    """One epoch of `model`'s training batches (grid windows, augmented as its card's training
+    settings say; seed 0): the pixels alone."""
+    trained = model.card.get("training", {})
+    config = TrainConfig(**{f.name: trained[f.name] for f in fields(TrainConfig) if f.name in trained})
+    if config.colour_normalise:
+        train_slides = [normalise_slide(s, model.colour_reference) for s in train_slides]
+    rng = np.random.default_rng(0)
+    maker = BatchMaker(train_slides, config, torch.tensor(model.mean), torch.tensor(model.std), rng)
+    return (x for x, _, _, _ in maker.batches(grid_windows(train_slides, config.window, rng)))
+
+
+def mixed_batches(model, train_slides: list[Slide], batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """The training patches colour-normalised as `model` scores them, unaugmented, shuffled across
+    slides (seed 0) into batches of `batch_size`."""
+    pixels = np.concatenate([normalise_slide(s, model.colour_reference).pixels for s in train_slides])
+    order = np.random.default_rng(0).permutation(len(pixels))
+    mean, std = torch.tensor(model.mean), torch.tensor(model.std)
+    for start in range(0, len(order) - 1, batch_size):  # a last batch of one patch: no variance
+        yield to_input(torch.from_numpy(pixels[np.sort(order[start : start + batch_size])]), mean, std)
+
+
+def precise_batchnorm(model, others: list[Path], slides, train_slides: list[Slide]) -> None:
+    print("\n13. precise batch-norm statistics: re-estimated over one pass of the training patients (calibration refitted)")
+    reach = model.network.context_reach
+    for name, network in with_others(model, others).items():
+        for label, batches in (("as trained", None), ("training batches", training_batches),
+                               ("mixed batches, normalised", mixed_batches)):
+            started = time.perf_counter()
+            variant = network
+            if batches is not None:
+                whole = copy.deepcopy(network.network)
+                whole.backbone = reestimated_batchnorm(whole.backbone, batches(network, train_slides))
+                variant = replace(network, network=whole)
+            pairs = scaled(variant, slides)
+            print(f"  {name}, {label} ({time.perf_counter() - started:.0f} s): {fitted(pairs, reach, left_out=True)[1]}")
+            print("    per whole slide AUC: " + whole_slide_aucs(pairs))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -482,9 +536,9 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 13), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 14), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
-                        help="for experiments 7, 9 and 10: other resnet18-context weights files trained on the same split")
+                        help="for experiments 7, 9, 10 and 13: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
         parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
@@ -496,7 +550,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 13)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 14)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -507,7 +561,7 @@ def main() -> None:
         expected_area(model, slides)
     if 5 in run:
         batch_sweep(args.data)
-    if run & {6, 12}:
+    if run & {6, 12, 13}:
         train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
     if 6 in run:
         colour_normalisation(model, slides, train_slides)
@@ -525,6 +579,8 @@ def main() -> None:
         batchnorm_adaptation(model, slides)
     if 12 in run:
         batch_composition(train_slides)
+    if 13 in run:
+        precise_batchnorm(model, args.other or [], slides, train_slides)
 
 
 if __name__ == "__main__":
