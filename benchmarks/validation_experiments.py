@@ -44,7 +44,7 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
      batches of 256 patches as `idcmap train` groups them, how many training slides a batch holds
      and the largest one's share of it (what its batch-norm statistics are computed on).
  13. precise batch-norm statistics: the running means and variances that training leaves (a moving
-     average over its last few dozen batches, each mostly one or two slides) replaced by the
+     average, momentum 0.1, weighted to its last 10-20 batches, each mostly one or two slides) replaced by the
      average over one pass of the training patients: in training batches (grid windows,
      augmented, as the network's card says it was trained) or in batches of 256 patches drawn
      from all training slides, colour-normalised as at scoring, unaugmented. For the default and
@@ -416,6 +416,7 @@ def stain_views(model, others: list[Path], slides) -> None:
 
 
 def batch_norms(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The batch-norm layers of `network`, in module order."""
     return [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
