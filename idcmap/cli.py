@@ -126,7 +126,8 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
         click.echo(json_text(rows))
     failed = [r for r in rows if r["status"] == "failed"]
     if not obj["quiet"]:
-        click.echo(f"{len(rows) - len(failed)} of {len(rows)} patients rendered into {out}", err=True)
+        done = "ok in" if resume else "rendered into"  # --resume: its warning says how many were kept
+        click.echo(f"{len(rows) - len(failed)} of {len(rows)} patients {done} {out}", err=True)
     if failed:
         for row in failed:
             click.echo(f"idcmap: failed: {row['patient']}: {row['error']}", err=True)
@@ -280,6 +281,8 @@ def evaluate(obj: dict, data_root: Path, models: tuple[str, ...], weights: Path 
     report = evaluate_models(data_root, list(models), out, split_file=split_file, device=device,
                              backend=backend, record=record, progress=not obj["quiet"], weights=weights)
     click.echo(json_text(report["summary"]))
+    if not obj["quiet"]:
+        click.echo(f"idcmap: metrics.json, models.md and the figures are in {out}", err=True)
 
 
 def torch_has_cuda() -> bool:

@@ -213,7 +213,7 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
     ]
     for model in loaded:
         summary = report["summary"][model.name]
-        cells = [f"`{model.name}`", f"{model.card.get('parameters', 0):,}"]
+        cells = [f"`{model.name}`", f"{sum(p.numel() for p in model.network.parameters()):,}"]
         for g in groups:
             cells.append(trio(summary[f"patch_{g}"]))
             if g in whole:

@@ -254,6 +254,8 @@ def _decode(path: Path) -> tuple[np.ndarray, os.stat_result]:
         with open(path, "rb") as handle:
             stat = os.fstat(handle.fileno())
             data = handle.read()
+        if not data:
+            raise PatchImageError(f"{path}: an empty file (0 bytes), not an image; replace or delete it")
         if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24:25] == b"\x10":
             raise PatchImageError(
                 f"{path}: a 16-bit PNG (16 bits per channel); idcmap reads 8-bit patches only, "
@@ -521,8 +523,9 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     expected = "<patient>_idx5_x<X>_y<Y>_class<C>.png, directly or in 0/ and 1/"
     if not found:
         hint = f"; found {unrecognised[0]}, not named like a patch" if unrecognised else ""
-        raise EmptyFolderError(f"{root}: no patient folder below (a patient folder holds files named {expected})"
-                               f"{hint}; point idcmap at the data set, or rename the patches")
+        raise EmptyFolderError(f"{root}: no patient folder at or below it: no file is named like a patch "
+                               f"({expected}, e.g. 9035_idx5_x1001_y401_class0.png){hint}; point idcmap at the "
+                               "data set, or rename the patches to that pattern")
     for what in unrecognised:
         log.warning("%s, none named like a patch (%s): not rendered; rename them to render it", what, expected)
     return sorted(found)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -202,8 +203,12 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
     """Write every output file of one patient into `out_dir` (all or nothing); return its summary,
     whose `folder` is `name` (out_dir's path below OUT; default: out_dir's own name)."""
     name = out_dir.name if name is None else name
+    started = time.perf_counter()
     slide = load_slide(folder, max_mosaic_pixels=options.max_mosaic_pixels)
+    loaded = time.perf_counter()
     scores = scorer.score(slide, progress=options.progress)
+    log.debug("%s: %d patches (%d files skipped) loaded in %.2f s, scored in %.2f s", name, len(slide),
+              len(slide.skipped), loaded - started, time.perf_counter() - loaded)
     predicted = predicted_mask(slide, scores.probability, calibration)
     mosaic = slide.mosaic()
     row = summarise(slide, name, scores, predicted, calibration, scorer.model.name, scorer.model.sha256)
@@ -339,6 +344,8 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     calibration = effective_calibration(model.calibration, options)
     model = replace(model, calibration=calibration)  # the scorer applies its smoothing and temperatures
     scorer = Scorer(model, options.device, options.batch_size, options.mixed_precision, options.backend, options.jobs)
+    log.debug("%d patient folder(s) below %s; model %s (%s), %s on %s, calibration %s", len(folders), folder,
+              model.name, model.path, scorer.backend, scorer.device, asdict(calibration))
     if folders == [folder]:
         names = [folder_name(folder)]  # `render .` inside a patient folder
     else:
@@ -383,7 +390,19 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, every)
     if resumed:
         log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)
+    warn_copies(rows)
     return rows
+
+
+def warn_copies(rows: list[dict]) -> None:
+    """Warn about patients rendered from more than one folder (copies of one slide are counted apart)."""
+    folders: dict[str, list[str]] = {}
+    for row in rows:
+        folders.setdefault(row["patient"], []).append(row["folder"])
+    for patient, places in folders.items():
+        if len(places) > 1:
+            log.warning("patient %s was rendered from %d folders (%s): copies of one slide? each has its own row "
+                        "in summary.csv", patient, len(places), ", ".join(places))
 
 
 def _summary_paths(out: Path) -> Iterator[tuple[str, Path]]:

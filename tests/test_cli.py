@@ -240,6 +240,18 @@ def test_failed_patient_exit_status_1(tmp_path, tiny_weights):
     assert "1 of 2 patients rendered" in result.stderr
 
 
+def test_resume_says_ok_not_rendered_for_kept_patients(tmp_path, tiny_weights, caplog):
+    folder = _patient(tmp_path / "in")
+    args = ["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "--device", "cpu",
+            "--resume"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0 and "1 of 1 patients ok in" in first.stderr
+    assert "kept as they were" not in caplog.text
+    second = CliRunner().invoke(cli, args)
+    assert second.exit_code == 0 and "1 of 1 patients ok in" in second.stderr
+    assert "rendered into" not in second.stderr and "1 of 1 patients were complete" in caplog.text
+
+
 def test_export_merges_summaries(tmp_path, tiny_weights):
     root = tmp_path / "in"
     _patient(root, "A")
@@ -367,6 +379,8 @@ def test_verbose_shows_idcmap_debug_lines_only(tmp_path, monkeypatch, capsys, ti
     code, out, err = _run_main(["-v", "render", str(folder), "-o", str(tmp_path / "out"), "--weights",
                                 str(tiny_weights), "--device", "cpu"], monkeypatch, capsys)
     assert code == 0
+    assert re.search(r"idcmap: DEBUG: P: 9 patches \(0 files skipped\) loaded in [0-9.]+ s, scored in", err)
+    assert "idcmap: DEBUG: 1 patient folder(s) below" in err
     assert logging.getLogger("idcmap").getEffectiveLevel() == logging.DEBUG
     assert logging.getLogger("PIL").getEffectiveLevel() == logging.WARNING
 

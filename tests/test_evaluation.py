@@ -19,7 +19,7 @@ from idcmap.colour import ColourReference
 from idcmap.evaluation import evaluate_models, models_table
 from idcmap.errors import OptionError
 from idcmap.loader import load_slide
-from idcmap.models import card_path, load_model, sha256_of
+from idcmap.models import build_model, card_path, load_model, sha256_of
 from idcmap.scoring import Scorer
 
 MODELS = ["cancernet", "cancernet-context"]
@@ -329,6 +329,12 @@ def test_paired_differences_against_the_reference_model(evaluated):
         assert low <= expected + 1e-12 and expected - 1e-12 <= high
     table = (evaluated["out"] / "models.md").read_text()
     assert f"Paired against `{MODELS[0]}`" in table and f"| `{MODELS[1]}` | {difference['dice']:+.3f} [" in table
+
+
+def test_models_table_counts_parameters_of_a_model_without_a_card(evaluated):
+    assert evaluated["cards"]["cancernet"] is None or "parameters" not in evaluated["cards"]["cancernet"]
+    count = sum(p.numel() for p in build_model("cancernet").parameters())
+    assert count > 0 and f"| `cancernet` | {count:,} |" in (evaluated["out"] / "models.md").read_text()
 
 
 def test_evaluate_a_weights_file_outside_weights(tmp_path, evaluated):

@@ -211,6 +211,15 @@ def test_a_header_claiming_a_huge_image_is_a_patch_error(tmp_path, side):
         load_slide(folder)
     assert str(info.value).startswith(f"{bad}: ")
 
+def test_an_empty_patch_file_is_called_empty(tmp_path):
+    folder = make_patient(tmp_path, "P", ONE)
+    empty = folder / "0" / "P_idx5_x51_y1_class0.png"
+    empty.write_bytes(b"")
+    with pytest.raises(PatchImageError) as info:
+        load_slide(folder)
+    assert str(info.value) == f"{empty}: an empty file (0 bytes), not an image; replace or delete it"
+
+
 def test_broken_symlink_is_called_a_broken_link(tmp_path):
     folder = make_patient(tmp_path, "P", ONE)
     link = folder / "0" / "P_idx5_x51_y1_class0.png"

@@ -221,6 +221,7 @@ def test_resume_skips_complete_and_redoes_incomplete(tmp_path, tiny_weights, cap
 
     assert _stamps(out / "A") == a_before  # skipped: not rewritten
     assert "1 of 2 patients were complete" in caplog.text  # and said so
+    assert "was rendered from" not in caplog.text  # two patients, no copies
     assert sorted(p.name for p in (out / "C").iterdir()) == sorted(PATIENT_FILES)
     c_after = _stamps(out / "C")
     assert c_after["summary.json"] != c_before["summary.json"]  # redone
@@ -569,11 +570,13 @@ def test_a_root_of_only_misnamed_patches_says_what_it_found(tmp_path, tiny_weigh
     folder = make_patient(tmp_path / "in", "B", grid_patches(1, 2), layout="flat")
     for path in folder.iterdir():
         path.rename(path.with_name("scan_" + path.name.split("_x")[1]))
-    with pytest.raises(EmptyFolderError, match=r"found .*B: 2 image files, e.g. scan_1_y1_class0\.png, not named like a patch"):
+    with pytest.raises(EmptyFolderError, match=r"no patient folder at or below it: no file is named like a patch "
+                       r"\(<patient>_idx5_x<X>_y<Y>_class<C>\.png, .*e\.g\. 9035_idx5_x1001_y401_class0\.png\); "
+                       r"found .*B: 2 image files, e.g. scan_1_y1_class0\.png, not named like a patch"):
         render_folder(tmp_path / "in", tmp_path / "out", _options(tiny_weights))
 
 
-def test_summary_rows_say_their_folder_and_keep_one_patient_id(tmp_path, tiny_weights):
+def test_summary_rows_say_their_folder_and_keep_one_patient_id(tmp_path, tiny_weights, caplog):
     root = tmp_path / "in"
     make_patient(root, "9035", _patches(1))
     (root / "9035").rename(root / "copyA")
@@ -582,7 +585,9 @@ def test_summary_rows_say_their_folder_and_keep_one_patient_id(tmp_path, tiny_we
     bad = sorted((root / "copyB").rglob("*.png"))[0]
     bad.write_bytes(bad.read_bytes()[:40])
     out = tmp_path / "out"
-    rows = render_folder(root, out, _options(tiny_weights))
+    with caplog.at_level("WARNING", logger="idcmap"):
+        rows = render_folder(root, out, _options(tiny_weights))
+    assert "patient 9035 was rendered from 2 folders (copyA, copyB)" in caplog.text
     # the failed copy keeps the id its file names give, as the rendered one does; folders tell them apart
     assert [(r["patient"], r["folder"], r["status"]) for r in rows] == [("9035", "copyA", "ok"),
                                                                        ("9035", "copyB", "failed")]
