@@ -344,7 +344,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     calibration = effective_calibration(model.calibration, options)
     model = replace(model, calibration=calibration)  # the scorer applies its smoothing and temperatures
     scorer = Scorer(model, options.device, options.batch_size, options.mixed_precision, options.backend, options.jobs)
-    log.debug("%d patient folder(s) below %s; model %s (%s), %s on %s, calibration %s", len(folders), folder,
+    log.debug("%d patient folder(s) at or below %s; model %s (%s), %s on %s, calibration %s", len(folders), folder,
               model.name, model.path, scorer.backend, scorer.device, asdict(calibration))
     if folders == [folder]:
         names = [folder_name(folder)]  # `render .` inside a patient folder

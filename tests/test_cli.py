@@ -380,7 +380,7 @@ def test_verbose_shows_idcmap_debug_lines_only(tmp_path, monkeypatch, capsys, ti
                                 str(tiny_weights), "--device", "cpu"], monkeypatch, capsys)
     assert code == 0
     assert re.search(r"idcmap: DEBUG: P: 9 patches \(0 files skipped\) loaded in [0-9.]+ s, scored in", err)
-    assert "idcmap: DEBUG: 1 patient folder(s) below" in err
+    assert "idcmap: DEBUG: 1 patient folder(s) at or below" in err
     assert logging.getLogger("idcmap").getEffectiveLevel() == logging.DEBUG
     assert logging.getLogger("PIL").getEffectiveLevel() == logging.WARNING
 
