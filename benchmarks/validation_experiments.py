@@ -32,7 +32,9 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
      alone, slide after slide. Rules: the fitted threshold and post-processing (as shipped);
      per-slide area matching (each slide's threshold set so that its thresholded area equals its
      expected area, the area-weighted mean calibrated probability; temperature and smoothing fitted
-     as shipped); the same followed by the fitted post-processing;
+     as shipped); the same followed by the fitted post-processing; the threshold midway between the
+     fitted and the area-matched one, and Otsu's threshold of each slide's probabilities, each
+     followed by the fitted post-processing;
  10. stain test-time augmentation: the default and each `--other` network score each (colour-
      normalised) slide as it is and with its haematoxylin or eosin amount scaled by 1 +/- 0.2
      (3 or 5 views, logits averaged), calibration refitted; in sample and left one slide out.
@@ -49,6 +51,10 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
      augmented, as the network's card says it was trained) or in batches of 256 patches drawn
      from all training slides, colour-normalised as at scoring, unaugmented. For the default and
      each `--other` network, calibration refitted; in sample and left one slide out.
+ 14. a safety check of Otsu's per-slide threshold (experiment 9) on slides with little IDC: the
+     default scores the whole TRAINING slides (the `patients/` folders; the network has seen them, neither decision rule was fitted
+     on them), and per slide, in order of labelled IDC area, the fitted threshold's and Otsu's
+     predicted areas and Dice, and their means.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -66,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from skimage.filters import threshold_otsu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,7 +83,7 @@ from idcmap.colour import (ColourReference, colour_reference, matched_pixels, no
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
-from idcmap.regions import idc_area_fraction, predicted_mask  # noqa: E402
+from idcmap.regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 from idcmap.train_config import TrainConfig  # noqa: E402
 from idcmap.training import (SMOOTHING_SIGMAS, BatchMaker, collect_scores, fit_calibration, grid_windows,  # noqa: E402
@@ -350,14 +357,27 @@ def area_matched_threshold(slide: Slide, probability: np.ndarray) -> float:
     return float(probability[order[k - 1]]) if k else float(np.nextafter(probability.max(), np.inf))
 
 
+def otsu_threshold(slide: Slide, probability: np.ndarray) -> float:
+    """Otsu's threshold of the slide's probabilities, patches weighted by their real area (it
+    always splits a slide in two, so a slide without IDC gets regions too)."""
+    counts, edges = np.histogram(probability, bins=256, range=(0.0, 1.0), weights=slide.areas.astype(float))
+    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2)))
+
+
 def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
     """Rule name -> (Dice, |area error|) on each whole slide, with the calibration fitted without it."""
     judged = {"fitted threshold and post-processing (shipped)": [], "area-matched threshold": [],
-              "area-matched threshold, then fitted post-processing": []}
+              "area-matched threshold, then fitted post-processing": [],
+              "midway between the fitted and area-matched thresholds, then fitted post-processing": [],
+              "Otsu's threshold per slide, then fitted post-processing": []}
     for slide, probability, calibration in left_out_fits(pairs, [p for p in pairs if p[0].is_whole], reach,
                                                          SMOOTHING_SIGMAS):
-        matched = replace(calibration, threshold=area_matched_threshold(slide, probability))
-        for rule, trial in zip(judged, (calibration, replace(matched, min_region_cells=0, max_hole_cells=0), matched)):
+        matched_at = area_matched_threshold(slide, probability)
+        matched = replace(calibration, threshold=matched_at)
+        trials = (calibration, replace(matched, min_region_cells=0, max_hole_cells=0), matched,
+                  replace(calibration, threshold=(calibration.threshold + matched_at) / 2),
+                  replace(calibration, threshold=otsu_threshold(slide, probability)))
+        for rule, trial in zip(judged, trials):
             judged[rule].append(region_figures(slide, probability, trial))
     return judged
 
@@ -525,6 +545,29 @@ def precise_batchnorm(model, others: list[Path], slides, train_slides: list[Slid
             print("    per whole slide AUC: " + whole_slide_aucs(pairs))
 
 
+def otsu_on_training_slides(model, train_slides: list[Slide], whole: set[str]) -> None:
+    """Experiment 14 on the training slides whose patient is in `whole` (the `patients/` folders)."""
+    print("\n14. the fitted threshold against Otsu's per-slide threshold on the whole training slides (seen by the "
+          "network), by labelled IDC area")
+    calibration = model.calibration
+    scored = collect_scores(Scorer(model, "cpu", backend="onnx"), [s for s in train_slides if s.patient in whole])
+    figures = []
+    for slide, scores in sorted(scored, key=lambda pair: idc_area_fraction(pair[0], pair[0].labels == 1)):
+        labelled = slide.labels == 1
+        otsu = otsu_threshold(slide, scores.probability)
+        masks = [predicted_mask(slide, scores.probability, trial)
+                 for trial in (calibration, replace(calibration, threshold=otsu))]
+        row = [idc_area_fraction(slide, labelled)] + [idc_area_fraction(slide, m) for m in masks] + \
+              [dice(slide, m, labelled) for m in masks]
+        figures.append(row)
+        print(f"  {slide.patient}: labelled {row[0]:.3f}; predicted area, fitted {row[1]:.3f} / Otsu {row[2]:.3f} "
+              f"(threshold {calibration.threshold:.2f} / {otsu:.2f}); Dice {row[3]:.2f} / {row[4]:.2f}")
+    labelled, fitted_area, otsu_area, fitted_dice, otsu_dice = np.array(figures).T
+    print(f"  {len(figures)} slides: area MAE fitted {np.abs(fitted_area - labelled).mean():.4f}, Otsu "
+          f"{np.abs(otsu_area - labelled).mean():.4f}; mean Dice fitted {fitted_dice.mean():.4f}, Otsu "
+          f"{otsu_dice.mean():.4f}")
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -537,7 +580,7 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 14), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 15), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
                         help="for experiments 7, 9, 10 and 13: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
@@ -551,7 +594,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 14)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 15)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -562,7 +605,7 @@ def main() -> None:
         expected_area(model, slides)
     if 5 in run:
         batch_sweep(args.data)
-    if run & {6, 12, 13}:
+    if run & {6, 12, 13, 14}:
         train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
     if 6 in run:
         colour_normalisation(model, slides, train_slides)
@@ -582,6 +625,9 @@ def main() -> None:
         batch_composition(train_slides)
     if 13 in run:
         precise_batchnorm(model, args.other or [], slides, train_slides)
+    if 14 in run:
+        otsu_on_training_slides(model, train_slides, {p.split("/", 1)[1] for p in split["train"]
+                                                       if p.startswith("patients/")})
 
 
 if __name__ == "__main__":
