@@ -72,7 +72,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skimage.filters import threshold_otsu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,7 +82,7 @@ from idcmap.colour import (ColourReference, colour_reference, matched_pixels, no
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
-from idcmap.regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
+from idcmap.regions import dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 from idcmap.train_config import TrainConfig  # noqa: E402
 from idcmap.training import (SMOOTHING_SIGMAS, BatchMaker, collect_scores, fit_calibration, grid_windows,  # noqa: E402
@@ -357,13 +356,6 @@ def area_matched_threshold(slide: Slide, probability: np.ndarray) -> float:
     return float(probability[order[k - 1]]) if k else float(np.nextafter(probability.max(), np.inf))
 
 
-def otsu_threshold(slide: Slide, probability: np.ndarray) -> float:
-    """Otsu's threshold of the slide's probabilities, patches weighted by their real area (it
-    always splits a slide in two, so a slide without IDC gets regions too)."""
-    counts, edges = np.histogram(probability, bins=256, range=(0.0, 1.0), weights=slide.areas.astype(float))
-    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2)))
-
-
 def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
     """Rule name -> (Dice, |area error|) on each whole slide, with the calibration fitted without it."""
     judged = {"fitted threshold and post-processing (shipped)": [], "area-matched threshold": [],
@@ -376,7 +368,7 @@ def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
         matched = replace(calibration, threshold=matched_at)
         trials = (calibration, replace(matched, min_region_cells=0, max_hole_cells=0), matched,
                   replace(calibration, threshold=(calibration.threshold + matched_at) / 2),
-                  replace(calibration, threshold=otsu_threshold(slide, probability)))
+                  replace(calibration, threshold_rule="otsu"))
         for rule, trial in zip(judged, trials):
             judged[rule].append(region_figures(slide, probability, trial))
     return judged
@@ -549,19 +541,18 @@ def otsu_on_training_slides(model, train_slides: list[Slide], whole: set[str]) -
     """Experiment 14 on the training slides whose patient is in `whole` (the `patients/` folders)."""
     print("\n14. the fitted threshold against Otsu's per-slide threshold on the whole training slides (seen by the "
           "network), by labelled IDC area")
-    calibration = model.calibration
+    calibration = replace(model.calibration, threshold_rule="fixed")
     scored = collect_scores(Scorer(model, "cpu", backend="onnx"), [s for s in train_slides if s.patient in whole])
     figures = []
     for slide, scores in sorted(scored, key=lambda pair: idc_area_fraction(pair[0], pair[0].labels == 1)):
         labelled = slide.labels == 1
-        otsu = otsu_threshold(slide, scores.probability)
-        masks = [predicted_mask(slide, scores.probability, trial)
-                 for trial in (calibration, replace(calibration, threshold=otsu))]
+        otsu = replace(calibration, threshold_rule="otsu")
+        masks = [predicted_mask(slide, scores.probability, trial) for trial in (calibration, otsu)]
         row = [idc_area_fraction(slide, labelled)] + [idc_area_fraction(slide, m) for m in masks] + \
               [dice(slide, m, labelled) for m in masks]
         figures.append(row)
         print(f"  {slide.patient}: labelled {row[0]:.3f}; predicted area, fitted {row[1]:.3f} / Otsu {row[2]:.3f} "
-              f"(threshold {calibration.threshold:.2f} / {otsu:.2f}); Dice {row[3]:.2f} / {row[4]:.2f}")
+              f"(threshold {calibration.threshold:.2f} / {slide_threshold(slide, scores.probability, otsu):.2f}); Dice {row[3]:.2f} / {row[4]:.2f}")
     labelled, fitted_area, otsu_area, fitted_dice, otsu_dice = np.array(figures).T
     print(f"  {len(figures)} slides: area MAE fitted {np.abs(fitted_area - labelled).mean():.4f}, Otsu "
           f"{np.abs(otsu_area - labelled).mean():.4f}; mean Dice fitted {fitted_dice.mean():.4f}, Otsu "

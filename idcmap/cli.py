@@ -13,7 +13,7 @@ import click
 from .errors import IdcmapError
 from .export import json_text
 from .loader import DEFAULT_MAX_MOSAIC_PIXELS
-from .models import DEFAULT_MODEL, REGISTRY
+from .models import DEFAULT_MODEL, REGISTRY, THRESHOLD_RULES
 from .scoring import BACKENDS
 from .train_config import LIMITS, PRECISIONS, TrainConfig
 
@@ -23,6 +23,9 @@ MODEL_CHOICE = click.Choice(sorted(REGISTRY))
 UNSHIPPED = ", ".join(name for name, spec in sorted(REGISTRY.items()) if not spec.weights_path.is_file())
 UNSHIPPED_NOTE = f" Without shipped weights (train them, then pass --weights): {UNSHIPPED}." if UNSHIPPED else ""
 DEVICE_HELP = "auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N."
+THRESHOLD_RULE_HELP = ("fixed: one threshold for every slide; otsu: each whole slide's own Otsu threshold of its "
+                       "probabilities (follows a slide scored higher or lower than usual, but over-calls a slide "
+                       "with little or no IDC; scattered samples keep the fixed one)")
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -80,7 +83,10 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Patches per batch [default: 512 on CPU, 1024 on GPU]. On a GPU every slide's last "
                    "batch is padded to this size (one batch shape), so keep it near the default.")
 @click.option("--threshold", type=FiniteFloatRange(0, 1), default=None,
-              help="IDC probability threshold [default: the model's, fitted on validation patients].")
+              help="IDC probability threshold for every slide (implies --threshold-rule fixed) [default: the "
+                   "model's, fitted on validation patients].")
+@click.option("--threshold-rule", type=click.Choice(THRESHOLD_RULES), default=None,
+              help=THRESHOLD_RULE_HELP + " [default: the model's].")
 @click.option("--smoothing", "smoothing_sigma", type=FiniteFloatRange(0, 10), default=None,
               help="Sigma, in grid cells, of the Gaussian smoothing of the final logits over the slide "
                    "(0 = none) [default: the model's, fitted on validation patients].")
@@ -103,6 +109,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.pass_obj
 def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path | None, device: str,
            backend: str, mixed_precision: bool, batch_size: int | None, threshold: float | None,
+           threshold_rule: str | None,
            smoothing_sigma: float | None, min_region_cells: int | None,
            max_hole_cells: int | None, max_mosaic_pixels: int, jobs: int | None, resume: bool, shard: str | None,
            as_json: bool) -> None:
@@ -117,7 +124,8 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     options = RenderOptions(model=model, weights=weights, device=device, backend=backend,
                             mixed_precision=mixed_precision, batch_size=batch_size,
-                            threshold=threshold, smoothing_sigma=smoothing_sigma, min_region_cells=min_region_cells,
+                            threshold=threshold, threshold_rule=threshold_rule, smoothing_sigma=smoothing_sigma,
+                            min_region_cells=min_region_cells,
                             max_hole_cells=max_hole_cells, max_mosaic_pixels=max_mosaic_pixels,
                             jobs=jobs, resume=resume, progress=not obj["quiet"],
                             shard=parse_shard(shard, dict(os.environ)) if shard else None)
@@ -245,14 +253,16 @@ def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None
               help="Also normalise each whole slide's colours before scoring: store the training patients' "
                    "mean tissue colours with the weights (the network itself is unchanged; a model that has "
                    "a reference keeps it). Run `idcmap quantize` again afterwards.")
+@click.option("--threshold-rule", type=click.Choice(THRESHOLD_RULES), default=None,
+              help=THRESHOLD_RULE_HELP + " [default: the model's current rule].")
 @click.pass_obj
 def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
-              device: str, colour_normalise: bool) -> None:
+              device: str, colour_normalise: bool, threshold_rule: str | None) -> None:
     """Refit temperatures, grid smoothing, threshold and region post-processing on the validation patients."""
     from .training import recalibrate
 
     card = recalibrate(data_root, model, weights, split_file, device, progress=not obj["quiet"],
-                       colour_normalise=colour_normalise)
+                       colour_normalise=colour_normalise, threshold_rule=threshold_rule)
     click.echo(json_text({"calibration": card["calibration"], "fit": card["calibration_fit"]}))
 
 

@@ -24,14 +24,14 @@ from .errors import IdcmapError, OptionError  # noqa: E402
 from .export import atomic_write_bytes, write_json  # noqa: E402
 from .loader import Slide  # noqa: E402
 from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
-from .regions import dice, idc_area_fraction, predicted_mask  # noqa: E402
+from .regions import dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
 from .scoring import Scorer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def patch_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict:
-    """Patch-level figures of calibrated probabilities at one threshold."""
+def patch_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float | np.ndarray) -> dict:
+    """Patch-level figures of calibrated probabilities at a threshold (or one per patch: its slide's)."""
     report = metrics.classification_report(labels, probability >= threshold)
     report.update(
         roc_auc=metrics.roc_auc(labels, probability),
@@ -122,9 +122,10 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
         calibration = model.calibration
         entry: dict = {"calibration": vars(calibration), "sha256": model.sha256, "backend": scorer.backend,
                        "scoring_patches_per_s": sum(len(s) for s in slides) / seconds, "patch": {}, "slides": {}}
-        per_patient = []
+        per_patient, thresholds = [], []  # thresholds: each patch's, its slide's (see slide_threshold)
         for slide, scores, group in zip(slides, scored, groups):
             predicted = predicted_mask(slide, scores.probability, calibration)
+            thresholds.append(np.full(len(slide), slide_threshold(slide, scores.probability, calibration)))
             truth = slide.labels == 1
             predicted_fraction = idc_area_fraction(slide, predicted)
             labelled_fraction = idc_area_fraction(slide, truth)
@@ -138,7 +139,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             chosen = [i for i, g in enumerate(groups) if group in (g, "all")]
             labels = np.concatenate([slides[i].labels for i in chosen]).astype(int)
             probability = np.concatenate([scored[i].probability for i in chosen])
-            entry["patch"][group] = patch_metrics(labels, probability, calibration.threshold)
+            entry["patch"][group] = patch_metrics(labels, probability, np.concatenate([thresholds[i] for i in chosen]))
             whole = [per_patient[i] for i in chosen if slides[i].is_whole]
             if whole and group != "all":
                 entry["slides"][group] = slide_metrics(whole)
@@ -146,7 +147,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
         report["models"][model.name] = entry
         labels = np.concatenate([s.labels for s in slides]).astype(int)
         probability = np.concatenate([s.probability for s in scored])
-        curves[model.name] = (labels, probability, calibration.threshold, slides, scored)
+        curves[model.name] = (labels, probability, np.concatenate(thresholds), slides, scored)
         whole_groups = {g: v for g, v in entry["slides"].items()}
         report["summary"][model.name] = {
             "patch_all": {k: round(entry["patch"]["all"][k], 4)
@@ -205,7 +206,7 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
     header += ["scoring patches/s", "reproduce"]
     lines = [
         f"{len(report['test_patients'])} test patients (split: {sets} patients). Patch figures at each "
-        "model's validation-fitted threshold; slide figures on the whole test slides, mean and 95% "
+        "model's validation-fitted threshold (or, where its rule is otsu, each whole slide's own); slide figures on the whole test slides, mean and 95% "
         "bootstrap interval over patients.",
         "",
         "| " + " | ".join(header) + " |",
@@ -221,8 +222,12 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
                 cells += [with_interval(slides, "area_fraction_mae"), with_interval(slides, "dice")] if slides else ["–"] * 2
         command = model.card.get("training", {}).get("command", f"idcmap train DATA_ROOT --model {model.name}")
         data_root = model.card.get("training", {}).get("data_root", "DATA_ROOT")
-        if model.colour_reference is not None and "--colour-normalise" not in command:  # given by calibrate
-            command += f" && idcmap calibrate {data_root} --model {model.name} --colour-normalise"
+        calibrate = [flag for flag, given in (("--colour-normalise", model.colour_reference is not None
+                                                and "--colour-normalise" not in command),
+                                               ("--threshold-rule otsu", model.calibration.threshold_rule == "otsu"))
+                     if given]  # what calibrate gave a network that train made
+        if calibrate:
+            command += f" && idcmap calibrate {data_root} --model {model.name} {' '.join(calibrate)}"
         if summary.get("backend") == "onnx-int8":
             command += f" && idcmap quantize {data_root} --model {model.name}"
         cells += [f"{summary['scoring_patches_per_s']:,.0f} ({summary.get('backend', '?')})", f"`{command}`"]
@@ -258,7 +263,8 @@ def _figures(out: Path, curves: dict, loaded: list) -> None:
         for (r, c), value in np.ndenumerate(matrix):
             ax.text(c, r, f"{value:,}", ha="center", va="center", color="black" if value < matrix.max() / 2 else "white")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-IDC", "IDC"], yticklabels=["non-IDC", "IDC"],
-               xlabel="predicted", ylabel="labelled", title=f"{name} @ {threshold:.2f}")
+               xlabel="predicted", ylabel="labelled",
+               title=f"{name} @ {threshold[0]:.2f}" if np.ptp(threshold) == 0 else f"{name} @ each slide's threshold")
         _save(fig, out / f"confusion_{name}.png")
         _sample_grid(out / f"samples_{name}.png", slides, scored, threshold)
     for model in loaded:
@@ -276,8 +282,9 @@ def _figures(out: Path, curves: dict, loaded: list) -> None:
             _save(fig, out / f"training_{model.name}.png")
 
 
-def _sample_grid(path: Path, slides: list[Slide], scored: list, threshold: float, per_cell: int = 8) -> None:
-    """Patches in four rows: true positives, true negatives, false positives, false negatives."""
+def _sample_grid(path: Path, slides: list[Slide], scored: list, threshold: np.ndarray, per_cell: int = 8) -> None:
+    """Patches in four rows: true positives, true negatives, false positives, false negatives
+    (`threshold`: each patch's)."""
     rng = np.random.default_rng(0)
     pixels = np.concatenate([s.pixels for s in slides])
     labels = np.concatenate([s.labels for s in slides]) == 1

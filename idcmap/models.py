@@ -226,6 +226,9 @@ def build_model(name: str) -> PatchClassifier:
     return PatchClassifier(spec.build(), spec.context_dilations)
 
 
+THRESHOLD_RULES = ("fixed", "otsu")
+
+
 @dataclass
 class Calibration:
     """What turns logits into decisions: fitted on validation patients, stored with the weights."""
@@ -236,11 +239,14 @@ class Calibration:
     threshold: float = 0.5
     min_region_cells: int = 0
     max_hole_cells: int = 0
+    threshold_rule: str = "fixed"  # or "otsu": each whole slide's own Otsu threshold (`threshold` for scattered samples)
 
     def problem(self) -> str | None:
         """What makes this calibration unusable (None when it is usable): every value finite,
-        temperatures above 0, the threshold within [0, 1], the rest not negative."""
-        values = asdict(self)
+        temperatures above 0, the threshold within [0, 1], the rest not negative, a known rule."""
+        if self.threshold_rule not in THRESHOLD_RULES:
+            return f"its calibration threshold rule {self.threshold_rule!r} is none of {', '.join(THRESHOLD_RULES)}"
+        values = {k: v for k, v in asdict(self).items() if k != "threshold_rule"}
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()):
             return f"its calibration holds a value that is not a finite number ({values})"
         if self.temperature <= 0 or self.patch_temperature <= 0:

@@ -29,7 +29,7 @@ from .export import SUMMARY_FIELDS, atomic_write_bytes, encode_png, write_csv, w
 from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, folder_name, inputs_sha256,
                      load_slide, named_patient)
 from .models import Calibration, load_model
-from .regions import dice, idc_area_fraction, predicted_mask, region_polygons
+from .regions import dice, idc_area_fraction, predicted_mask, region_polygons, slide_threshold
 from .render import overlay_png
 from .scoring import Scorer, SlideScores
 
@@ -54,6 +54,7 @@ class RenderOptions:
     mixed_precision: bool = False
     batch_size: int | None = None
     threshold: float | None = None
+    threshold_rule: str | None = None
     smoothing_sigma: float | None = None
     min_region_cells: int | None = None
     max_hole_cells: int | None = None
@@ -131,9 +132,12 @@ def check_output_folder(out_dir: Path, inputs: InputFolders) -> None:
 
 
 def effective_calibration(model_calibration: Calibration, options: RenderOptions) -> Calibration:
-    """The model's calibration with the user's overrides applied."""
-    overrides = {k: getattr(options, k) for k in ("threshold", "smoothing_sigma", "min_region_cells", "max_hole_cells")
-                 if getattr(options, k) is not None}
+    """The model's calibration with the user's overrides applied (a threshold given: the fixed rule,
+    unless a rule is given too)."""
+    overrides = {k: getattr(options, k) for k in ("threshold", "threshold_rule", "smoothing_sigma", "min_region_cells",
+                                                  "max_hole_cells") if getattr(options, k) is not None}
+    if options.threshold is not None:
+        overrides.setdefault("threshold_rule", "fixed")
     calibration = replace(model_calibration, **overrides)
     unusable = calibration.problem()
     if unusable:
@@ -156,7 +160,7 @@ def summarise(slide: Slide, folder: str, scores: SlideScores, predicted: np.ndar
         "predicted_idc_area_fraction": round(idc_area_fraction(slide, predicted), 6),
         "labelled_idc_area_fraction": round(idc_area_fraction(slide, labelled), 6) if slide.has_labels else None,
         "dice": round(dice(slide, predicted, labelled), 6) if slide.has_labels else None,
-        "threshold": calibration.threshold,
+        "threshold": slide_threshold(slide, scores.probability, calibration),  # this slide's
         "min_region_cells": calibration.min_region_cells,
         "max_hole_cells": calibration.max_hole_cells,
         "model": model_name,
@@ -232,7 +236,8 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
     subtitle = (f"{len(slide)} patches · predicted IDC area {row['predicted_idc_area_fraction']:.1%}"
                 + (f" · labelled {row['labelled_idc_area_fraction']:.1%} · Dice {row['dice']:.2f}"
                    if slide.has_labels else "")
-                + f" · {scorer.model.name}, threshold {calibration.threshold:.2f}")
+                + f" · {scorer.model.name}, threshold {row['threshold']:.2f}"
+                + (" (Otsu)" if row["threshold"] != calibration.threshold else ""))
     with ThreadPoolExecutor(1) as encoder:
         # zlib releases the GIL: the mosaic PNG is encoded while the overlay and tables are made
         # (0.055-0.09 s of a 0.8 s CancerNet render in 4 of 5 runs of benchmarks/bench_render_stages.py)

@@ -11,6 +11,27 @@ from .loader import PATCH_SIZE, Slide
 from .models import Calibration
 
 
+def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibration) -> float:
+    """The IDC probability threshold for `slide`: the calibration's, or with its `otsu` rule and a
+    whole slide, Otsu's threshold of the slide's own probabilities (patches weighted by their real
+    area), which follows a slide whose probabilities sit higher or lower than the validation
+    slides'. It always splits a slide in two, so it over-calls a slide with little or no IDC.
+    The calibration's threshold also serves a slide whose probabilities fall in one of 256 bins."""
+    if calibration.threshold_rule != "otsu" or not slide.is_whole:
+        return calibration.threshold
+    counts, edges = np.histogram(probability, bins=256, range=(0.0, 1.0), weights=slide.areas.astype(np.float64))
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(counts)[:-1]  # area of bins 0..i, for a split between bins i and i + 1
+    above = counts.sum() - below
+    mass = np.cumsum(counts * centres)[:-1]
+    usable = (below > 0) & (above > 0)
+    if not usable.any():
+        return calibration.threshold
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = below * above * (mass / below - (mass[-1] + counts[-1] * centres[-1] - mass) / above) ** 2
+    return float(edges[1:-1][np.argmax(np.where(usable, between, -1.0))])
+
+
 def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibration) -> np.ndarray:
     """(N,) bool: patches in predicted IDC regions, after dropping specks and filling holes.
 
@@ -20,7 +41,7 @@ def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibrati
     Holes: negative regions of at most `max_hole_cells` cells enclosed by positive ones
     (filled only where a patch exists: no IDC is predicted on bare glass).
     """
-    positive = probability >= calibration.threshold
+    positive = probability >= slide_threshold(slide, probability, calibration)
     if calibration.min_region_cells <= 1 and calibration.max_hole_cells <= 0:
         return positive
     grid = slide.grid_values(positive.astype(np.float64), fill=0.0) > 0.5

@@ -221,7 +221,8 @@ HOLE_CELLS = (0, 1, 2, 4, 8)
 
 
 def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
-                    sigmas: tuple[float, ...] = SMOOTHING_SIGMAS, left_out: bool = True) -> tuple[Calibration, dict]:
+                    sigmas: tuple[float, ...] = SMOOTHING_SIGMAS, left_out: bool = True,
+                    threshold_rule: str = "fixed") -> tuple[Calibration, dict]:
     """Smoothing, temperatures, threshold and region post-processing fitted on validation patients.
 
     Every validation patient weighs the same (patches weighted 1/patches of their patient), so
@@ -231,7 +232,9 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     sizes are chosen together on the whole validation slides (all slides when none is whole) to
     maximise mean Dice minus mean area-fraction error: regions that overlap the labelled ones
     and have their size. `left_out`: the choice also records `left_one_slide_out` (see there),
-    the objective on slides the calibration was not fitted on.
+    the objective on slides the calibration was not fitted on. `threshold_rule` "otsu": the
+    calibration found so then thresholds each whole slide at its own Otsu threshold (see
+    `regions.slide_threshold`), and the objectives recorded are those of that rule.
     """
     labels = np.concatenate([s.labels for s, _ in scored])
     weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
@@ -256,11 +259,16 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
                                     float(np.mean(errors)), trial))
     simplest_first = lambda r: (r[0], -r[3].smoothing_sigma, -r[3].min_region_cells, -r[3].max_hole_cells)  # noqa: E731
     objective, val_dice, val_error, best = max(results, key=simplest_first)
+    if threshold_rule != "fixed":
+        best = replace(best, threshold_rule=threshold_rule)
+        dices, errors = zip(*(region_figures(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach,
+                                                                  best).probability, best) for s, r in whole))
+        objective, val_dice, val_error = float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)), float(np.mean(errors))
     choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
               "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
               "slides": [s.patient for s, _ in whole]}
     if left_out:
-        choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas)
+        choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas, threshold_rule)
         if choice["left_one_slide_out"] is not None:
             log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each "
                      "left out of the fit", objective, len(whole), choice["left_one_slide_out"]["value"])
@@ -274,17 +282,19 @@ def region_figures(slide: Slide, probability: np.ndarray, calibration: Calibrati
 
 
 def left_out_fits(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
-                  context_reach: int, sigmas: tuple[float, ...]) -> Iterator[tuple[Slide, np.ndarray, Calibration]]:
+                  context_reach: int, sigmas: tuple[float, ...],
+                  threshold_rule: str = "fixed") -> Iterator[tuple[Slide, np.ndarray, Calibration]]:
     """Each `judged` slide with the calibration fitted on all the other validation patients of
     `scored`, and its probabilities under that calibration."""
     for slide, scores in judged:
-        calibration, _ = fit_calibration([p for p in scored if p[0] is not slide], context_reach, sigmas, left_out=False)
+        calibration, _ = fit_calibration([p for p in scored if p[0] is not slide], context_reach, sigmas, left_out=False,
+                                         threshold_rule=threshold_rule)
         yield slide, calibrated_scores(slide, scores.patch_logit, scores.context_logit, context_reach,
                                        calibration).probability, calibration
 
 
 def left_one_slide_out(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
-                       context_reach: int, sigmas: tuple[float, ...]) -> dict | None:
+                       context_reach: int, sigmas: tuple[float, ...], threshold_rule: str = "fixed") -> dict | None:
     """How the calibration carries over to a slide it was not fitted on: each `judged` slide under
     the calibration fitted on all the other validation patients, and the objective (mean Dice
     minus mean area-fraction error) over them; None with fewer than 2 judged slides. The
@@ -293,7 +303,8 @@ def left_one_slide_out(scored: list[tuple[Slide, SlideScores]], judged: list[tup
     if len(judged) < 2:
         return None
     figures = {slide.patient: region_figures(slide, probability, calibration)
-               for slide, probability, calibration in left_out_fits(scored, judged, context_reach, sigmas)}
+               for slide, probability, calibration in left_out_fits(scored, judged, context_reach, sigmas,
+                                                                    threshold_rule)}
     dices, errors = (np.array(v) for v in zip(*figures.values()))
     return {"value": float(dices.mean() - errors.mean()), "val_dice": float(dices.mean()),
             "val_area_fraction_mae": float(errors.mean()),
@@ -315,9 +326,10 @@ def smoothing_sigmas(spec: ModelSpec) -> tuple[float, ...]:
 
 def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Path | None = None,
                 split_file: str | Path | None = None, device: str = "auto", progress: bool = True,
-                colour_normalise: bool = False) -> dict:
+                colour_normalise: bool = False, threshold_rule: str | None = None) -> dict:
     """Refit a trained model's calibration on its validation patients; rewrite weights and card.
     `model_name` None: the model `weights` holds (the default model without `weights`).
+    `threshold_rule` (fixed, otsu; None: the model's own) as `fit_calibration` takes it.
     `colour_normalise`: a model without a colour reference gets one, from its training patients
     (one that has a reference keeps it); its int8 network, calibrated on other colours, is then no
     longer listed in the card (run `quantize` again)."""
@@ -335,7 +347,8 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     require_mixed_validation(val_slides, split_path, "pass a --split whose val patients include one")
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
-                                          model.network.context_reach, smoothing_sigmas(spec))
+                                          model.network.context_reach, smoothing_sigmas(spec),
+                                          threshold_rule=threshold_rule or model.calibration.threshold_rule)
     payload = read_weights(path)
     payload["calibration"] = asdict(calibration)
     payload.update(colour_fields(model.colour_reference))

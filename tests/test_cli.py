@@ -7,10 +7,11 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO_ROOT, grid_patches, make_patient, textured
+from conftest import REPO_ROOT, grid_patches, make_patient, textured, write_tiny_weights
 from idcmap import __version__, cli as cli_module
 from idcmap.cli import cli
 from idcmap.errors import EmptyFolderError, IdcmapError
@@ -200,6 +201,28 @@ def test_render_with_weights_and_a_threshold(tmp_path, tiny_weights):
         assert "1 of 1 patients rendered" in result.stderr
         assert result.stdout == ""
     assert overlays["0"] != overlays["1"]  # the regions are drawn
+
+
+def test_threshold_rule_otsu_and_a_given_threshold(tmp_path):
+    """Weights whose rule is otsu: each whole slide gets its own threshold, recorded in summary.csv and
+    applied to probabilities.csv; a --threshold given on the command line is one fixed threshold."""
+    weights = write_tiny_weights(tmp_path / "w" / "cancernet-context.pt", calibration={"threshold": 0.5,
+                                                                                     "threshold_rule": "otsu"})
+    folder = _patient(tmp_path / "in")
+    for extra, rule in (([], "otsu"), (["--threshold", "0.5"], "fixed"), (["--threshold-rule", "fixed"], "fixed")):
+        out = tmp_path / f"out{len(extra)}{rule}"
+        result = CliRunner().invoke(cli, ["render", str(folder), "-o", str(out), "--weights", str(weights),
+                                          "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "P" / "summary.json").read_text())
+        assert summary["calibration"]["threshold_rule"] == rule
+        with open(out / "P" / "probabilities.csv", newline="") as handle:
+            table = list(csv.DictReader(handle))
+        probability = np.array([float(r["probability"]) for r in table])
+        assert (summary["threshold"] == 0.5) == (rule == "fixed")
+        if rule == "otsu":
+            assert probability.min() < summary["threshold"] <= probability.max()
+        assert [int(r["predicted_idc"]) for r in table] == (probability >= summary["threshold"]).astype(int).tolist()
 
 
 def test_render_json(tmp_path, tiny_weights):

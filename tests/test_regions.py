@@ -12,7 +12,8 @@ from shapely.ops import unary_union
 from conftest import DATA_ROOT, grid_patches, real_patient_folder, solid
 from idcmap.loader import load_slide
 from idcmap.models import Calibration
-from idcmap.regions import dice, idc_area_fraction, predicted_mask, region_contours, region_polygons
+from idcmap.regions import (dice, idc_area_fraction, predicted_mask, region_contours, region_polygons,
+                            slide_threshold)
 
 
 def _grid_slide(patient_factory, rows, cols, skip=(), name="P"):
@@ -42,6 +43,34 @@ def test_threshold_only(patient_factory):
     assert mask.tolist() == [False, False, True, True, True]  # >= threshold
     assert predicted_mask(slide, probability, Calibration(threshold=0.95)).tolist() == [False] * 5
     assert predicted_mask(slide, probability, Calibration(threshold=0.0)).tolist() == [True] * 5
+
+
+def test_otsu_rule_follows_a_slide_scored_low(patient_factory):
+    """A whole slide whose IDC probabilities all sit below the fixed threshold: the otsu rule splits
+    it between its two groups (Otsu's threshold, area-weighted), the fixed rule finds nothing."""
+    slide = _grid_slide(patient_factory, 4, 5)
+    assert slide.is_whole
+    probability = np.where(slide.cells[:, 1] < 2, 0.30, 0.05)  # columns 0-1 "IDC", scored low
+    fixed = Calibration(threshold=0.5)
+    otsu = Calibration(threshold=0.5, threshold_rule="otsu")
+    assert slide_threshold(slide, probability, fixed) == 0.5 and not predicted_mask(slide, probability, fixed).any()
+    threshold = slide_threshold(slide, probability, otsu)
+    assert 0.05 < threshold <= 0.30
+    np.testing.assert_array_equal(predicted_mask(slide, probability, otsu), slide.cells[:, 1] < 2)
+
+
+def test_otsu_rule_keeps_the_fixed_threshold_where_it_cannot_split(patient_factory):
+    whole = _grid_slide(patient_factory, 3, 3, name="W")
+    otsu = Calibration(threshold=0.4, threshold_rule="otsu")
+    assert slide_threshold(whole, np.full(len(whole), 0.7), otsu) == 0.4  # one value: nothing to split
+    scattered = _grid_slide(patient_factory, 3, 3, skip={(0, 1), (1, 0), (1, 2), (2, 1)}, name="S")
+    assert not scattered.is_whole
+    assert slide_threshold(scattered, np.array([0.1, 0.2, 0.3, 0.35, 0.9]), otsu) == 0.4  # scattered samples
+
+
+def test_unknown_threshold_rule_is_unusable():
+    assert "threshold rule 'median'" in Calibration(threshold_rule="median").problem()
+    assert Calibration(threshold_rule="otsu").problem() is None
 
 
 def test_min_region_cells_removes_specks_8_connected(patient_factory):

@@ -254,8 +254,9 @@ def test_calibration_smooths_noisy_logits_of_a_coherent_region(tmp_path):
     assert choice["slides"] == ["P0", "P1"]
 
 
-def _scored_slides(tmp_path, shifts: list[float]) -> list:
-    """Whole 10x10 slides, IDC in the left 4 columns, logits +2 (IDC) / -2 (not) plus each slide's shift."""
+def _scored_slides(tmp_path, shifts: list[float], noise: float = 0.0) -> list:
+    """Whole 10x10 slides, IDC in the left 4 columns, logits +2 (IDC) / -2 (not) plus each slide's shift
+    (and Gaussian noise of sd `noise`, seeded)."""
     from idcmap.models import Calibration
     from idcmap.scoring import calibrated_scores
 
@@ -264,7 +265,8 @@ def _scored_slides(tmp_path, shifts: list[float]) -> list:
     scored = []
     for i, shift in enumerate(shifts):
         slide = load_slide(make_patient(tmp_path, f"P{i}", grid_patches(10, 10, label_of=lambda r, c: int(c < 4))))
-        logit = (np.where(slide.labels == 1, 2.0, -2.0) + shift).astype(np.float32)
+        logit = (np.where(slide.labels == 1, 2.0, -2.0) + shift
+                 + noise * np.random.default_rng(i).standard_normal(len(slide))).astype(np.float32)
         scored.append((slide, calibrated_scores(slide, logit, logit, 0, Calibration())))
     return scored
 
@@ -287,6 +289,27 @@ def test_left_one_slide_out_judges_each_slide_by_a_fit_without_it(tmp_path):
     assert choice["value"] == pytest.approx(1.0)
     assert left_out["per_slide"]["P2"]["dice"] < 0.5 and left_out["per_slide"]["P0"]["dice"] == pytest.approx(1.0)
     assert left_out["value"] < choice["value"] - 0.1
+
+
+def test_otsu_rule_is_stored_and_judged_with_its_own_thresholds(tmp_path):
+    """fit_calibration(threshold_rule="otsu"): the calibration carries the rule, and the objectives it
+    records (in sample and left out) are those of each slide's own threshold."""
+    from idcmap.regions import predicted_mask, slide_threshold
+    from idcmap.scoring import calibrated_scores
+    from idcmap.training import fit_calibration, region_figures
+
+    scored = _scored_slides(tmp_path, [0.0, 0.5, -0.5], noise=1.0)
+    calibration, choice = fit_calibration(scored, context_reach=0, sigmas=(0.0,), threshold_rule="otsu")
+    assert calibration.threshold_rule == "otsu"
+    figures = []
+    for slide, scores in scored:
+        probability = calibrated_scores(slide, scores.patch_logit, scores.context_logit, 0, calibration).probability
+        assert slide_threshold(slide, probability, calibration) != calibration.threshold  # each slide its own
+        figures.append(region_figures(slide, probability, calibration))
+        assert predicted_mask(slide, probability, calibration).any()
+    dices, errors = np.array(figures).T
+    assert choice["value"] == pytest.approx(dices.mean() - errors.mean())
+    assert set(choice["left_one_slide_out"]["per_slide"]) == {"P0", "P1", "P2"}
 
 
 def test_left_one_slide_out_needs_two_slides(tmp_path):
