@@ -3,7 +3,9 @@
     python benchmarks/validation_experiments.py [--data ../shared/data] [--skip-tta] [--weights W] [--only N ...]
                                                 [--other W2 [W3 ...]]
 
-Prints, side by side in one run (each against `resnet18-context` as shipped, fp32 ONNX Runtime):
+Prints, side by side in one run (each against `resnet18-context` as shipped, fp32 ONNX Runtime;
+"calibration refitted" means refitted with one fitted threshold for every slide, the rule shipped
+until the eleventh session, except where experiment 9 compares the rules):
   1. test-time augmentation: logits and features averaged over 1, 2, 4 or 8 flips/rotations,
      calibration refitted on validation (objective: mean Dice - mean area-fraction error);
   2. ensembles: temperature-scaled logits of resnet18-context averaged with a CancerNet model or
@@ -29,12 +31,13 @@ Prints, side by side in one run (each against `resnet18-context` as shipped, fp3
   9. leave-one-slide-out estimates of the decision rules, for the default and each `--other`
      network and their logit average: the calibration is fitted without one whole validation
      slide (the scattered samples always kept for the temperatures) and judged on that slide
-     alone, slide after slide. Rules: the fitted threshold and post-processing (as shipped);
+     alone, slide after slide. Rules: one fitted threshold and post-processing (shipped until the
+     eleventh session);
      per-slide area matching (each slide's threshold set so that its thresholded area equals its
      expected area, the area-weighted mean calibrated probability; temperature and smoothing fitted
      as shipped); the same followed by the fitted post-processing; the threshold midway between the
-     fitted and the area-matched one, and Otsu's threshold of each slide's probabilities, each
-     followed by the fitted post-processing;
+     fitted and the area-matched one, and Otsu's threshold of each slide's probabilities (as
+     shipped: `regions.slide_threshold`), each followed by the fitted post-processing;
  10. stain test-time augmentation: the default and each `--other` network score each (colour-
      normalised) slide as it is and with its haematoxylin or eosin amount scaled by 1 +/- 0.2
      (3 or 5 views, logits averaged), calibration refitted; in sample and left one slide out.
@@ -358,7 +361,7 @@ def area_matched_threshold(slide: Slide, probability: np.ndarray) -> float:
 
 def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
     """Rule name -> (Dice, |area error|) on each whole slide, with the calibration fitted without it."""
-    judged = {"fitted threshold and post-processing (shipped)": [], "area-matched threshold": [],
+    judged = {"one fitted threshold and post-processing (shipped until the eleventh session)": [], "area-matched threshold": [],
               "area-matched threshold, then fitted post-processing": [],
               "midway between the fitted and area-matched thresholds, then fitted post-processing": [],
               "Otsu's threshold per slide, then fitted post-processing": []}

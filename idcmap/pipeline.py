@@ -237,7 +237,7 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
                 + (f" · labelled {row['labelled_idc_area_fraction']:.1%} · Dice {row['dice']:.2f}"
                    if slide.has_labels else "")
                 + f" · {scorer.model.name}, threshold {row['threshold']:.2f}"
-                + (" (Otsu)" if row["threshold"] != calibration.threshold else ""))
+                + (" (Otsu)" if calibration.threshold_rule == "otsu" and slide.is_whole else ""))
     with ThreadPoolExecutor(1) as encoder:
         # zlib releases the GIL: the mosaic PNG is encoded while the overlay and tables are made
         # (0.055-0.09 s of a 0.8 s CancerNet render in 4 of 5 runs of benchmarks/bench_render_stages.py)
@@ -324,7 +324,7 @@ def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibratio
         summary = json.loads((out_dir / "summary.json").read_text())
         if not isinstance(summary, dict) or summary.get("status") != "ok":
             return None
-        same = (summary.get("weights_sha256") == sha256 and summary.get("calibration") == asdict(calibration)
+        same = (summary.get("weights_sha256") == sha256 and {"threshold_rule": "fixed", **(summary.get("calibration") or {})} == asdict(calibration)
                 and summary.get("runtime") == runtime and summary.get("inputs_sha256") == inputs_sha256(input_folder))
         files = summary.get("files")
         intact = isinstance(files, dict) and all(

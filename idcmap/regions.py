@@ -11,12 +11,18 @@ from .loader import PATCH_SIZE, Slide
 from .models import Calibration
 
 
+OTSU_FLOOR = 0.5
+"""The otsu rule's threshold is never below this fraction of the calibration's fixed threshold."""
+
+
 def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibration) -> float:
     """The IDC probability threshold for `slide`: the calibration's, or with its `otsu` rule and a
     whole slide, Otsu's threshold of the slide's own probabilities (patches weighted by their real
     area), which follows a slide whose probabilities sit higher or lower than the validation
-    slides'. It always splits a slide in two, so it over-calls a slide with little or no IDC.
-    The calibration's threshold also serves a slide whose probabilities fall in one of 256 bins."""
+    slides'. Otsu always splits a slide in two, so on a slide with little or no IDC it would cut
+    through the non-IDC probabilities: it is kept at or above `OTSU_FLOOR` times the calibration's
+    threshold. The calibration's threshold also serves a slide whose probabilities fall in one of
+    256 bins."""
     if calibration.threshold_rule != "otsu" or not slide.is_whole:
         return calibration.threshold
     counts, edges = np.histogram(probability, bins=256, range=(0.0, 1.0), weights=slide.areas.astype(np.float64))
@@ -29,7 +35,9 @@ def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibrat
         return calibration.threshold
     with np.errstate(divide="ignore", invalid="ignore"):
         between = below * above * (mass / below - (mass[-1] + counts[-1] * centres[-1] - mass) / above) ** 2
-    return float(edges[1:-1][np.argmax(np.where(usable, between, -1.0))])
+    between = np.where(usable, between, -1.0)
+    tied = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # equal splits (empty bins between): the middle
+    return max(float(edges[1:-1][tied[len(tied) // 2]]), OTSU_FLOOR * calibration.threshold)
 
 
 def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibration) -> np.ndarray:

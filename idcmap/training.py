@@ -29,7 +29,7 @@ from .dataset import load_slides, load_split, make_split, patient_ids, save_spli
 from .errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
 from .export import atomic_write_bytes, write_json
 from .loader import Slide
-from .models import (Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path, get_spec,
+from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path, get_spec,
                      load_model, load_torch_file, read_weights, save_checkpoint, save_weights, sha256_of,
                      stored_precision)
 from .regions import dice, idc_area_fraction, predicted_mask
@@ -234,8 +234,11 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     and have their size. `left_out`: the choice also records `left_one_slide_out` (see there),
     the objective on slides the calibration was not fitted on. `threshold_rule` "otsu": the
     calibration found so then thresholds each whole slide at its own Otsu threshold (see
-    `regions.slide_threshold`), and the objectives recorded are those of that rule.
+    `regions.slide_threshold`; smoothing and post-processing stay those fitted for one threshold),
+    and the objectives recorded are those of that rule.
     """
+    if threshold_rule not in THRESHOLD_RULES:
+        raise OptionError(f"--threshold-rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
     labels = np.concatenate([s.labels for s, _ in scored])
     weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
     patch_temperature = metrics.fit_temperature(labels, np.concatenate([r.patch_logit for _, r in scored]), weights)

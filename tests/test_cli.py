@@ -210,7 +210,7 @@ def test_threshold_rule_otsu_and_a_given_threshold(tmp_path):
                                                                                      "threshold_rule": "otsu"})
     folder = _patient(tmp_path / "in")
     for extra, rule in (([], "otsu"), (["--threshold", "0.5"], "fixed"), (["--threshold-rule", "fixed"], "fixed")):
-        out = tmp_path / f"out{len(extra)}{rule}"
+        out = tmp_path / f"out-{'-'.join(extra) or 'default'}"
         result = CliRunner().invoke(cli, ["render", str(folder), "-o", str(out), "--weights", str(weights),
                                           "--device", "cpu", *extra])
         assert result.exit_code == 0, result.output

@@ -535,6 +535,19 @@ def test_names_of_linked_and_failed_patients(tmp_path, tiny_weights):
     assert (tmp_path / "out2" / "patients" / "P" / "summary.json").is_file()
 
 
+def test_resume_keeps_a_summary_written_before_threshold_rules(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    make_patient(root, "A", _patches(1))
+    out = tmp_path / "out"
+    render_folder(root, out, _options(tiny_weights))
+    summary = json.loads((out / "A" / "summary.json").read_text())
+    del summary["calibration"]["threshold_rule"]  # as idcmap wrote it before the rule existed
+    (out / "A" / "summary.json").write_text(json.dumps(summary))
+    before = _stamps(out / "A")
+    render_folder(root, out, _options(tiny_weights, resume=True))
+    assert _stamps(out / "A") == before  # the same (fixed) rule: kept
+
+
 def test_resume_sees_a_same_size_edit_of_a_patch(tmp_path, tiny_weights):
     folder = make_patient(tmp_path / "in", "P", _patches())
     out = tmp_path / "out"

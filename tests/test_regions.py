@@ -68,6 +68,22 @@ def test_otsu_rule_keeps_the_fixed_threshold_where_it_cannot_split(patient_facto
     assert slide_threshold(scattered, np.array([0.1, 0.2, 0.3, 0.35, 0.9]), otsu) == 0.4  # scattered samples
 
 
+def test_otsu_rule_never_cuts_below_half_the_fixed_threshold(patient_factory):
+    """A benign slide (probabilities spread over 0.001-0.02): Otsu alone would call half of it IDC."""
+    slide = _grid_slide(patient_factory, 4, 5)
+    probability = np.linspace(0.001, 0.02, len(slide))
+    otsu = Calibration(threshold=0.4, threshold_rule="otsu")
+    assert slide_threshold(slide, probability, otsu) == pytest.approx(0.2)
+    assert not predicted_mask(slide, probability, otsu).any()
+
+
+def test_otsu_ties_split_in_the_middle_of_the_gap(patient_factory):
+    slide = _grid_slide(patient_factory, 4, 5)
+    probability = np.where(slide.cells[:, 1] < 2, 0.90, 0.10)  # every split between the two is as good
+    threshold = slide_threshold(slide, probability, Calibration(threshold=0.2, threshold_rule="otsu"))
+    assert 0.45 < threshold < 0.55
+
+
 def test_unknown_threshold_rule_is_unusable():
     assert "threshold rule 'median'" in Calibration(threshold_rule="median").problem()
     assert Calibration(threshold_rule="otsu").problem() is None
