@@ -206,8 +206,8 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
     header += ["scoring patches/s", "reproduce"]
     lines = [
         f"{len(report['test_patients'])} test patients (split: {sets} patients). Patch figures at each "
-        "model's validation-fitted threshold (or, where its rule is otsu, each whole slide's own); slide figures on the whole test slides, mean and 95% "
-        "bootstrap interval over patients.",
+        "model's validation-fitted threshold (or, where its rule is otsu, each whole slide's own); slide "
+        "figures on the whole test slides, mean and 95% bootstrap interval over patients.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -222,12 +222,13 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
                 cells += [with_interval(slides, "area_fraction_mae"), with_interval(slides, "dice")] if slides else ["–"] * 2
         command = model.card.get("training", {}).get("command", f"idcmap train DATA_ROOT --model {model.name}")
         data_root = model.card.get("training", {}).get("data_root", "DATA_ROOT")
-        calibrate = [flag for flag, given in (("--colour-normalise", model.colour_reference is not None
-                                                and "--colour-normalise" not in command),
-                                               ("--threshold-rule otsu", model.calibration.threshold_rule == "otsu"))
-                     if given]  # what calibrate gave a network that train made
-        if calibrate:
-            command += f" && idcmap calibrate {data_root} --model {model.name} {' '.join(calibrate)}"
+        given_by_calibrate = {  # what `idcmap calibrate` gave a network that `idcmap train` made
+            "--colour-normalise": model.colour_reference is not None and "--colour-normalise" not in command,
+            "--threshold-rule otsu": model.calibration.threshold_rule == "otsu",
+        }
+        calibrate_flags = [flag for flag, given in given_by_calibrate.items() if given]
+        if calibrate_flags:
+            command += f" && idcmap calibrate {data_root} --model {model.name} {' '.join(calibrate_flags)}"
         if summary.get("backend") == "onnx-int8":
             command += f" && idcmap quantize {data_root} --model {model.name}"
         cells += [f"{summary['scoring_patches_per_s']:,.0f} ({summary.get('backend', '?')})", f"`{command}`"]
