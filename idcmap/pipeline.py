@@ -324,7 +324,8 @@ def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibratio
         summary = json.loads((out_dir / "summary.json").read_text())
         if not isinstance(summary, dict) or summary.get("status") != "ok":
             return None
-        same = (summary.get("weights_sha256") == sha256 and {"threshold_rule": "fixed", **(summary.get("calibration") or {})} == asdict(calibration)
+        recorded = {"threshold_rule": "fixed", **(summary.get("calibration") or {})}  # written before rules: fixed
+        same = (summary.get("weights_sha256") == sha256 and recorded == asdict(calibration)
                 and summary.get("runtime") == runtime and summary.get("inputs_sha256") == inputs_sha256(input_folder))
         files = summary.get("files")
         intact = isinstance(files, dict) and all(

@@ -29,8 +29,8 @@ from .dataset import load_slides, load_split, make_split, patient_ids, save_spli
 from .errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
 from .export import atomic_write_bytes, write_json
 from .loader import Slide
-from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path, get_spec,
-                     load_model, load_torch_file, read_weights, save_checkpoint, save_weights, sha256_of,
+from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path,
+                     get_spec, load_model, load_torch_file, read_weights, save_checkpoint, save_weights, sha256_of,
                      stored_precision)
 from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, to_input
@@ -266,7 +266,8 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
         best = replace(best, threshold_rule=threshold_rule)
         dices, errors = zip(*(region_figures(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach,
                                                                   best).probability, best) for s, r in whole))
-        objective, val_dice, val_error = float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)), float(np.mean(errors))
+        val_dice, val_error = float(np.mean(dices)), float(np.mean(errors))
+        objective = val_dice - val_error
     choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
               "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
               "slides": [s.patient for s, _ in whole]}
