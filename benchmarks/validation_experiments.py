@@ -58,6 +58,11 @@ until the eleventh session, except where experiment 9 compares the rules):
      default scores the whole TRAINING slides (the `patients/` folders; the network has seen them, neither decision rule was fitted
      on them), and per slide, in order of labelled IDC area, the fitted threshold's and Otsu's
      predicted areas and Dice, and their means.
+ 15. smoothing and post-processing for Otsu's per-slide threshold: fitted for one threshold and
+     then thresholded per slide (as shipped), against searched again under the rule (the
+     threshold, which serves scattered samples and sets Otsu's floor, kept from the fixed fit);
+     for the default, each `--other` network and their logit average, in sample and left one
+     slide out, with the choices made.
 
 `--only N [N ...]` runs the numbered experiments alone.
 """
@@ -88,8 +93,9 @@ from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 from idcmap.train_config import TrainConfig  # noqa: E402
-from idcmap.training import (SMOOTHING_SIGMAS, BatchMaker, collect_scores, fit_calibration, grid_windows,  # noqa: E402
-                             left_out_fits, mean_patient_auc, region_figures, stain_jitter)
+from idcmap.training import (SMOOTHING_SIGMAS, THRESHOLDS, BatchMaker, best_regions, collect_scores,  # noqa: E402
+                             fit_calibration, grid_windows, left_out_fits, mean_patient_auc, region_figures,
+                             smoothing_candidates, stain_jitter)
 
 DEFAULT = "resnet18-context"
 
@@ -562,6 +568,44 @@ def otsu_on_training_slides(model, train_slides: list[Slide], whole: set[str]) -
           f"{otsu_dice.mean():.4f}")
 
 
+def otsu_fits(model, others: list[Path], slides) -> None:
+    print("\n15. smoothing and post-processing for Otsu's per-slide threshold: fitted for one threshold, or "
+          "searched under the rule")
+    scored = {name: scaled(network, slides) for name, network in with_others(model, others).items()}
+    if len(scored) > 1:
+        scored["average of all"] = averaged(list(scored.values()))
+    reach = model.network.context_reach
+
+    def searched_under_otsu(pairs) -> Calibration:
+        candidates = smoothing_candidates(pairs, reach, SMOOTHING_SIGMAS)[1]
+        fixed = best_regions(candidates, [float(t) for t in THRESHOLDS])[3]
+        return best_regions(candidates, [fixed.threshold], "otsu")[3]
+
+    fits = {"fitted for one threshold, then Otsu (shipped)":
+            lambda pairs: fit_calibration(pairs, reach, left_out=False, threshold_rule="otsu")[0],
+            "searched under Otsu": searched_under_otsu}
+    whole = lambda pairs: [(s, r) for s, r in pairs if s.is_whole]  # noqa: E731
+    probability = lambda slide, scores, c: calibrated_scores(slide, scores.patch_logit, scores.context_logit,  # noqa: E731
+                                                             reach, c).probability
+    for name, pairs in scored.items():
+        print(f"  {name}:")
+        for label, fit in fits.items():
+            calibration = fit(pairs)
+            inside = np.array([region_figures(s, probability(s, r, calibration), calibration) for s, r in whole(pairs)])
+            outside = []
+            for slide, scores in whole(pairs):
+                without = fit([p for p in pairs if p[0] is not slide])
+                outside.append(region_figures(slide, probability(slide, scores, without), without))
+            outside = np.array(outside)
+            print(f"    {label}: sigma {calibration.smoothing_sigma:g}, threshold {calibration.threshold:.2f}, min region "
+                  f"{calibration.min_region_cells}, max hole {calibration.max_hole_cells}; in sample objective "
+                  f"{inside[:, 0].mean() - inside[:, 1].mean():.4f}; left out objective "
+                  f"{outside[:, 0].mean() - outside[:, 1].mean():.4f} (Dice {outside[:, 0].mean():.4f}, area MAE "
+                  f"{outside[:, 1].mean():.4f})")
+            print("      left out, per slide Dice/area error: " + ", ".join(
+                f"{s.patient} {d:.2f}/{e:.2f}" for (s, _), (d, e) in zip(whole(pairs), outside)))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -574,9 +618,9 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 15), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 16), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
-                        help="for experiments 7, 9, 10 and 13: other resnet18-context weights files trained on the same split")
+                        help="for experiments 7, 9, 10, 13 and 15: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
         parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
@@ -588,7 +632,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 15)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 16)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -622,6 +666,8 @@ def main() -> None:
     if 14 in run:
         otsu_on_training_slides(model, train_slides, {p.split("/", 1)[1] for p in split["train"]
                                                        if p.startswith("patients/")})
+    if 15 in run:
+        otsu_fits(model, args.other or [], slides)
 
 
 if __name__ == "__main__":

@@ -234,34 +234,15 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     and have their size. `left_out`: the choice also records `left_one_slide_out` (see there),
     the objective on slides the calibration was not fitted on. `threshold_rule` "otsu": the
     calibration found so then thresholds each whole slide at its own Otsu threshold (see
-    `regions.slide_threshold`; smoothing and post-processing stay those fitted for one threshold),
-    and the objectives recorded are those of that rule.
+    `regions.slide_threshold`), and the objectives recorded are those of that rule. Smoothing and
+    post-processing stay those fitted for one threshold: searched again under the rule, they
+    fitted the validation slides better but carried over worse to a slide left out of the fit
+    (docs/experiments.md, twelfth session).
     """
     if threshold_rule not in THRESHOLD_RULES:
         raise OptionError(f"--threshold-rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
-    labels = np.concatenate([s.labels for s, _ in scored])
-    weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
-    patch_temperature = metrics.fit_temperature(labels, np.concatenate([r.patch_logit for _, r in scored]), weights)
-    whole = [(s, r) for s, r in scored if s.is_whole] or scored
-    results = []
-    for sigma in sigmas:
-        base = Calibration(patch_temperature=patch_temperature, temperature=patch_temperature, smoothing_sigma=sigma)
-        final = [calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, base) for s, r in scored]
-        refined = np.concatenate([f.refined for f in final])
-        if refined.any():
-            logits = np.concatenate([f.logit for f in final])
-            base = replace(base, temperature=metrics.fit_temperature(labels[refined], logits[refined], weights[refined]))
-        judged = [(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, base).probability)
-                  for s, r in whole]
-        for threshold in THRESHOLDS:
-            for speck in SPECK_CELLS:
-                for hole in HOLE_CELLS:
-                    trial = replace(base, threshold=float(threshold), min_region_cells=speck, max_hole_cells=hole)
-                    dices, errors = zip(*(region_figures(slide, probability, trial) for slide, probability in judged))
-                    results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),
-                                    float(np.mean(errors)), trial))
-    simplest_first = lambda r: (r[0], -r[3].smoothing_sigma, -r[3].min_region_cells, -r[3].max_hole_cells)  # noqa: E731
-    objective, val_dice, val_error, best = max(results, key=simplest_first)
+    whole, candidates = smoothing_candidates(scored, context_reach, sigmas)
+    objective, val_dice, val_error, best = best_regions(candidates, [float(t) for t in THRESHOLDS])
     if threshold_rule != "fixed":
         best = replace(best, threshold_rule=threshold_rule)
         dices, errors = zip(*(region_figures(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach,
@@ -277,6 +258,50 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
             log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each "
                      "left out of the fit", objective, len(whole), choice["left_one_slide_out"]["value"])
     return best, choice
+
+
+Candidates = list[tuple[Calibration, list[tuple[Slide, np.ndarray]]]]
+"""Per smoothing sigma: the calibration with its temperatures, and each whole slide with its probabilities."""
+
+
+def smoothing_candidates(scored: list[tuple[Slide, SlideScores]], context_reach: int,
+                         sigmas: tuple[float, ...]) -> tuple[list[tuple[Slide, SlideScores]], Candidates]:
+    """(the whole slides of `scored`, or all when none is whole; per sigma of `sigmas`, the
+    calibration with the temperatures fitted for it as `fit_calibration` says, and each of those
+    slides with its probabilities under it)."""
+    labels = np.concatenate([s.labels for s, _ in scored])
+    weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
+    patch_temperature = metrics.fit_temperature(labels, np.concatenate([r.patch_logit for _, r in scored]), weights)
+    whole = [(s, r) for s, r in scored if s.is_whole] or scored
+    candidates = []
+    for sigma in sigmas:
+        base = Calibration(patch_temperature=patch_temperature, temperature=patch_temperature, smoothing_sigma=sigma)
+        final = [calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, base) for s, r in scored]
+        refined = np.concatenate([f.refined for f in final])
+        if refined.any():
+            logits = np.concatenate([f.logit for f in final])
+            base = replace(base, temperature=metrics.fit_temperature(labels[refined], logits[refined], weights[refined]))
+        candidates.append((base, [(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach,
+                                                        base).probability) for s, r in whole]))
+    return whole, candidates
+
+
+def best_regions(candidates: Candidates, thresholds: list[float],
+                 threshold_rule: str = "fixed") -> tuple[float, float, float, Calibration]:
+    """(objective, mean Dice, mean area-fraction error, calibration) of the best choice of a
+    smoothing candidate, a threshold of `thresholds`, speck and hole sizes, each judged under
+    `threshold_rule`; on ties the least smoothing and post-processing."""
+    results = []
+    for base, judged in candidates:
+        for threshold in thresholds:
+            for speck in SPECK_CELLS:
+                for hole in HOLE_CELLS:
+                    trial = replace(base, threshold=threshold, threshold_rule=threshold_rule,
+                                    min_region_cells=speck, max_hole_cells=hole)
+                    dices, errors = zip(*(region_figures(slide, probability, trial) for slide, probability in judged))
+                    results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),
+                                    float(np.mean(errors)), trial))
+    return max(results, key=lambda r: (r[0], -r[3].smoothing_sigma, -r[3].min_region_cells, -r[3].max_hole_cells))
 
 
 def region_figures(slide: Slide, probability: np.ndarray, calibration: Calibration) -> tuple[float, float]:
