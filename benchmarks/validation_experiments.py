@@ -561,7 +561,7 @@ def otsu_on_training_slides(model, train_slides: list[Slide], whole: set[str]) -
               [dice(slide, m, labelled) for m in masks]
         figures.append(row)
         print(f"  {slide.patient}: labelled {row[0]:.3f}; predicted area, fitted {row[1]:.3f} / Otsu {row[2]:.3f} "
-              f"(threshold {calibration.threshold:.2f} / {slide_threshold(slide, scores.probability, otsu):.2f}); Dice {row[3]:.2f} / {row[4]:.2f}")
+              f"(threshold {calibration.threshold:.2f} / {slide_threshold(slide, scores.probability, otsu).value:.2f}); Dice {row[3]:.2f} / {row[4]:.2f}")
     labelled, fitted_area, otsu_area, fitted_dice, otsu_dice = np.array(figures).T
     print(f"  {len(figures)} slides: area MAE fitted {np.abs(fitted_area - labelled).mean():.4f}, Otsu "
           f"{np.abs(otsu_area - labelled).mean():.4f}; mean Dice fitted {fitted_dice.mean():.4f}, Otsu "

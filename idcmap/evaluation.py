@@ -125,7 +125,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
         per_patient, thresholds = [], []  # thresholds: each patch's, its slide's (see slide_threshold)
         for slide, scores, group in zip(slides, scored, groups):
             predicted = predicted_mask(slide, scores.probability, calibration)
-            thresholds.append(np.full(len(slide), slide_threshold(slide, scores.probability, calibration)))
+            thresholds.append(np.full(len(slide), slide_threshold(slide, scores.probability, calibration).value))
             truth = slide.labels == 1
             predicted_fraction = idc_area_fraction(slide, predicted)
             labelled_fraction = idc_area_fraction(slide, truth)

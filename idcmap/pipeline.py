@@ -39,6 +39,8 @@ PATIENT_FILES = ("mosaic.png", "overlay.png", "probabilities.csv", "probabilitie
                  "summary.json")
 RECORDED_FILES = tuple(name for name in PATIENT_FILES if name != "summary.json")
 """The outputs whose size and sha256 summary.json records, for `--resume` to check."""
+THRESHOLD_TAGS = {"fixed": "", "otsu": " (Otsu)", "otsu floor": " (Otsu's floor)"}
+"""The overlay's note after a slide's threshold, by `regions.SlideThreshold.source`."""
 PROBABILITY_FIELDS = ["file", "x", "y", "width", "height", "label", "patch_probability", "probability",
                       "predicted_idc"]
 
@@ -145,9 +147,10 @@ def effective_calibration(model_calibration: Calibration, options: RenderOptions
     return calibration
 
 
-def summarise(slide: Slide, folder: str, scores: SlideScores, predicted: np.ndarray, calibration: Calibration,
+def summarise(slide: Slide, folder: str, predicted: np.ndarray, threshold: float, calibration: Calibration,
               model_name: str, sha256: str) -> dict:
-    """One patient's summary row (the fields of summary.csv); `folder`: its output folder below OUT."""
+    """One patient's summary row (the fields of summary.csv); `folder`: its output folder below OUT;
+    `threshold`: the slide's own (see `regions.slide_threshold`)."""
     labelled = slide.labels == 1
     return {
         "patient": slide.patient,
@@ -160,7 +163,7 @@ def summarise(slide: Slide, folder: str, scores: SlideScores, predicted: np.ndar
         "predicted_idc_area_fraction": round(idc_area_fraction(slide, predicted), 6),
         "labelled_idc_area_fraction": round(idc_area_fraction(slide, labelled), 6) if slide.has_labels else None,
         "dice": round(dice(slide, predicted, labelled), 6) if slide.has_labels else None,
-        "threshold": slide_threshold(slide, scores.probability, calibration),  # this slide's
+        "threshold": threshold,
         "min_region_cells": calibration.min_region_cells,
         "max_hole_cells": calibration.max_hole_cells,
         "model": model_name,
@@ -214,8 +217,9 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
     log.debug("%s: %d patches (%d files skipped) loaded in %.2f s, scored in %.2f s", name, len(slide),
               len(slide.skipped), loaded - started, time.perf_counter() - loaded)
     predicted = predicted_mask(slide, scores.probability, calibration)
+    threshold = slide_threshold(slide, scores.probability, calibration)
     mosaic = slide.mosaic()
-    row = summarise(slide, name, scores, predicted, calibration, scorer.model.name, scorer.model.sha256)
+    row = summarise(slide, name, predicted, threshold.value, calibration, scorer.model.name, scorer.model.sha256)
     details = {
         **row,
         "grid": {"origin_x": slide.origin_xy[0], "origin_y": slide.origin_xy[1], "cell_px": PATCH_SIZE,
@@ -237,7 +241,7 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
                 + (f" · labelled {row['labelled_idc_area_fraction']:.1%} · Dice {row['dice']:.2f}"
                    if slide.has_labels else "")
                 + f" · {scorer.model.name}, threshold {row['threshold']:.2f}"
-                + (" (Otsu)" if calibration.threshold_rule == "otsu" and slide.is_whole else ""))
+                + THRESHOLD_TAGS[threshold.source])
     with ThreadPoolExecutor(1) as encoder:
         # zlib releases the GIL: the mosaic PNG is encoded while the overlay and tables are made
         # (0.055-0.09 s of a 0.8 s CancerNet render in 4 of 5 runs of benchmarks/bench_render_stages.py)

@@ -1,6 +1,8 @@
 """From probabilities to IDC regions: threshold, post-process on the slide grid, measure areas."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.ops import unary_union
@@ -15,7 +17,14 @@ OTSU_FLOOR = 0.5
 """The otsu rule's threshold is never below this fraction of the calibration's fixed threshold."""
 
 
-def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibration) -> float:
+class SlideThreshold(NamedTuple):
+    """A slide's IDC probability threshold and where it came from: "fixed" (the calibration's),
+    "otsu" (the slide's own) or "otsu floor" (the slide's own, raised to `OTSU_FLOOR`)."""
+    value: float
+    source: str
+
+
+def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibration) -> SlideThreshold:
     """The IDC probability threshold for `slide`: the calibration's, or with its `otsu` rule and a
     whole slide, Otsu's threshold of the slide's own probabilities (patches weighted by their real
     area), which follows a slide whose probabilities sit higher or lower than the validation
@@ -23,8 +32,9 @@ def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibrat
     through the non-IDC probabilities: it is kept at or above `OTSU_FLOOR` times the calibration's
     threshold. The calibration's threshold also serves a slide whose probabilities fall in one of
     256 bins."""
+    fixed = SlideThreshold(calibration.threshold, "fixed")
     if calibration.threshold_rule != "otsu" or not slide.is_whole:
-        return calibration.threshold
+        return fixed
     counts, edges = np.histogram(probability, bins=256, range=(0.0, 1.0), weights=slide.areas.astype(np.float64))
     centres = (edges[:-1] + edges[1:]) / 2
     below = np.cumsum(counts)[:-1]  # area of bins 0..i, for a split between bins i and i + 1
@@ -32,12 +42,13 @@ def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibrat
     mass = np.cumsum(counts * centres)[:-1]
     usable = (below > 0) & (above > 0)
     if not usable.any():
-        return calibration.threshold
+        return fixed
     with np.errstate(divide="ignore", invalid="ignore"):
         between = below * above * (mass / below - (mass[-1] + counts[-1] * centres[-1] - mass) / above) ** 2
     between = np.where(usable, between, -1.0)
     tied = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # equal splits (empty bins between): the middle
-    return max(float(edges[1:-1][tied[len(tied) // 2]]), OTSU_FLOOR * calibration.threshold)
+    otsu, floor = float(edges[1:-1][tied[len(tied) // 2]]), OTSU_FLOOR * calibration.threshold
+    return SlideThreshold(otsu, "otsu") if otsu >= floor else SlideThreshold(floor, "otsu floor")
 
 
 def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibration) -> np.ndarray:
@@ -49,7 +60,7 @@ def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibrati
     Holes: negative regions of at most `max_hole_cells` cells enclosed by positive ones
     (filled only where a patch exists: no IDC is predicted on bare glass).
     """
-    positive = probability >= slide_threshold(slide, probability, calibration)
+    positive = probability >= slide_threshold(slide, probability, calibration).value
     if calibration.min_region_cells <= 1 and calibration.max_hole_cells <= 0:
         return positive
     grid = slide.grid_values(positive.astype(np.float64), fill=0.0) > 0.5

@@ -203,9 +203,15 @@ def test_render_with_weights_and_a_threshold(tmp_path, tiny_weights):
     assert overlays["0"] != overlays["1"]  # the regions are drawn
 
 
-def test_threshold_rule_otsu_and_a_given_threshold(tmp_path):
-    """Weights whose rule is otsu: each whole slide gets its own threshold, recorded in summary.csv and
-    applied to probabilities.csv; a --threshold given on the command line is one fixed threshold."""
+def test_threshold_rule_otsu_and_a_given_threshold(tmp_path, monkeypatch):
+    """Weights whose rule is otsu: each whole slide gets its own threshold, recorded in summary.csv,
+    applied to probabilities.csv and named in the overlay; a --threshold given on the command line is
+    one fixed threshold."""
+    from idcmap import pipeline
+
+    subtitles = []
+    drawn = pipeline.overlay_png
+    monkeypatch.setattr(pipeline, "overlay_png", lambda *args: subtitles.append(args[-1]) or drawn(*args))
     weights = write_tiny_weights(tmp_path / "w" / "cancernet-context.pt", calibration={"threshold": 0.5,
                                                                                      "threshold_rule": "otsu"})
     folder = _patient(tmp_path / "in")
@@ -223,6 +229,7 @@ def test_threshold_rule_otsu_and_a_given_threshold(tmp_path):
         if rule == "otsu":
             assert probability.min() < summary["threshold"] <= probability.max()
         assert [int(r["predicted_idc"]) for r in table] == (probability >= summary["threshold"]).astype(int).tolist()
+        assert subtitles[-1].endswith(f"threshold {summary['threshold']:.2f}" + (" (Otsu)" if rule == "otsu" else ""))
 
 
 def test_render_json(tmp_path, tiny_weights):

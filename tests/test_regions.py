@@ -50,22 +50,23 @@ def test_otsu_rule_follows_a_slide_scored_low(patient_factory):
     it between its two groups (Otsu's threshold, area-weighted), the fixed rule finds nothing."""
     slide = _grid_slide(patient_factory, 4, 5)
     assert slide.is_whole
-    probability = np.where(slide.cells[:, 1] < 2, 0.30, 0.05)  # columns 0-1 "IDC", scored low
+    probability = np.where(slide.cells[:, 1] < 2, 0.45, 0.15)  # columns 0-1 "IDC", scored low
     fixed = Calibration(threshold=0.5)
     otsu = Calibration(threshold=0.5, threshold_rule="otsu")
-    assert slide_threshold(slide, probability, fixed) == 0.5 and not predicted_mask(slide, probability, fixed).any()
-    threshold = slide_threshold(slide, probability, otsu)
-    assert 0.05 < threshold <= 0.30
+    assert slide_threshold(slide, probability, fixed) == (0.5, "fixed")
+    assert not predicted_mask(slide, probability, fixed).any()
+    threshold, source = slide_threshold(slide, probability, otsu)
+    assert 0.15 < threshold <= 0.45 and source == "otsu"
     np.testing.assert_array_equal(predicted_mask(slide, probability, otsu), slide.cells[:, 1] < 2)
 
 
 def test_otsu_rule_keeps_the_fixed_threshold_where_it_cannot_split(patient_factory):
     whole = _grid_slide(patient_factory, 3, 3, name="W")
     otsu = Calibration(threshold=0.4, threshold_rule="otsu")
-    assert slide_threshold(whole, np.full(len(whole), 0.7), otsu) == 0.4  # one value: nothing to split
+    assert slide_threshold(whole, np.full(len(whole), 0.7), otsu) == (0.4, "fixed")  # one value: nothing to split
     scattered = _grid_slide(patient_factory, 3, 3, skip={(0, 1), (1, 0), (1, 2), (2, 1)}, name="S")
     assert not scattered.is_whole
-    assert slide_threshold(scattered, np.array([0.1, 0.2, 0.3, 0.35, 0.9]), otsu) == 0.4  # scattered samples
+    assert slide_threshold(scattered, np.array([0.1, 0.2, 0.3, 0.35, 0.9]), otsu) == (0.4, "fixed")  # scattered
 
 
 def test_otsu_rule_never_cuts_below_half_the_fixed_threshold(patient_factory):
@@ -73,14 +74,15 @@ def test_otsu_rule_never_cuts_below_half_the_fixed_threshold(patient_factory):
     slide = _grid_slide(patient_factory, 4, 5)
     probability = np.linspace(0.001, 0.02, len(slide))
     otsu = Calibration(threshold=0.4, threshold_rule="otsu")
-    assert slide_threshold(slide, probability, otsu) == pytest.approx(0.2)
+    threshold, source = slide_threshold(slide, probability, otsu)
+    assert threshold == pytest.approx(0.2) and source == "otsu floor"
     assert not predicted_mask(slide, probability, otsu).any()
 
 
 def test_otsu_ties_split_in_the_middle_of_the_gap(patient_factory):
     slide = _grid_slide(patient_factory, 4, 5)
     probability = np.where(slide.cells[:, 1] < 2, 0.90, 0.10)  # every split between the two is as good
-    threshold = slide_threshold(slide, probability, Calibration(threshold=0.2, threshold_rule="otsu"))
+    threshold = slide_threshold(slide, probability, Calibration(threshold=0.2, threshold_rule="otsu")).value
     assert 0.45 < threshold < 0.55
 
 
