@@ -578,7 +578,7 @@ def otsu_fits(model, others: list[Path], slides) -> None:
 
     def searched_under_otsu(pairs) -> Calibration:
         candidates = smoothing_candidates(pairs, reach, SMOOTHING_SIGMAS)[1]
-        fixed = best_regions(candidates, [float(t) for t in THRESHOLDS])[3]
+        fixed = best_regions(candidates, THRESHOLDS)[3]
         return best_regions(candidates, [fixed.threshold], "otsu")[3]
 
     fits = {"fitted for one threshold, then Otsu (shipped)":

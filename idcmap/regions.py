@@ -19,7 +19,8 @@ OTSU_FLOOR = 0.5
 
 class SlideThreshold(NamedTuple):
     """A slide's IDC probability threshold and where it came from: "fixed" (the calibration's),
-    "otsu" (the slide's own) or "otsu floor" (the slide's own, raised to `OTSU_FLOOR`)."""
+    "otsu" (the slide's own) or "otsu floor" (the slide's own, raised to `OTSU_FLOOR` times the
+    calibration's threshold)."""
     value: float
     source: str
 
@@ -30,8 +31,8 @@ def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibrat
     area), which follows a slide whose probabilities sit higher or lower than the validation
     slides'. Otsu always splits a slide in two, so on a slide with little or no IDC it would cut
     through the non-IDC probabilities: it is kept at or above `OTSU_FLOOR` times the calibration's
-    threshold. The calibration's threshold also serves a slide whose probabilities fall in one of
-    256 bins."""
+    threshold. The calibration's threshold ("fixed") also serves a slide whose probabilities fall
+    in one of 256 bins."""
     fixed = SlideThreshold(calibration.threshold, "fixed")
     if calibration.threshold_rule != "otsu" or not slide.is_whole:
         return fixed

@@ -242,7 +242,7 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     if threshold_rule not in THRESHOLD_RULES:
         raise OptionError(f"--threshold-rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
     whole, candidates = smoothing_candidates(scored, context_reach, sigmas)
-    objective, val_dice, val_error, best = best_regions(candidates, [float(t) for t in THRESHOLDS])
+    objective, val_dice, val_error, best = best_regions(candidates, THRESHOLDS)
     if threshold_rule != "fixed":
         best = replace(best, threshold_rule=threshold_rule)
         dices, errors = zip(*(region_figures(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach,
@@ -286,17 +286,19 @@ def smoothing_candidates(scored: list[tuple[Slide, SlideScores]], context_reach:
     return whole, candidates
 
 
-def best_regions(candidates: Candidates, thresholds: list[float],
+def best_regions(candidates: Candidates, thresholds: list[float] | np.ndarray,
                  threshold_rule: str = "fixed") -> tuple[float, float, float, Calibration]:
     """(objective, mean Dice, mean area-fraction error, calibration) of the best choice of a
     smoothing candidate, a threshold of `thresholds`, speck and hole sizes, each judged under
-    `threshold_rule`; on ties the least smoothing and post-processing."""
+    `threshold_rule`; on ties the least smoothing and post-processing, then the first threshold."""
+    if threshold_rule not in THRESHOLD_RULES:
+        raise OptionError(f"threshold rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
     results = []
     for base, judged in candidates:
         for threshold in thresholds:
             for speck in SPECK_CELLS:
                 for hole in HOLE_CELLS:
-                    trial = replace(base, threshold=threshold, threshold_rule=threshold_rule,
+                    trial = replace(base, threshold=float(threshold), threshold_rule=threshold_rule,
                                     min_region_cells=speck, max_hole_cells=hole)
                     dices, errors = zip(*(region_figures(slide, probability, trial) for slide, probability in judged))
                     results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),

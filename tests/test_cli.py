@@ -206,7 +206,7 @@ def test_render_with_weights_and_a_threshold(tmp_path, tiny_weights):
 def test_threshold_rule_otsu_and_a_given_threshold(tmp_path, monkeypatch):
     """Weights whose rule is otsu: each whole slide gets its own threshold, recorded in summary.csv,
     applied to probabilities.csv and named in the overlay; a --threshold given on the command line is
-    one fixed threshold."""
+    one fixed threshold, or with --threshold-rule otsu sets Otsu's floor."""
     from idcmap import pipeline
 
     subtitles = []
@@ -215,7 +215,10 @@ def test_threshold_rule_otsu_and_a_given_threshold(tmp_path, monkeypatch):
     weights = write_tiny_weights(tmp_path / "w" / "cancernet-context.pt", calibration={"threshold": 0.5,
                                                                                      "threshold_rule": "otsu"})
     folder = _patient(tmp_path / "in")
-    for extra, rule in (([], "otsu"), (["--threshold", "0.5"], "fixed"), (["--threshold-rule", "fixed"], "fixed")):
+    # the tiny network scores every patch 0.49-0.50: Otsu splits them; with a threshold of 1 its floor, 0.5, is above all
+    for extra, rule, tag in (([], "otsu", " (Otsu)"), (["--threshold", "0.5"], "fixed", ""),
+                             (["--threshold-rule", "fixed"], "fixed", ""),
+                             (["--threshold", "1", "--threshold-rule", "otsu"], "otsu", " (Otsu's floor)")):
         out = tmp_path / f"out-{'-'.join(extra) or 'default'}"
         result = CliRunner().invoke(cli, ["render", str(folder), "-o", str(out), "--weights", str(weights),
                                           "--device", "cpu", *extra])
@@ -225,11 +228,11 @@ def test_threshold_rule_otsu_and_a_given_threshold(tmp_path, monkeypatch):
         with open(out / "P" / "probabilities.csv", newline="") as handle:
             table = list(csv.DictReader(handle))
         probability = np.array([float(r["probability"]) for r in table])
-        assert (summary["threshold"] == 0.5) == (rule == "fixed")
-        if rule == "otsu":
+        assert (summary["threshold"] == 0.5) == (tag != " (Otsu)")
+        if tag == " (Otsu)":
             assert probability.min() < summary["threshold"] <= probability.max()
         assert [int(r["predicted_idc"]) for r in table] == (probability >= summary["threshold"]).astype(int).tolist()
-        assert subtitles[-1].endswith(f"threshold {summary['threshold']:.2f}" + (" (Otsu)" if rule == "otsu" else ""))
+        assert subtitles[-1].endswith(f"threshold {summary['threshold']:.2f}{tag}")
 
 
 def test_render_json(tmp_path, tiny_weights):

@@ -320,15 +320,17 @@ def test_best_regions_judges_post_processing_under_the_rule(tmp_path):
 
     scored = _scored_slides(tmp_path, [1.0, -1.0, -2.0], noise=1.5)
     _, candidates = smoothing_candidates(scored, context_reach=0, sigmas=(0.0,))
-    _, _, _, fixed = best_regions(candidates, [float(t) for t in THRESHOLDS])
+    _, _, _, fixed = best_regions(candidates, THRESHOLDS)
     shipped, choice = fit_calibration(scored, context_reach=0, sigmas=(0.0,), left_out=False, threshold_rule="otsu")
     assert shipped == replace(fixed, threshold_rule="otsu")
     searched_value, _, _, searched = best_regions(candidates, [fixed.threshold], "otsu")
-    assert searched.threshold_rule == "otsu" and searched.threshold == fixed.threshold
+    assert searched.threshold_rule == "otsu"
     assert (searched.min_region_cells, searched.max_hole_cells) != (fixed.min_region_cells, fixed.max_hole_cells)
     assert searched_value > choice["value"] + 0.05
     figures = np.array([region_figures(s, p, searched) for s, p in candidates[0][1]])
     assert searched_value == pytest.approx(figures[:, 0].mean() - figures[:, 1].mean())
+    with pytest.raises(IdcmapError, match="threshold rule 'Otsu'"):
+        best_regions(candidates, THRESHOLDS, "Otsu")
 
 
 def test_left_one_slide_out_needs_two_slides(tmp_path):
