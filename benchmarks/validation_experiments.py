@@ -36,8 +36,9 @@ until the eleventh session, except where experiment 9 compares the rules):
      per-slide area matching (each slide's threshold set so that its thresholded area equals its
      expected area, the area-weighted mean calibrated probability; temperature and smoothing fitted
      as shipped); the same followed by the fitted post-processing; the threshold midway between the
-     fitted and the area-matched one, and Otsu's threshold of each slide's probabilities (as
-     shipped: `regions.slide_threshold`), each followed by the fitted post-processing;
+     fitted and the area-matched one, Otsu's threshold of each slide's probabilities (as
+     shipped: `regions.slide_threshold`), and Li's and the triangle threshold of them (scikit-image,
+     patches unweighted, kept at or above Otsu's floor), each followed by the fitted post-processing;
  10. stain test-time augmentation: the default and each `--other` network score each (colour-
      normalised) slide as it is and with its haematoxylin or eosin amount scaled by 1 +/- 0.2
      (3 or 5 views, logits averaged), calibration refitted; in sample and left one slide out.
@@ -80,6 +81,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from skimage import filters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -90,7 +92,7 @@ from idcmap.colour import (ColourReference, colour_reference, matched_pixels, no
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.loader import Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
-from idcmap.regions import dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
+from idcmap.regions import OTSU_FLOOR, dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 from idcmap.train_config import TrainConfig  # noqa: E402
 from idcmap.training import (SMOOTHING_SIGMAS, THRESHOLDS, BatchMaker, best_regions, collect_scores,  # noqa: E402
@@ -370,14 +372,18 @@ def left_out_rules(pairs, reach: int) -> dict[str, list[tuple[float, float]]]:
     judged = {"one fitted threshold and post-processing (shipped until the eleventh session)": [], "area-matched threshold": [],
               "area-matched threshold, then fitted post-processing": [],
               "midway between the fitted and area-matched thresholds, then fitted post-processing": [],
-              "Otsu's threshold per slide, then fitted post-processing": []}
+              "Otsu's threshold per slide, then fitted post-processing": [],
+              "Li's threshold per slide (floor as Otsu's), then fitted post-processing": [],
+              "the triangle threshold per slide (floor as Otsu's), then fitted post-processing": []}
     for slide, probability, calibration in left_out_fits(pairs, [p for p in pairs if p[0].is_whole], reach,
                                                          SMOOTHING_SIGMAS):
         matched_at = area_matched_threshold(slide, probability)
         matched = replace(calibration, threshold=matched_at)
         trials = (calibration, replace(matched, min_region_cells=0, max_hole_cells=0), matched,
                   replace(calibration, threshold=(calibration.threshold + matched_at) / 2),
-                  replace(calibration, threshold_rule="otsu"))
+                  replace(calibration, threshold_rule="otsu"),
+                  *(replace(calibration, threshold=max(float(rule(probability)), OTSU_FLOOR * calibration.threshold))
+                    for rule in (filters.threshold_li, filters.threshold_triangle)))
         for rule, trial in zip(judged, trials):
             judged[rule].append(region_figures(slide, probability, trial))
     return judged
