@@ -239,14 +239,13 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     fitted the validation slides better but carried over worse to a slide left out of the fit
     (docs/experiments.md, twelfth session).
     """
-    if threshold_rule not in THRESHOLD_RULES:
-        raise OptionError(f"--threshold-rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
+    check_threshold_rule(threshold_rule)
     whole, candidates = smoothing_candidates(scored, context_reach, sigmas)
     objective, val_dice, val_error, best = best_regions(candidates, THRESHOLDS)
     if threshold_rule != "fixed":
         best = replace(best, threshold_rule=threshold_rule)
-        dices, errors = zip(*(region_figures(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach,
-                                                                  best).probability, best) for s, r in whole))
+        judged = next(j for base, j in candidates if base.smoothing_sigma == best.smoothing_sigma)
+        dices, errors = zip(*(region_figures(slide, probability, best) for slide, probability in judged))
         val_dice, val_error = float(np.mean(dices)), float(np.mean(errors))
         objective = val_dice - val_error
     choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
@@ -258,6 +257,12 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
             log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each "
                      "left out of the fit", objective, len(whole), choice["left_one_slide_out"]["value"])
     return best, choice
+
+
+def check_threshold_rule(threshold_rule: str) -> None:
+    """OptionError unless `threshold_rule` is one of `THRESHOLD_RULES`."""
+    if threshold_rule not in THRESHOLD_RULES:
+        raise OptionError(f"threshold rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
 
 
 Candidates = list[tuple[Calibration, list[tuple[Slide, np.ndarray]]]]
@@ -291,8 +296,7 @@ def best_regions(candidates: Candidates, thresholds: list[float] | np.ndarray,
     """(objective, mean Dice, mean area-fraction error, calibration) of the best choice of a
     smoothing candidate, a threshold of `thresholds`, speck and hole sizes, each judged under
     `threshold_rule`; on ties the least smoothing and post-processing, then the first threshold."""
-    if threshold_rule not in THRESHOLD_RULES:
-        raise OptionError(f"threshold rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
+    check_threshold_rule(threshold_rule)
     results = []
     for base, judged in candidates:
         for threshold in thresholds:
