@@ -64,7 +64,12 @@ until the eleventh session, except where experiment 9 compares the rules):
      threshold, which serves scattered samples and sets Otsu's floor, kept from the fixed fit);
      for the default, each `--other` network and their logit average, in sample and left one
      slide out, with the choices made.
-
+ 16. Macenko stain normalisation (Macenko et al. 2009) of each whole slide in place of the
+     per-channel RGB matching (shipped): each slide's haematoxylin and eosin optical-density
+     vectors (the extremes of its tissue's optical densities in the plane of their two main
+     axes) and 99th-percentile stain amounts, mapped onto the mean over the whole training slides;
+     for the default and each `--other` network, calibration refitted under the Otsu rule as
+     shipped, in sample and left one slide out, per whole slide the AUC.
 `--only N [N ...]` runs the numbered experiments alone.
 """
 from __future__ import annotations
@@ -90,7 +95,7 @@ from idcmap import metrics  # noqa: E402
 from idcmap.colour import (ColourReference, colour_reference, matched_pixels, normalised_pixels,  # noqa: E402
                            normalise_slide, real_pixel_mask, slide_colour_statistics)
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
-from idcmap.loader import Slide, load_slide  # noqa: E402
+from idcmap.loader import BACKGROUND, Slide, load_slide  # noqa: E402
 from idcmap.models import Calibration, get_spec, load_model  # noqa: E402
 from idcmap.regions import OTSU_FLOOR, dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
@@ -612,6 +617,83 @@ def otsu_fits(model, others: list[Path], slides) -> None:
                 f"{s.patient} {d:.2f}/{e:.2f}" for (s, _), (d, e) in zip(whole(pairs), outside)))
 
 
+MACENKO_BETA = 0.15  # optical density under which a channel counts as unstained (Macenko's beta)
+MACENKO_ALPHA = 1.0  # percentile of the angles taken as the stain vectors' extremes (Macenko's alpha)
+OD_OF_LEVEL = -np.log((np.arange(256) + 1.0) / 256.0)  # optical density of each 8-bit level
+
+
+def macenko_stains(slide: Slide, samples: int = 200_000) -> tuple[np.ndarray, np.ndarray] | None:
+    """(3x2 unit haematoxylin and eosin optical-density vectors, their 99th-percentile amounts)
+    of the slide's stained pixels (every channel's optical density above MACENKO_BETA; at most
+    `samples` of them, drawn with a fixed seed); None with fewer than one patch's worth."""
+    od = OD_OF_LEVEL[slide.pixels[real_pixel_mask(slide)]]
+    od = od[(od > MACENKO_BETA).all(axis=1)]
+    if len(od) < 2500:
+        return None
+    if len(od) > samples:
+        od = od[np.random.default_rng(0).choice(len(od), samples, replace=False)]
+    _, vectors = np.linalg.eigh(np.cov(od.T))
+    plane = vectors[:, [2, 1]] * np.sign(vectors[:, [2, 1]].sum(axis=0))  # the two main axes, pointing into the stains
+    projected = od @ plane
+    angle = np.arctan2(projected[:, 1], projected[:, 0])
+    ends = [plane @ np.array([np.cos(a), np.sin(a)]) for a in np.percentile(angle, [MACENKO_ALPHA, 100 - MACENKO_ALPHA])]
+    stains = np.stack(ends if ends[0][0] > ends[1][0] else ends[::-1], axis=1)  # haematoxylin absorbs more red
+    stains /= np.linalg.norm(stains, axis=0)
+    amounts = np.linalg.lstsq(stains, od.T, rcond=None)[0]
+    return stains, np.percentile(amounts, 99, axis=1)
+
+
+def macenko_reference(slides: list[Slide]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean over `slides` (each counted once) of their stain vectors (renormalised) and amounts."""
+    measured = [m for m in map(macenko_stains, slides) if m is not None]
+    stains = np.mean([m[0] for m in measured], axis=0)
+    return stains / np.linalg.norm(stains, axis=0), np.mean([m[1] for m in measured], axis=0)
+
+
+def macenko_normalised(slide: Slide, reference: tuple[np.ndarray, np.ndarray]) -> Slide:
+    """A whole slide with its stain vectors and amounts mapped onto `reference`: in optical density
+    a linear map, reference stains x (reference amounts / slide amounts) x the slide's stains'
+    pseudo-inverse. Padding stays BACKGROUND; other slides, or one too pale to measure, unchanged."""
+    measured = macenko_stains(slide) if slide.is_whole else None
+    if measured is None:
+        return slide
+    stains, amounts = measured
+    mapping = reference[0] @ np.diag(reference[1] / amounts) @ np.linalg.pinv(stains)
+    od = OD_OF_LEVEL.astype(np.float32)[slide.pixels] @ mapping.T.astype(np.float32)
+    pixels = np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
+    pixels[~real_pixel_mask(slide)] = BACKGROUND
+    return replace(slide, pixels=pixels)
+
+
+def stain_normalisation(model, others: list[Path], slides, train_slides: list[Slide]) -> None:
+    print("\n16. Macenko stain normalisation of the whole slides against the per-channel RGB matching (shipped); "
+          "calibration refitted under the Otsu rule")
+    reference = macenko_reference([s for s in train_slides if s.is_whole])
+    print(f"  reference from the whole training slides: H {np.round(reference[0][:, 0], 3)}, "
+          f"E {np.round(reference[0][:, 1], 3)}, 99th-percentile amounts {np.round(reference[1], 3)}")
+    started = time.perf_counter()
+    stained_slides = [macenko_normalised(s, reference) for s in slides]
+    whole = [s for s in slides if s.is_whole]
+    print(f"  Macenko: {(time.perf_counter() - started) / sum(map(len, whole)) * 1000:.3f} s per 1,000 patches "
+          "(estimate and map)")
+    reach = model.network.context_reach
+    for name, network in with_others(model, others).items():
+        runs = {"per-channel RGB (shipped)": collect_scores(Scorer(network, "cpu", backend="onnx"), slides),
+                "Macenko": collect_scores(Scorer(replace(network, colour_reference=None), "cpu", backend="onnx"),
+                                          stained_slides)}
+        print(f"  {name}:")
+        for label, scored in runs.items():
+            calibration, choice = fit_calibration(scored, reach, threshold_rule="otsu")
+            out = choice["left_one_slide_out"]
+            print(f"    {label}: in sample objective {choice['value']:.4f} (Dice {choice['val_dice']:.4f}, area MAE "
+                  f"{choice['val_area_fraction_mae']:.4f}); left out {out['value']:.4f} (Dice {out['val_dice']:.4f}, "
+                  f"area MAE {out['val_area_fraction_mae']:.4f}); patient AUC {mean_patient_auc(scored):.4f}; "
+                  f"sigma {calibration.smoothing_sigma:g}, threshold {calibration.threshold:.2f}")
+            print("      per whole slide AUC: " + whole_slide_aucs(scored))
+            print("      left out, per slide Dice/area error: " + ", ".join(
+                f"{p} {f['dice']:.2f}/{f['area_fraction_error']:.2f}" for p, f in out["per_slide"].items()))
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -624,9 +706,9 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 16), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 17), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
-                        help="for experiments 7, 9, 10, 13 and 15: other resnet18-context weights files trained on the same split")
+                        help="for experiments 7, 9, 10, 13, 15 and 16: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
         parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
@@ -638,7 +720,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 16)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 17)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -649,7 +731,7 @@ def main() -> None:
         expected_area(model, slides)
     if 5 in run:
         batch_sweep(args.data)
-    if run & {6, 12, 13, 14}:
+    if run & {6, 12, 13, 14, 16}:
         train_slides = [s for s in load_slides(split["train"], folders, "load train") if s.has_labels]
     if 6 in run:
         colour_normalisation(model, slides, train_slides)
@@ -674,6 +756,8 @@ def main() -> None:
                                                        if p.startswith("patients/")})
     if 15 in run:
         otsu_fits(model, args.other or [], slides)
+    if 16 in run:
+        stain_normalisation(model, args.other or [], slides, train_slides)
 
 
 if __name__ == "__main__":
