@@ -182,6 +182,9 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
                  help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
 @training_option("ema", help="Validate, keep and store an exponential moving average of the weights, updated "
                              "after every step with this decay (0.995: about the last 200 steps); 0: off.")
+@training_option("scattered_repeat",
+                 help="Each epoch sees the patches of scattered-sample patients (not a whole slide, e.g. sparse/) "
+                      "this many times, each time augmented afresh: more weight to the many patients with few patches.")
 @training_option("seed", help="Seeds the split, initialisation, sampling and augmentation: the same seed on the "
                                "same machine gives the same weights.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -196,7 +199,7 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @click.pass_obj
 def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
           val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
-          stain_jitter: float, ema: float, seed: int, device: str, precision: str, colour_normalise: bool,
+          stain_jitter: float, ema: float, scattered_repeat: int, seed: int, device: str, precision: str, colour_normalise: bool,
           resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
     from .training import train as run_training
@@ -204,7 +207,8 @@ def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
                          val_fraction=val_fraction, seed=seed, device=device, precision=precision,
-                         colour_normalise=colour_normalise, ema=ema)
+                         colour_normalise=colour_normalise, ema=ema,
+                         scattered_repeat=scattered_repeat)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume,
                         progress=not obj["quiet"])
     click.echo(json_text({"weights": str(out), "calibration": card["calibration"],

@@ -28,6 +28,7 @@ class TrainConfig:
     precision: str = "auto"
     colour_normalise: bool = False  # map each slide's colours onto the training slides' mean (idcmap.colour)
     ema: float = 0.0  # 0: off; else the decay of the moving average of the weights that is validated and kept
+    scattered_repeat: int = 1  # each epoch holds the windows of scattered-sample patients this many times
 
     def validate(self) -> None:
         """OptionError naming the first setting training cannot use (and the device, if unusable)."""
@@ -84,6 +85,7 @@ LIMITS: dict[str, Limit] = {
     "cell_dropout": Limit("cell dropout", whole=False, low=0, high=1, high_open=True),
     "stain_jitter": Limit("--stain-jitter", whole=False, low=0, high=0.5),
     "ema": Limit("--ema", whole=False, low=0, high=1, high_open=True),
+    "scattered_repeat": Limit("--scattered-repeat", whole=True, low=1),
     "test_fraction": Limit("--test-fraction", whole=False, low=0, high=1, low_open=True, high_open=True),
     "val_fraction": Limit("--val-fraction", whole=False, low=0, high=1, low_open=True, high_open=True),
 }

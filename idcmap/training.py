@@ -486,6 +486,7 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
             f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
             f"--stain-jitter {config.stain_jitter:g} --seed {config.seed}"
             + (f" --ema {config.ema:.10g}" if config.ema else "")
+            + (f" --scattered-repeat {config.scattered_repeat}" if config.scattered_repeat != 1 else "")
             + f" --device {config.device} --precision {config.precision}"
             + (" --colour-normalise" if config.colour_normalise else ""))
 
@@ -621,12 +622,14 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     save_split(split, split_path)  # once the inputs passed every check: no orphan split from a refused run
     maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
     autocast = config.precision == "bf16"
+    scattered = {i for i, slide in enumerate(train_slides) if not slide.is_whole}
     started = time.time()
     for epoch in range(epoch0, config.epochs):
         if stale >= config.patience:
             break
         network.train()
         windows = grid_windows(train_slides, config.window, rng)
+        windows += [w for w in windows if w.slide in scattered] * (config.scattered_repeat - 1)
         total_loss, seen = 0.0, 0
         bar = tqdm(maker.batches(windows), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                    total=None, leave=False, disable=not progress)

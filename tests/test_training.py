@@ -113,6 +113,39 @@ def _spy_on_steps(monkeypatch) -> list[bool]:
     return flags
 
 
+def test_scattered_repeat_shows_scattered_patients_more_often_per_epoch(tmp_path, monkeypatch):
+    """--scattered-repeat K: each epoch holds the scattered-sample patients' patches K times, the
+    whole slides' once; the card's command repeats the setting."""
+    from idcmap import training
+
+    root = _synthetic_root(tmp_path / "data", patients=4)
+    scattered = {(1 + 150 * k, 1 + 150 * j): (int(k == 0), textured(900 + 3 * k + j, base=70 if k == 0 else 190,
+                                                                      spread=40))
+                 for k in range(2) for j in range(2)}  # 4 patches, 2 grid cells apart: no neighbours
+    for i in range(2):
+        make_patient(root / "group", f"s{i}", scattered)
+    split = {"train": ["group/p0", "group/p1", "group/s0", "group/s1"], "val": ["group/p2", "group/p3"], "test": []}
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(split))
+    seen: list[int] = []
+    real_step = training.training_step
+
+    def spy(network, optimizer, x, *rest):
+        seen.append(len(x))
+        return real_step(network, optimizer, x, *rest)
+    monkeypatch.setattr(training, "training_step", spy)
+    counts = []
+    for repeat in (1, 3):
+        seen.clear()
+        card = train(root, MODEL, tmp_path / f"r{repeat}" / f"{MODEL}.pt",
+                     TrainConfig(epochs=1, batch_patches=32, cell_dropout=0.0, device="cpu", seed=0, precision="fp32",
+                                 scattered_repeat=repeat), split_file=split_file)
+        counts.append(sum(seen))
+        assert card["training"]["scattered_repeat"] == repeat
+        assert ("--scattered-repeat 3" in card["training"]["command"]) == (repeat == 3)
+    assert counts == [2 * 20 + 2 * 4, 2 * 20 + 3 * 2 * 4]
+
+
 def test_bf16_runs_every_step_under_autocast_and_the_card_says_so(trained, tmp_path, monkeypatch):
     root, _, fp32_card = trained
     assert fp32_card["training"]["precision"] == "fp32"
