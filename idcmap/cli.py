@@ -25,7 +25,7 @@ UNSHIPPED_NOTE = f" Without shipped weights (train them, then pass --weights): {
 DEVICE_HELP = "auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N."
 THRESHOLD_RULE_HELP = ("fixed: one threshold for every slide; otsu: each whole slide's own Otsu threshold of its "
                        "probabilities, never below half the fixed one (follows a slide scored higher or lower than "
-                       "usual, but can over-call a slide with little IDC; scattered samples keep the fixed one)")
+                       "usual, but can over-call a slide with little IDC; scattered samples keep the fixed one, or their own where the model has one)")
 
 
 class FiniteFloatRange(click.FloatRange):

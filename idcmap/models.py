@@ -239,20 +239,23 @@ class Calibration:
     threshold: float = 0.5
     min_region_cells: int = 0
     max_hole_cells: int = 0
-    threshold_rule: str = "fixed"  # or "otsu": each whole slide's own Otsu threshold (`threshold` for scattered samples)
+    threshold_rule: str = "fixed"  # or "otsu": each whole slide's own Otsu threshold
+    scattered_threshold: float | None = None  # for scattered samples (not a whole slide); None: `threshold`
 
     def problem(self) -> str | None:
         """What makes this calibration unusable (None when it is usable): every value finite,
         temperatures above 0, the threshold within [0, 1], the rest not negative, a known rule."""
         if self.threshold_rule not in THRESHOLD_RULES:
             return f"its calibration threshold rule {self.threshold_rule!r} is none of {', '.join(THRESHOLD_RULES)}"
-        values = {k: v for k, v in asdict(self).items() if k != "threshold_rule"}
+        values = {k: v for k, v in asdict(self).items()
+                  if k != "threshold_rule" and not (k == "scattered_threshold" and v is None)}
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()):
             return f"its calibration holds a value that is not a finite number ({values})"
         if self.temperature <= 0 or self.patch_temperature <= 0:
             return f"its calibration temperatures must be above 0 ({self.temperature}, {self.patch_temperature})"
-        if not 0 <= self.threshold <= 1:
-            return f"its calibration threshold {self.threshold} lies outside [0, 1]"
+        for name in ("threshold", "scattered_threshold"):
+            if not 0 <= values.get(name, 0) <= 1:
+                return f"its calibration {name.replace('_', ' ')} {values[name]} lies outside [0, 1]"
         if min(self.smoothing_sigma, self.min_region_cells, self.max_hole_cells) < 0:
             return "its calibration smoothing or region sizes are negative"
         return None

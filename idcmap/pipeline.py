@@ -39,7 +39,7 @@ PATIENT_FILES = ("mosaic.png", "overlay.png", "probabilities.csv", "probabilitie
                  "summary.json")
 RECORDED_FILES = tuple(name for name in PATIENT_FILES if name != "summary.json")
 """The outputs whose size and sha256 summary.json records, for `--resume` to check."""
-THRESHOLD_TAGS = {"fixed": "", "otsu": " (Otsu)", "otsu floor": " (Otsu's floor)"}
+THRESHOLD_TAGS = {"fixed": "", "scattered": " (scattered samples)", "otsu": " (Otsu)", "otsu floor": " (Otsu's floor)"}
 """The overlay's note after a slide's threshold, by `regions.SlideThreshold.source`."""
 PROBABILITY_FIELDS = ["file", "x", "y", "width", "height", "label", "patch_probability", "probability",
                       "predicted_idc"]
@@ -135,11 +135,12 @@ def check_output_folder(out_dir: Path, inputs: InputFolders) -> None:
 
 def effective_calibration(model_calibration: Calibration, options: RenderOptions) -> Calibration:
     """The model's calibration with the user's overrides applied (a threshold given: the fixed rule,
-    unless a rule is given too)."""
+    unless a rule is given too, and the same threshold for scattered samples)."""
     overrides = {k: getattr(options, k) for k in ("threshold", "threshold_rule", "smoothing_sigma", "min_region_cells",
                                                   "max_hole_cells") if getattr(options, k) is not None}
     if options.threshold is not None:
         overrides.setdefault("threshold_rule", "fixed")
+        overrides["scattered_threshold"] = None
     calibration = replace(model_calibration, **overrides)
     unusable = calibration.problem()
     if unusable:
@@ -328,7 +329,8 @@ def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibratio
         summary = json.loads((out_dir / "summary.json").read_text())
         if not isinstance(summary, dict) or summary.get("status") != "ok":
             return None
-        recorded = {"threshold_rule": "fixed", **(summary.get("calibration") or {})}  # written before rules: fixed
+        recorded = {"threshold_rule": "fixed", "scattered_threshold": None,  # summaries written before either
+                    **(summary.get("calibration") or {})}
         same = (summary.get("weights_sha256") == sha256 and recorded == asdict(calibration)
                 and summary.get("runtime") == runtime and summary.get("inputs_sha256") == inputs_sha256(input_folder))
         files = summary.get("files")

@@ -19,22 +19,26 @@ OTSU_FLOOR = 0.5
 
 class SlideThreshold(NamedTuple):
     """A slide's IDC probability threshold and where it came from: "fixed" (the calibration's),
-    "otsu" (the slide's own) or "otsu floor" (the slide's own, raised to `OTSU_FLOOR` times the
-    calibration's threshold)."""
+    "scattered" (the calibration's for scattered samples), "otsu" (the slide's own) or "otsu
+    floor" (the slide's own, raised to `OTSU_FLOOR` times the calibration's threshold)."""
     value: float
     source: str
 
 
 def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibration) -> SlideThreshold:
-    """The IDC probability threshold for `slide`: the calibration's, or with its `otsu` rule and a
-    whole slide, Otsu's threshold of the slide's own probabilities (patches weighted by their real
+    """The IDC probability threshold for `slide`: for scattered samples (not `slide.is_whole`) the
+    calibration's `scattered_threshold` where it has one; else the calibration's threshold, or
+    with its `otsu` rule and a whole slide, Otsu's threshold of the slide's own probabilities (patches weighted by their real
     area), which follows a slide whose probabilities sit higher or lower than the validation
     slides'. Otsu always splits a slide in two, so on a slide with little or no IDC it would cut
     through the non-IDC probabilities: it is kept at or above `OTSU_FLOOR` times the calibration's
     threshold. The calibration's threshold ("fixed") also serves a slide whose probabilities fall
     in one of 256 bins."""
     fixed = SlideThreshold(calibration.threshold, "fixed")
-    if calibration.threshold_rule != "otsu" or not slide.is_whole:
+    if not slide.is_whole:
+        return fixed if calibration.scattered_threshold is None else SlideThreshold(calibration.scattered_threshold,
+                                                                                     "scattered")
+    if calibration.threshold_rule != "otsu":
         return fixed
     counts, edges = np.histogram(probability, bins=256, range=(0.0, 1.0), weights=slide.areas.astype(np.float64))
     centres = (edges[:-1] + edges[1:]) / 2

@@ -237,7 +237,9 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     `regions.slide_threshold`), and the objectives recorded are those of that rule. Smoothing and
     post-processing stay those fitted for one threshold: searched again under the rule, they
     fitted the validation slides better but carried over worse to a slide left out of the fit
-    (docs/experiments.md, twelfth session).
+    (docs/experiments.md, twelfth session). Where the validation patients hold whole slides and
+    scattered samples too, the scattered samples get their own threshold (`scattered_threshold_fit`;
+    recorded as `scattered_samples`).
     """
     check_threshold_rule(threshold_rule)
     whole, candidates = smoothing_candidates(scored, context_reach, sigmas)
@@ -251,12 +253,34 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
               "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
               "slides": [s.patient for s, _ in whole]}
+    scattered = [(s, r) for s, r in scored if not s.is_whole]
+    if scattered and len(whole) < len(scored):
+        best, choice["scattered_samples"] = scattered_threshold_fit(scattered, context_reach, best)
     if left_out:
         choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas, threshold_rule)
         if choice["left_one_slide_out"] is not None:
             log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each "
                      "left out of the fit", objective, len(whole), choice["left_one_slide_out"]["value"])
     return best, choice
+
+
+def scattered_threshold_fit(scattered: list[tuple[Slide, SlideScores]], context_reach: int,
+                            calibration: Calibration) -> tuple[Calibration, dict]:
+    """(`calibration` with the `scattered_threshold` of `THRESHOLDS` that maximises mean Dice minus
+    mean area-fraction error over the scattered-sample patients `scattered`, the lowest on ties;
+    its figures). Their probabilities come from few neighbours or none, so the threshold fitted
+    for whole slides need not suit them."""
+    judged = [(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, calibration).probability)
+              for s, r in scattered]
+    results = []
+    for threshold in THRESHOLDS:
+        trial = replace(calibration, scattered_threshold=float(threshold))
+        dices, errors = zip(*(region_figures(slide, probability, trial) for slide, probability in judged))
+        results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)), float(np.mean(errors)), trial))
+    objective, dice_mean, error_mean, best = max(results, key=lambda r: r[0])
+    return best, {"objective": "mean Dice - mean area-fraction error, scattered-sample validation patients",
+                  "value": objective, "val_dice": dice_mean, "val_area_fraction_mae": error_mean,
+                  "patients": len(scattered), "threshold": best.scattered_threshold}
 
 
 def check_threshold_rule(threshold_rule: str) -> None:

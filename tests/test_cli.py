@@ -235,6 +235,31 @@ def test_threshold_rule_otsu_and_a_given_threshold(tmp_path, monkeypatch):
         assert subtitles[-1].endswith(f"threshold {summary['threshold']:.2f}{tag}")
 
 
+def test_scattered_samples_render_at_their_own_threshold_unless_one_is_given(tmp_path, monkeypatch):
+    """Weights with a threshold for scattered samples: a scattered folder is cut there, and the
+    overlay says so; --threshold sets one threshold for it too."""
+    from idcmap import pipeline
+
+    subtitles = []
+    drawn = pipeline.overlay_png
+    monkeypatch.setattr(pipeline, "overlay_png", lambda *args: subtitles.append(args[-1]) or drawn(*args))
+    weights = write_tiny_weights(tmp_path / "w" / "cancernet-context.pt",
+                                 calibration={"threshold": 0.5, "threshold_rule": "otsu", "scattered_threshold": 0.3})
+    skip = {(r, c) for r in range(5) for c in range(5)} - {(0, 0), (0, 2), (2, 0), (2, 2), (4, 4)}
+    folder = make_patient(tmp_path / "in", "S", grid_patches(5, 5, label_of=lambda r, c: int(r == 0), skip=skip))
+    for extra, threshold, tag in (([], 0.3, " (scattered samples)"), (["--threshold", "0.6"], 0.6, "")):
+        out = tmp_path / f"out{len(extra)}"
+        result = CliRunner().invoke(cli, ["render", str(folder), "-o", str(out), "--weights", str(weights),
+                                          "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "S" / "summary.json").read_text())
+        assert summary["threshold"] == threshold
+        with open(out / "S" / "probabilities.csv", newline="") as handle:
+            table = list(csv.DictReader(handle))
+        assert [int(r["predicted_idc"]) for r in table] == [int(float(r["probability"]) >= threshold) for r in table]
+        assert subtitles[-1].endswith(f"threshold {threshold:.2f}{tag}")
+
+
 def test_render_json(tmp_path, tiny_weights):
     folder = _patient(tmp_path / "in")
     result = CliRunner().invoke(cli, ["-q", "render", str(folder), "-o", str(tmp_path / "out"), "--weights",

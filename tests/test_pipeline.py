@@ -541,7 +541,8 @@ def test_resume_keeps_a_summary_written_before_threshold_rules(tmp_path, tiny_we
     out = tmp_path / "out"
     render_folder(root, out, _options(tiny_weights))
     summary = json.loads((out / "A" / "summary.json").read_text())
-    del summary["calibration"]["threshold_rule"]  # as idcmap wrote it before the rule existed
+    for key in ("threshold_rule", "scattered_threshold"):  # as idcmap wrote it before these existed
+        del summary["calibration"][key]
     (out / "A" / "summary.json").write_text(json.dumps(summary))
     before = _stamps(out / "A")
     render_folder(root, out, _options(tiny_weights, resume=True))

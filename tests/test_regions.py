@@ -69,6 +69,18 @@ def test_otsu_rule_keeps_the_fixed_threshold_where_it_cannot_split(patient_facto
     assert slide_threshold(scattered, np.array([0.1, 0.2, 0.3, 0.35, 0.9]), otsu) == (0.4, "fixed")  # scattered
 
 
+def test_scattered_samples_take_their_own_threshold_where_the_calibration_has_one(patient_factory):
+    scattered = _grid_slide(patient_factory, 3, 3, skip={(0, 1), (1, 0), (1, 2), (2, 1)}, name="S")
+    whole = _grid_slide(patient_factory, 3, 3, name="W")
+    calibration = Calibration(threshold=0.4, threshold_rule="otsu", scattered_threshold=0.3)
+    probability = np.array([0.1, 0.2, 0.3, 0.35, 0.9])
+    assert slide_threshold(scattered, probability, calibration) == (0.3, "scattered")
+    np.testing.assert_array_equal(predicted_mask(scattered, probability, calibration), probability >= 0.3)
+    assert slide_threshold(whole, np.full(len(whole), 0.7), calibration) == (0.4, "fixed")  # whole: never
+    assert "scattered threshold 1.5 lies outside [0, 1]" in Calibration(scattered_threshold=1.5).problem()
+    assert Calibration(scattered_threshold=None).problem() is None
+
+
 def test_otsu_rule_never_cuts_below_half_the_fixed_threshold(patient_factory):
     """A benign slide (probabilities spread over 0.001-0.02): Otsu alone would call half of it IDC."""
     slide = _grid_slide(patient_factory, 4, 5)

@@ -304,6 +304,38 @@ def _scored_slides(tmp_path, shifts: list[float], noise: float = 0.0) -> list:
     return scored
 
 
+def test_scattered_samples_get_their_own_threshold(tmp_path):
+    """Whole slides separable at any threshold (the lowest is kept); scattered samples whose non-IDC
+    patches sit at 0.5: they get a threshold of their own above 0.5, which calls them right, and
+    `render` applies it to them only."""
+    from idcmap.models import Calibration
+    from idcmap.regions import slide_threshold
+    from idcmap.scoring import calibrated_scores
+    from idcmap.training import fit_calibration
+
+    from conftest import grid_patches
+
+    whole = _scored_slides(tmp_path, [0.0, 0.0])
+    alone, _ = fit_calibration(whole, context_reach=0, sigmas=(0.0,), left_out=False)
+    scattered = []
+    for i in range(2):
+        skip = {(r, c) for r in range(3) for c in range(3)} - {(0, 0), (0, 2), (2, 0), (2, 2)}
+        slide = load_slide(make_patient(tmp_path, f"S{i}", grid_patches(3, 3, label_of=lambda r, c: int(r == 0),
+                                                                        skip=skip)))
+        assert not slide.is_whole
+        logit = np.where(slide.labels == 1, 3.0, 0.0).astype(np.float32)
+        scattered.append((slide, calibrated_scores(slide, logit, logit, 0, Calibration())))
+    best, choice = fit_calibration(whole + scattered, context_reach=0, sigmas=(0.0,), left_out=False)
+    assert alone.scattered_threshold is None and best.threshold == alone.threshold < 0.5
+    assert 0.5 < best.scattered_threshold < 1
+    assert choice["scattered_samples"]["value"] == pytest.approx(1.0) and choice["scattered_samples"]["patients"] == 2
+    assert choice["scattered_samples"]["threshold"] == best.scattered_threshold
+    slide, scores = scattered[0]
+    probability = calibrated_scores(slide, scores.patch_logit, scores.context_logit, 0, best).probability
+    assert slide_threshold(slide, probability, best) == (best.scattered_threshold, "scattered")
+    assert slide_threshold(whole[0][0], whole[0][1].probability, best) == (best.threshold, "fixed")
+
+
 def test_left_one_slide_out_equals_in_sample_on_alike_slides(tmp_path):
     from idcmap.training import fit_calibration
 
