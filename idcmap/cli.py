@@ -25,7 +25,8 @@ UNSHIPPED_NOTE = f" Without shipped weights (train them, then pass --weights): {
 DEVICE_HELP = "auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N."
 THRESHOLD_RULE_HELP = ("fixed: one threshold for every slide; otsu: each whole slide's own Otsu threshold of its "
                        "probabilities, never below half the fixed one (follows a slide scored higher or lower than "
-                       "usual, but can over-call a slide with little IDC; scattered samples keep the fixed one, or their own where the model has one)")
+                       "usual, but can over-call a slide with little IDC; scattered samples keep the fixed one, or "
+                       "their own where the model has one)")
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -199,16 +200,15 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @click.pass_obj
 def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
           val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
-          stain_jitter: float, ema: float, scattered_repeat: int, seed: int, device: str, precision: str, colour_normalise: bool,
-          resume: bool) -> None:
+          stain_jitter: float, ema: float, scattered_repeat: int, seed: int, device: str, precision: str,
+          colour_normalise: bool, resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
     from .training import train as run_training
 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
                          val_fraction=val_fraction, seed=seed, device=device, precision=precision,
-                         colour_normalise=colour_normalise, ema=ema,
-                         scattered_repeat=scattered_repeat)
+                         colour_normalise=colour_normalise, ema=ema, scattered_repeat=scattered_repeat)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume,
                         progress=not obj["quiet"])
     click.echo(json_text({"weights": str(out), "calibration": card["calibration"],

@@ -244,7 +244,7 @@ class Calibration:
 
     def problem(self) -> str | None:
         """What makes this calibration unusable (None when it is usable): every value finite,
-        temperatures above 0, the threshold within [0, 1], the rest not negative, a known rule."""
+        temperatures above 0, the thresholds within [0, 1], the rest not negative, a known rule."""
         if self.threshold_rule not in THRESHOLD_RULES:
             return f"its calibration threshold rule {self.threshold_rule!r} is none of {', '.join(THRESHOLD_RULES)}"
         values = {k: v for k, v in asdict(self).items()

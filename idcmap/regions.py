@@ -28,12 +28,12 @@ class SlideThreshold(NamedTuple):
 def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibration) -> SlideThreshold:
     """The IDC probability threshold for `slide`: for scattered samples (not `slide.is_whole`) the
     calibration's `scattered_threshold` where it has one; else the calibration's threshold, or
-    with its `otsu` rule and a whole slide, Otsu's threshold of the slide's own probabilities (patches weighted by their real
-    area), which follows a slide whose probabilities sit higher or lower than the validation
-    slides'. Otsu always splits a slide in two, so on a slide with little or no IDC it would cut
-    through the non-IDC probabilities: it is kept at or above `OTSU_FLOOR` times the calibration's
-    threshold. The calibration's threshold ("fixed") also serves a slide whose probabilities fall
-    in one of 256 bins."""
+    with its `otsu` rule and a whole slide, Otsu's threshold of the slide's own probabilities
+    (patches weighted by their real area), which follows a slide whose probabilities sit higher or
+    lower than the validation slides'. Otsu always splits a slide in two, so on a slide with little
+    or no IDC it would cut through the non-IDC probabilities: it is kept at or above `OTSU_FLOOR`
+    times the calibration's threshold. The calibration's threshold ("fixed") also serves a slide
+    whose probabilities fall in one of 256 bins."""
     fixed = SlideThreshold(calibration.threshold, "fixed")
     if not slide.is_whole:
         return fixed if calibration.scattered_threshold is None else SlideThreshold(calibration.scattered_threshold,
