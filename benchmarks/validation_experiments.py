@@ -70,6 +70,11 @@ until the eleventh session, except where experiment 9 compares the rules):
      axes) and 99th-percentile stain amounts, mapped onto the mean over the whole training slides;
      for the default and each `--other` network, calibration refitted under the Otsu rule as
      shipped, in sample and left one slide out, per whole slide the AUC.
+ 17. the threshold for scattered samples: for the default and each `--other` network, under its own
+     stored calibration, the scattered validation patients' pooled BAC and F1 and their objective
+     (mean Dice - mean area-fraction error per patient) at the whole-slide threshold and at 0.22,
+     0.30 and 0.38; the threshold `training.scattered_threshold_fit` chooses and its objective,
+     in sample and with each patient left out of the fit.
 `--only N [N ...]` runs the numbered experiments alone.
 """
 from __future__ import annotations
@@ -102,7 +107,7 @@ from idcmap.scoring import Scorer, calibrated_scores, to_input  # noqa: E402
 from idcmap.train_config import TrainConfig  # noqa: E402
 from idcmap.training import (SMOOTHING_SIGMAS, THRESHOLDS, BatchMaker, best_regions, collect_scores,  # noqa: E402
                              fit_calibration, grid_windows, left_out_fits, mean_patient_auc, region_figures,
-                             smoothing_candidates, stain_jitter)
+                             scattered_threshold_fit, smoothing_candidates, stain_jitter)
 
 DEFAULT = "resnet18-context"
 
@@ -694,6 +699,41 @@ def stain_normalisation(model, others: list[Path], slides, train_slides: list[Sl
                 f"{p} {f['dice']:.2f}/{f['area_fraction_error']:.2f}" for p, f in out["per_slide"].items()))
 
 
+def scattered_thresholds(model, others: list[Path], slides) -> None:
+    print("\n17. the threshold for scattered samples, on the scattered validation patients")
+    scattered = [s for s in slides if not s.is_whole]
+    reach = model.network.context_reach
+    for name, network in with_others(model, others).items():
+        calibration = replace(network.calibration, scattered_threshold=None)
+        scored = collect_scores(Scorer(network, "cpu", backend="onnx"), scattered)
+
+        def figures(c: Calibration, pairs=scored) -> tuple[float, float, float]:
+            """(pooled BAC, pooled F1, objective) of `pairs` under `c`."""
+            masks, per_patient = [], []
+            for slide, r in pairs:
+                probability = calibrated_scores(slide, r.patch_logit, r.context_logit, reach, c).probability
+                masks.append(predicted_mask(slide, probability, c))
+                per_patient.append(region_figures(slide, probability, c))
+            report = metrics.classification_report(np.concatenate([s.labels for s, _ in pairs]), np.concatenate(masks))
+            dices, errors = np.array(per_patient).T
+            return report["balanced_accuracy"], report["f1_idc"], float(dices.mean() - errors.mean())
+
+        print(f"  {name} ({len(scored)} patients, whole-slide threshold {calibration.threshold:.2f}):")
+        for threshold in sorted({calibration.threshold, 0.22, 0.30, 0.38}):
+            bac, f1, value = figures(replace(calibration, scattered_threshold=threshold))
+            print(f"    at {threshold:.2f}: BAC {bac:.4f}, F1 {f1:.4f}, objective {value:.4f}")
+        fitted_calibration, fit = scattered_threshold_fit(scored, reach, calibration)
+        outside = []
+        for i, (slide, r) in enumerate(scored):
+            without, _ = scattered_threshold_fit(scored[:i] + scored[i + 1:], reach, calibration)
+            probability = calibrated_scores(slide, r.patch_logit, r.context_logit, reach, without).probability
+            outside.append((*region_figures(slide, probability, without), without.scattered_threshold))
+        dices, errors, chosen = np.array(outside).T
+        print(f"    fitted: {fitted_calibration.scattered_threshold:.2f}, objective {fit['value']:.4f} in sample, "
+              f"{dices.mean() - errors.mean():.4f} with each patient left out of the fit (thresholds chosen: "
+              + ", ".join(f"{t:.2f} x{int((chosen == t).sum())}" for t in sorted(set(chosen))) + ")")
+
+
 def _seconds(scorer: Scorer, slide) -> float:
     started = time.perf_counter()
     scorer.score(slide)
@@ -706,9 +746,9 @@ def main() -> None:
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 17), help="run only these experiments")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 18), help="run only these experiments")
     parser.add_argument("--other", type=Path, nargs="+", default=None,
-                        help="for experiments 7, 9, 10, 13, 15 and 16: other resnet18-context weights files trained on the same split")
+                        help="for experiments 7, 9, 10, 13, 15, 16 and 17: other resnet18-context weights files trained on the same split")
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
         parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
@@ -720,7 +760,7 @@ def main() -> None:
     print(f"{len(slides)} validation patients ({sum(s.is_whole for s in slides)} whole slides), "
           f"{sum(len(s) for s in slides):,} patches")
     model = load_model(DEFAULT, args.weights)
-    run = set(args.only or range(1, 17)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
+    run = set(args.only or range(1, 18)) - ({1} if args.skip_tta else set()) - (set() if args.other else {7})
     if 1 in run:
         tta(model, slides)
     if 2 in run:
@@ -758,6 +798,8 @@ def main() -> None:
         otsu_fits(model, args.other or [], slides)
     if 16 in run:
         stain_normalisation(model, args.other or [], slides, train_slides)
+    if 17 in run:
+        scattered_thresholds(model, args.other or [], slides)
 
 
 if __name__ == "__main__":
