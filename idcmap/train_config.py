@@ -98,3 +98,25 @@ CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
     ("precision", "--precision", lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     ("colour_normalise", "--colour-normalise", lambda v: isinstance(v, bool), "True or False"),
 )
+
+# settings a resumed run may change: where it runs, how long it waits for a better epoch; the
+# precision and the colour reference have checks of their own (auto may resolve to the stored one),
+# and the split fractions matter only through the split, which the checkpoint stores
+RESUMABLE_FREELY = ("device", "patience", "precision", "colour_normalise", "test_fraction", "val_fraction")
+
+
+def recipe_of(config: TrainConfig) -> dict:
+    """The settings a checkpoint's run must be resumed with: all but `RESUMABLE_FREELY`."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUMABLE_FREELY}
+
+
+def recipe_change(stored: dict, config: TrainConfig) -> tuple[str, str] | None:
+    """The first setting of `config` that differs from the `stored` recipe of a checkpoint, as the
+    user would type it now and as it was trained ("--stain-jitter 0.4", "--stain-jitter 0.08");
+    None when all match (settings the checkpoint does not record are not compared)."""
+    current = recipe_of(config)
+    for name, value in stored.items():
+        if name in current and current[name] != value:
+            label = LIMITS[name].label
+            return tuple(f"{label} {v}" if isinstance(v, int) else f"{label} {v:.10g}" for v in (current[name], value))
+    return None

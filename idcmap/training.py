@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .colour import ColourReference, colour_reference, normalise_slide
-from .dataset import load_slides, load_split, make_split, patient_ids, save_split
+from .dataset import SPLIT_SETS, load_slides, load_split, make_split, patient_ids, save_split
 from .errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
 from .export import atomic_write_bytes, write_json
 from .loader import Slide
@@ -34,7 +34,7 @@ from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, Patch
                      stored_precision)
 from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, to_input
-from .train_config import TrainConfig
+from .train_config import TrainConfig, recipe_change, recipe_of
 
 log = logging.getLogger(__name__)
 
@@ -538,16 +538,22 @@ def check_outputs(out: Path) -> None:
 CHECKPOINT_REMEDY = "delete it, or train without --resume"
 
 
+def patient_sets(split: dict) -> dict[str, list[str]]:
+    """A split's train, val and test patients, each sorted: what a checkpoint's run trained on."""
+    return {name: sorted(split[name]) for name in SPLIT_SETS}
+
+
 def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
-                averaged: AveragedModel | None = None,
-                ema: float = 0.0) -> tuple[list[dict], dict | None, float, int, str, dict | None]:
+                config: TrainConfig, split: dict,
+                averaged: AveragedModel | None = None) -> tuple[list[dict], dict | None, float, int, str, dict | None]:
     """Restore a run from its checkpoint: network, optimizer, scheduler, both RNGs and the weight
-    average (`averaged`, of a run with `--ema` decay `ema`) in place; returns (history, best state,
-    best AUC, stale epochs, the precision it trained in: fp32 for checkpoints older than
-    --precision, the colour reference it trained with as stored or None). WeightsError naming the
-    checkpoint when it is not one, or belongs to another run (another model, another idcmap
-    version); OptionError when it was trained with another --ema."""
+    average (`averaged`, of a run with --ema) in place; returns (history, best state, best AUC,
+    stale epochs, the precision it trained in: fp32 for checkpoints older than --precision, the
+    colour reference it trained with as stored or None). WeightsError naming the checkpoint when it
+    is not one, or belongs to another run (another model, another idcmap version); OptionError when
+    it was trained with another recipe (`recipe_of(config)`) or on another split. Checkpoints older
+    than the recorded recipe and split are checked for --ema alone."""
     state = load_torch_file(path, "an idcmap training checkpoint", CHECKPOINT_REMEDY)
     misfit = (f"{path}: this checkpoint does not fit a {model_name!r} training run (another model's, or from "
               f"another idcmap version); {CHECKPOINT_REMEDY}")
@@ -557,10 +563,14 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
-        trained_ema = float(state.get("ema", 0.0))  # checkpoints older than --ema: 0, off
-        if trained_ema != ema:
-            raise OptionError(f"--ema {ema:.10g}: {path} was trained with --ema {trained_ema:.10g}; resume with "
-                              f"--ema {trained_ema:.10g}, or train without --resume")
+        change = recipe_change(state.get("recipe") or {"ema": float(state.get("ema", 0.0))}, config)
+        if change is not None:
+            now, trained = change
+            raise OptionError(f"{now}: {path} was trained with {trained}; resume with {trained}, or train without "
+                              f"--resume")
+        if state.get("split", patient_sets(split)) != patient_sets(split):
+            raise OptionError(f"{path} was trained on another split of the patients; resume with the --split it "
+                              f"wrote ({path.with_suffix('.split.json').name}), or train without --resume")
         if averaged is not None:
             averaged.load_state_dict(state["averaged"])
         history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
@@ -621,8 +631,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     best_state, best_auc, epoch0, stale = None, -1.0, 0, 0
     if resume and checkpoint_path.is_file():
         history, best_state, best_auc, stale, trained_in, colour = resume_from(checkpoint_path, model_name, network,
-                                                                               optimizer, scheduler, rng, averaged,
-                                                                               config.ema)
+                                                                               optimizer, scheduler, rng, config,
+                                                                               split, averaged)
         if (colour is None) != (reference is None):
             trained = "with colour normalisation" if colour is not None else \
                 "without colour normalisation (or by an idcmap that did not record it)"
@@ -693,7 +703,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
             "scheduler": scheduler.state_dict(), "history": history, "best_state": best_state,
             "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "precision": config.precision, **colour_fields(reference),
-            "ema": config.ema, **({"averaged": averaged.state_dict()} if averaged is not None else {}),
+            "recipe": recipe_of(config), "split": patient_sets(split),
+            **({"averaged": averaged.state_dict()} if averaged is not None else {}),
         })
     evaluated.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
     evaluated.eval()

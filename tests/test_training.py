@@ -555,6 +555,32 @@ def test_resume_refuses_another_colour_normalisation_setting(trained, tmp_path, 
     assert [h["epoch"] for h in card["history"]] == [1, 2] and "colour_reference" in card
 
 
+def test_resume_refuses_another_recipe_or_split(trained, tmp_path, monkeypatch):
+    """A checkpoint goes on only with the settings and patients it was trained with: a changed
+    --scattered-repeat, --seed or split would silently mix two runs in one set of weights."""
+    root, out, _ = trained
+    config = TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32")
+    target = tmp_path / "resumed" / out.name
+    _killed_after_first_epoch(root, target, config, monkeypatch)
+    with pytest.raises(IdcmapError, match=r"--scattered-repeat 2: .*ckpt was trained with --scattered-repeat 1; "
+                                          r"resume with --scattered-repeat 1, or train without --resume"):
+        train(root, MODEL, target, replace(config, scattered_repeat=2), resume=True)
+    with pytest.raises(IdcmapError, match=r"--seed 1: .*ckpt was trained with --seed 0"):
+        train(root, MODEL, target, replace(config, seed=1), resume=True)
+    written = json.loads(target.with_suffix(".split.json").read_text())
+    swapped = {**written, "train": [written["test"][0], *written["train"][1:]],
+               "test": [written["train"][0], *written["test"][1:]]}
+    other = tmp_path / "other.split.json"
+    other.write_text(json.dumps(swapped))
+    with pytest.raises(IdcmapError, match=r"ckpt was trained on another split of the patients; resume with the "
+                                          r"--split it wrote \(cancernet-context\.split\.json\)"):
+        train(root, MODEL, target, config, split_file=other, resume=True)
+    assert target.with_suffix(".ckpt").is_file()  # refused runs leave the checkpoint as it was
+    card = train(root, MODEL, target, replace(config, patience=1), split_file=target.with_suffix(".split.json"),
+                 resume=True)  # the split it wrote, read back, and a setting that may change
+    assert [h["epoch"] for h in card["history"]] == [1, 2]
+
+
 def test_adding_a_colour_reference_retires_the_int8_network(quantised, tmp_path, caplog):
     """The int8 network's activation ranges were fitted on unnormalised colours: after
     `calibrate --colour-normalise` the card no longer vouches for it, and auto scores in fp32."""
