@@ -124,8 +124,9 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
                        "scoring_patches_per_s": sum(len(s) for s in slides) / seconds, "patch": {}, "slides": {}}
         per_patient, thresholds = [], []  # thresholds: each patch's, its slide's (see slide_threshold)
         for slide, scores, group in zip(slides, scored, groups):
-            predicted = predicted_mask(slide, scores.probability, calibration)
-            thresholds.append(np.full(len(slide), slide_threshold(slide, scores.probability, calibration).value))
+            threshold = slide_threshold(slide, scores.probability, calibration)
+            predicted = predicted_mask(slide, scores.probability, calibration, threshold)
+            thresholds.append(np.full(len(slide), threshold.value))
             truth = slide.labels == 1
             predicted_fraction = idc_area_fraction(slide, predicted)
             labelled_fraction = idc_area_fraction(slide, truth)

@@ -217,8 +217,8 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
     scores = scorer.score(slide, progress=options.progress)
     log.debug("%s: %d patches (%d files skipped) loaded in %.2f s, scored in %.2f s", name, len(slide),
               len(slide.skipped), loaded - started, time.perf_counter() - loaded)
-    predicted = predicted_mask(slide, scores.probability, calibration)
     threshold = slide_threshold(slide, scores.probability, calibration)
+    predicted = predicted_mask(slide, scores.probability, calibration, threshold)
     mosaic = slide.mosaic()
     row = summarise(slide, name, predicted, threshold.value, calibration, scorer.model.name, scorer.model.sha256)
     details = {

@@ -56,8 +56,10 @@ def slide_threshold(slide: Slide, probability: np.ndarray, calibration: Calibrat
     return SlideThreshold(otsu, "otsu") if otsu >= floor else SlideThreshold(floor, "otsu floor")
 
 
-def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibration) -> np.ndarray:
+def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibration,
+                   threshold: SlideThreshold | None = None) -> np.ndarray:
     """(N,) bool: patches in predicted IDC regions, after dropping specks and filling holes.
+    `threshold`: the slide's (`slide_threshold`), where the caller has it already.
 
     Specks: 8-connected positive regions of fewer than `min_region_cells` patches that touch
     negative tissue (a patch with no tissue around it, as in scattered samples, is no speck:
@@ -65,7 +67,7 @@ def predicted_mask(slide: Slide, probability: np.ndarray, calibration: Calibrati
     Holes: negative regions of at most `max_hole_cells` cells enclosed by positive ones
     (filled only where a patch exists: no IDC is predicted on bare glass).
     """
-    positive = probability >= slide_threshold(slide, probability, calibration).value
+    positive = probability >= (threshold or slide_threshold(slide, probability, calibration)).value
     if calibration.min_region_cells <= 1 and calibration.max_hole_cells <= 0:
         return positive
     grid = slide.grid_values(positive.astype(np.float64), fill=0.0) > 0.5

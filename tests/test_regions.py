@@ -13,7 +13,7 @@ from conftest import DATA_ROOT, grid_patches, real_patient_folder, solid
 from idcmap.loader import load_slide
 from idcmap.models import Calibration
 from idcmap.regions import (dice, idc_area_fraction, predicted_mask, region_contours, region_polygons,
-                            slide_threshold)
+                            SlideThreshold, slide_threshold)
 
 
 def _grid_slide(patient_factory, rows, cols, skip=(), name="P"):
@@ -43,6 +43,9 @@ def test_threshold_only(patient_factory):
     assert mask.tolist() == [False, False, True, True, True]  # >= threshold
     assert predicted_mask(slide, probability, Calibration(threshold=0.95)).tolist() == [False] * 5
     assert predicted_mask(slide, probability, Calibration(threshold=0.0)).tolist() == [True] * 5
+    # a threshold the caller computed already is used as given
+    assert predicted_mask(slide, probability, Calibration(threshold=0.5),
+                          SlideThreshold(0.8, "fixed")).tolist() == [False] * 4 + [True]
 
 
 def test_otsu_rule_follows_a_slide_scored_low(patient_factory):
