@@ -555,6 +555,26 @@ def test_resume_refuses_another_colour_normalisation_setting(trained, tmp_path, 
     assert [h["epoch"] for h in card["history"]] == [1, 2] and "colour_reference" in card
 
 
+def test_every_recipe_setting_is_compared_and_named():
+    """Each TrainConfig field is either in the recipe a checkpoint records (and a change to it is
+    named as the user types it) or free to change on --resume: a new field cannot slip past both."""
+    from dataclasses import fields
+
+    from idcmap.train_config import LIMITS, RESUMABLE_FREELY, recipe_change, recipe_of
+
+    base = TrainConfig()
+    recipe = recipe_of(base)
+    assert set(recipe) | set(RESUMABLE_FREELY) == {f.name for f in fields(TrainConfig)}
+    assert not set(recipe) & set(RESUMABLE_FREELY)
+    assert recipe_change(recipe, base) is None and recipe_change({}, base) is None
+    for name, value in recipe.items():
+        changed = replace(base, **{name: value + 1})
+        now, trained = recipe_change(recipe, changed)
+        assert now.startswith(LIMITS[name].label + " ") and trained.startswith(LIMITS[name].label + " ")
+        assert now != trained
+    assert recipe_change(recipe, replace(base, seed=2**64 - 1))[0] == f"--seed {2**64 - 1}"  # whole numbers exactly
+
+
 def test_resume_refuses_another_recipe_or_split(trained, tmp_path, monkeypatch):
     """A checkpoint goes on only with the settings and patients it was trained with: a changed
     --scattered-repeat, --seed or split would silently mix two runs in one set of weights."""
