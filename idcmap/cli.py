@@ -196,7 +196,8 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @click.option("--colour-normalise", is_flag=True,
               help="Map each whole slide's tissue colours onto the training slides' mean colours, in training and "
                    "whenever the model scores (the reference is stored with the weights).")
-@click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists.")
+@click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists, with the settings "
+              "and split it was trained with (a change is refused; --device and --patience may change).")
 @click.pass_obj
 def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
           val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
