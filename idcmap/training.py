@@ -247,14 +247,12 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     if threshold_rule != "fixed":
         best = replace(best, threshold_rule=threshold_rule)
         judged = next(j for base, j in candidates if base.smoothing_sigma == best.smoothing_sigma)
-        dices, errors = zip(*(region_figures(slide, probability, best) for slide, probability in judged))
-        val_dice, val_error = float(np.mean(dices)), float(np.mean(errors))
-        objective = val_dice - val_error
+        objective, val_dice, val_error = mean_region_figures(judged, best)
     choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
               "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
               "slides": [s.patient for s, _ in whole]}
-    scattered = [(s, r) for s, r in scored if not s.is_whole]
-    if scattered and len(whole) < len(scored):
+    if len(whole) < len(scored):  # whole slides and scattered samples: the latter get a threshold of their own
+        scattered = [(s, r) for s, r in scored if not s.is_whole]
         best, choice["scattered_samples"] = scattered_threshold_fit(scattered, context_reach, best)
     if left_out:
         choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas, threshold_rule)
@@ -272,12 +270,9 @@ def scattered_threshold_fit(scattered: list[tuple[Slide, SlideScores]], context_
     for whole slides need not suit them."""
     judged = [(s, calibrated_scores(s, r.patch_logit, r.context_logit, context_reach, calibration).probability)
               for s, r in scattered]
-    results = []
-    for threshold in THRESHOLDS:
-        trial = replace(calibration, scattered_threshold=float(threshold))
-        dices, errors = zip(*(region_figures(slide, probability, trial) for slide, probability in judged))
-        results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)), float(np.mean(errors)), trial))
-    objective, dice_mean, error_mean, best = max(results, key=lambda r: r[0])
+    trials = [replace(calibration, scattered_threshold=float(threshold)) for threshold in THRESHOLDS]
+    objective, dice_mean, error_mean, best = max(((*mean_region_figures(judged, trial), trial) for trial in trials),
+                                                 key=lambda r: r[0])
     return best, {"objective": "mean Dice - mean area-fraction error, scattered-sample validation patients",
                   "value": objective, "val_dice": dice_mean, "val_area_fraction_mae": error_mean,
                   "patients": len(scattered), "threshold": best.scattered_threshold}
@@ -328,9 +323,7 @@ def best_regions(candidates: Candidates, thresholds: list[float] | np.ndarray,
                 for hole in HOLE_CELLS:
                     trial = replace(base, threshold=float(threshold), threshold_rule=threshold_rule,
                                     min_region_cells=speck, max_hole_cells=hole)
-                    dices, errors = zip(*(region_figures(slide, probability, trial) for slide, probability in judged))
-                    results.append((float(np.mean(dices) - np.mean(errors)), float(np.mean(dices)),
-                                    float(np.mean(errors)), trial))
+                    results.append((*mean_region_figures(judged, trial), trial))
     return max(results, key=lambda r: (r[0], -r[3].smoothing_sigma, -r[3].min_region_cells, -r[3].max_hole_cells))
 
 
@@ -338,6 +331,14 @@ def region_figures(slide: Slide, probability: np.ndarray, calibration: Calibrati
     """(Dice, absolute area-fraction error) of the slide's predicted regions against its labelled ones."""
     mask, truth = predicted_mask(slide, probability, calibration), slide.labels == 1
     return dice(slide, mask, truth), abs(idc_area_fraction(slide, mask) - idc_area_fraction(slide, truth))
+
+
+def mean_region_figures(judged: list[tuple[Slide, np.ndarray]], calibration: Calibration) -> tuple[float, float, float]:
+    """(objective: mean Dice minus mean area-fraction error, mean Dice, mean area-fraction error) of
+    the slides of `judged`, each with its probabilities, under `calibration`."""
+    dices, errors = zip(*(region_figures(slide, probability, calibration) for slide, probability in judged))
+    dice_mean, error_mean = float(np.mean(dices)), float(np.mean(errors))
+    return dice_mean - error_mean, dice_mean, error_mean
 
 
 def left_out_fits(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
