@@ -241,16 +241,8 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     scattered samples too, the scattered samples get their own threshold (`scattered_threshold_fit`;
     recorded as `scattered_samples`).
     """
-    check_threshold_rule(threshold_rule)
-    whole, candidates = smoothing_candidates(scored, context_reach, sigmas)
-    objective, val_dice, val_error, best = best_regions(candidates, THRESHOLDS)
-    if threshold_rule != "fixed":
-        best = replace(best, threshold_rule=threshold_rule)
-        judged = next(j for base, j in candidates if base.smoothing_sigma == best.smoothing_sigma)
-        objective, val_dice, val_error = mean_region_figures(judged, best)
-    choice = {"objective": "mean Dice - mean area-fraction error, whole validation slides",
-              "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
-              "slides": [s.patient for s, _ in whole]}
+    best, choice = whole_slide_calibration(scored, context_reach, sigmas, threshold_rule)
+    whole = whole_slides(scored)
     if len(whole) < len(scored):  # whole slides and scattered samples: the latter get a threshold of their own
         scattered = [(s, r) for s, r in scored if not s.is_whole]
         best, choice["scattered_samples"] = scattered_threshold_fit(scattered, context_reach, best)
@@ -258,8 +250,24 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
         choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas, threshold_rule)
         if choice["left_one_slide_out"] is not None:
             log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each "
-                     "left out of the fit", objective, len(whole), choice["left_one_slide_out"]["value"])
+                     "left out of the fit", choice["value"], len(whole), choice["left_one_slide_out"]["value"])
     return best, choice
+
+
+def whole_slide_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
+                            sigmas: tuple[float, ...], threshold_rule: str) -> tuple[Calibration, dict]:
+    """`fit_calibration` without the scattered samples' threshold and the left-out objective: the
+    temperatures fitted on all of `scored`, the rest on its whole slides; (calibration, its figures)."""
+    check_threshold_rule(threshold_rule)
+    whole, candidates = smoothing_candidates(scored, context_reach, sigmas)
+    objective, val_dice, val_error, best = best_regions(candidates, THRESHOLDS)
+    if threshold_rule != "fixed":
+        best = replace(best, threshold_rule=threshold_rule)
+        judged = next(j for base, j in candidates if base.smoothing_sigma == best.smoothing_sigma)
+        objective, val_dice, val_error = mean_region_figures(judged, best)
+    return best, {"objective": "mean Dice - mean area-fraction error, whole validation slides",
+                  "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
+                  "slides": [s.patient for s, _ in whole]}
 
 
 def scattered_threshold_fit(scattered: list[tuple[Slide, SlideScores]], context_reach: int,
@@ -288,6 +296,12 @@ Candidates = list[tuple[Calibration, list[tuple[Slide, np.ndarray]]]]
 """Per smoothing sigma: the calibration with its temperatures, and each whole slide with its probabilities."""
 
 
+def whole_slides(scored: list[tuple[Slide, SlideScores]]) -> list[tuple[Slide, SlideScores]]:
+    """The whole slides of `scored`, on which smoothing, threshold and post-processing are fitted;
+    all of `scored` when none is whole."""
+    return [(s, r) for s, r in scored if s.is_whole] or scored
+
+
 def smoothing_candidates(scored: list[tuple[Slide, SlideScores]], context_reach: int,
                          sigmas: tuple[float, ...]) -> tuple[list[tuple[Slide, SlideScores]], Candidates]:
     """(the whole slides of `scored`, or all when none is whole; per sigma of `sigmas`, the
@@ -296,7 +310,7 @@ def smoothing_candidates(scored: list[tuple[Slide, SlideScores]], context_reach:
     labels = np.concatenate([s.labels for s, _ in scored])
     weights = np.concatenate([np.full(len(s), 1 / len(s)) for s, _ in scored])
     patch_temperature = metrics.fit_temperature(labels, np.concatenate([r.patch_logit for _, r in scored]), weights)
-    whole = [(s, r) for s, r in scored if s.is_whole] or scored
+    whole = whole_slides(scored)
     candidates = []
     for sigma in sigmas:
         base = Calibration(patch_temperature=patch_temperature, temperature=patch_temperature, smoothing_sigma=sigma)
@@ -336,19 +350,24 @@ def region_figures(slide: Slide, probability: np.ndarray, calibration: Calibrati
 def mean_region_figures(judged: list[tuple[Slide, np.ndarray]], calibration: Calibration) -> tuple[float, float, float]:
     """(objective: mean Dice minus mean area-fraction error, mean Dice, mean area-fraction error) of
     the slides of `judged`, each with its probabilities, under `calibration`."""
-    dices, errors = zip(*(region_figures(slide, probability, calibration) for slide, probability in judged))
-    dice_mean, error_mean = float(np.mean(dices)), float(np.mean(errors))
+    return mean_figures([region_figures(slide, probability, calibration) for slide, probability in judged])
+
+
+def mean_figures(figures: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(objective: mean Dice minus mean area-fraction error, mean Dice, mean area-fraction error) of
+    per-slide (Dice, area-fraction error) pairs."""
+    dice_mean, error_mean = (float(np.mean(column)) for column in zip(*figures))
     return dice_mean - error_mean, dice_mean, error_mean
 
 
 def left_out_fits(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
                   context_reach: int, sigmas: tuple[float, ...],
                   threshold_rule: str = "fixed") -> Iterator[tuple[Slide, np.ndarray, Calibration]]:
-    """Each `judged` slide with the calibration fitted on all the other validation patients of
-    `scored`, and its probabilities under that calibration."""
+    """Each `judged` (whole) slide with the whole-slide calibration fitted on all the other
+    validation patients of `scored`, and its probabilities under that calibration."""
     for slide, scores in judged:
-        calibration, _ = fit_calibration([p for p in scored if p[0] is not slide], context_reach, sigmas, left_out=False,
-                                         threshold_rule=threshold_rule)
+        calibration, _ = whole_slide_calibration([p for p in scored if p[0] is not slide], context_reach, sigmas,
+                                                 threshold_rule)
         yield slide, calibrated_scores(slide, scores.patch_logit, scores.context_logit, context_reach,
                                        calibration).probability, calibration
 
@@ -365,9 +384,8 @@ def left_one_slide_out(scored: list[tuple[Slide, SlideScores]], judged: list[tup
     figures = {slide.patient: region_figures(slide, probability, calibration)
                for slide, probability, calibration in left_out_fits(scored, judged, context_reach, sigmas,
                                                                     threshold_rule)}
-    dices, errors = (np.array(v) for v in zip(*figures.values()))
-    return {"value": float(dices.mean() - errors.mean()), "val_dice": float(dices.mean()),
-            "val_area_fraction_mae": float(errors.mean()),
+    objective, dice_mean, error_mean = mean_figures(list(figures.values()))
+    return {"value": objective, "val_dice": dice_mean, "val_area_fraction_mae": error_mean,
             "per_slide": {p: {"dice": d, "area_fraction_error": e} for p, (d, e) in figures.items()}}
 
 
