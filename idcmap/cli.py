@@ -150,7 +150,7 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
               help="CSV to write [default: OUT/summary.csv].")
 @click.pass_obj
 def export(obj: dict, out: Path, output: Path | None) -> None:
-    """Merge the per-patient summaries below OUT (e.g. from sharded renders) into one CSV."""
+    """Merge the per-patient summaries below OUT (for example of sharded renders) into one CSV."""
     from .export import SUMMARY_FIELDS, write_csv
     from .pipeline import collect_summaries
 
@@ -240,7 +240,8 @@ def trained_model_options(verb: str, weights_note: str):
 @trained_model_options("quantise", "the int8 network is written beside it")
 @click.option("--patches", type=click.IntRange(16), default=1024, show_default=True,
               help="Training patches that calibrate the int8 activation ranges.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of calibration patches.")
+@click.option("--seed", type=click.IntRange(LIMITS["seed"].low, LIMITS["seed"].high), default=0, show_default=True,
+              help="Seeds the choice of calibration patches.")
 @click.pass_obj
 def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
              patches: int, seed: int) -> None:

@@ -51,8 +51,8 @@ def save_split(split: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(split, indent=1) + "\n")
 
 
-def load_split(path: str | Path, available: dict[str, Path]) -> dict:
-    """Read a split file; every set disjoint, every patient present under the data root."""
+def read_split(path: str | Path) -> dict:
+    """Read a split file: train, val and test lists of patient ids, the three disjoint."""
     path = Path(path)
     if not path.is_file():
         raise SplitError(f"{path}: no such split file; pass the split the weights were trained on with --split")
@@ -69,7 +69,13 @@ def load_split(path: str | Path, available: dict[str, Path]) -> dict:
         for b in SPLIT_SETS:
             if a < b and sets[a] & sets[b]:
                 raise SplitError(f"{path}: patients in both {a} and {b}: {sorted(sets[a] & sets[b])[:5]}")
-    missing = sorted(set().union(*sets.values()) - set(available))
+    return split
+
+
+def load_split(path: str | Path, available: dict[str, Path]) -> dict:
+    """Read a split file (`read_split`) whose every patient is present under the data root."""
+    split = read_split(path)
+    missing = sorted(set().union(*(split[name] for name in SPLIT_SETS)) - set(available))
     if missing:
         raise SplitError(f"{path}: {len(missing)} patients not found under the data root, e.g. {missing[:3]}; "
                          "pass the data root the split was drawn from, or a split of this one (--split)")

@@ -46,5 +46,9 @@ class OutputError(IdcmapError):
     """An output file or folder cannot be written."""
 
 
+class TrainingError(IdcmapError):
+    """Training cannot go on: its loss stopped being a finite number."""
+
+
 class SplitError(IdcmapError):
     """A train/validation/test split file is invalid or does not fit the data."""

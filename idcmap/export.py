@@ -47,6 +47,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def writable_folder(folder: str | Path) -> Path:
+    """`folder`, created (with its parents) where missing, once a file could be written in it;
+    OutputError naming it otherwise. For a command to check its -o before its long work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        what = "exists and is not a folder" if folder.exists() and not folder.is_dir() else \
+            f"cannot write in this folder ({err.strerror})"
+        raise OutputError(f"{folder}: {what}; choose a writable -o") from err
+    return folder
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes to `path` atomically."""
     with atomic_path(path) as tmp:

@@ -39,7 +39,7 @@ DEFAULT_MAX_MOSAIC_PIXELS = 250_000_000
 MAX_COORDINATE = 10**12
 """Largest x or y a patch name may carry (keeps every pixel computation inside int64)."""
 
-PATCH_NAME = re.compile(r"(?P<patient>.+?)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.(?i:png)")
+PATCH_NAME = re.compile(r"(?P<patient>.+?)_idx5_x(?P<x>[0-9]+)_y(?P<y>[0-9]+)(?:_class(?P<label>[01]))?\.(?i:png)")
 """A patch file name (matched whole); the extension in any case (`.png`, `.PNG`)."""
 CLASS_FOLDERS = ("0", "1")
 """Subfolders of a patient folder that hold its patches by class; patches elsewhere are not read."""

@@ -277,7 +277,8 @@ def _staged(out_dir: Path) -> Iterator[Path]:
     try:
         staging.mkdir(parents=True)
     except OSError as err:
-        raise OutputError(f"{staging.parent}: cannot create output folder ({err.strerror}); choose a writable -o") from err
+        raise OutputError(f"{staging.parent}: cannot create or write in this folder ({err.strerror}); "
+                          "choose a writable -o") from err
     try:
         yield staging
         _swap_into_place(staging, out_dir)

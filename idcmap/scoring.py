@@ -321,6 +321,10 @@ class Scorer:
         seen = normalise_slide(slide, self.model.colour_reference).pixels
         features, patch_logit = self.patch_outputs(seen, slide.patient if progress else None)
         context_logit = self.context_logits(slide, features, patch_logit)
+        if not (torch.isfinite(patch_logit).all() and torch.isfinite(context_logit).all()):
+            raise WeightsError(f"{self.model.path or self.model.name}: gives NaN or infinite scores on {slide.patient}, "
+                               "so its weights are broken (from a training run that diverged?); train it again, "
+                               "or use other weights")
         scores = calibrated_scores(slide, patch_logit.cpu().numpy(), context_logit.cpu().numpy(),
                                    self.network.context_reach, self.model.calibration)
         scores.colour_normalised = seen is not slide.pixels

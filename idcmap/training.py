@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shlex
 import logging
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from . import metrics
 from .colour import ColourReference, colour_reference, normalise_slide
 from .dataset import SPLIT_SETS, load_slides, load_split, make_split, patient_ids, save_split
-from .errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
+from .errors import IdcmapError, OptionError, OutputError, SplitError, TrainingError, WeightsError
 from .export import atomic_write_bytes, write_json
 from .loader import Slide
 from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path,
@@ -243,6 +244,9 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     """
     best, choice = whole_slide_calibration(scored, context_reach, sigmas, threshold_rule)
     whole = whole_slides(scored)
+    if not whole[0][0].is_whole:
+        log.warning("no validation patient is a whole slide, so smoothing, threshold and post-processing are fitted "
+                    "on scattered samples; for a calibration that suits whole slides, validate on whole ones (--split)")
     if len(whole) < len(scored):  # whole slides and scattered samples: the latter get a threshold of their own
         scattered = [(s, r) for s, r in scored if not s.is_whole]
         best, choice["scattered_samples"] = scattered_threshold_fit(scattered, context_reach, best)
@@ -265,7 +269,8 @@ def whole_slide_calibration(scored: list[tuple[Slide, SlideScores]], context_rea
         best = replace(best, threshold_rule=threshold_rule)
         judged = next(j for base, j in candidates if base.smoothing_sigma == best.smoothing_sigma)
         objective, val_dice, val_error = mean_region_figures(judged, best)
-    return best, {"objective": "mean Dice - mean area-fraction error, whole validation slides",
+    slides = "whole validation slides" if whole[0][0].is_whole else "validation patients (none a whole slide)"
+    return best, {"objective": f"mean Dice - mean area-fraction error, {slides}",
                   "value": objective, "val_dice": val_dice, "val_area_fraction_mae": val_error,
                   "slides": [s.patient for s, _ in whole]}
 
@@ -456,7 +461,11 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
     model = load_model(model_name, weights)
     path = model.path
     folders = patient_ids(data_root)
-    split = load_split(split_file or path.with_suffix(".split.json"), folders)
+    split_path = split_file or path.with_suffix(".split.json")
+    split = load_split(split_path, folders)
+    if not split["train"]:
+        raise SplitError(f"{split_path}: no training patients, and the int8 activation ranges are calibrated on "
+                         "training patches; pass a --split with training patients")
     slides = load_slides(split["train"], folders, "load train", progress)
     starts = np.cumsum([0] + [len(s) for s in slides])
     chosen = np.sort(np.random.default_rng(seed).choice(starts[-1], min(patches, starts[-1]), replace=False))
@@ -552,6 +561,13 @@ def check_outputs(out: Path) -> None:
     folder = next(p for p in out.absolute().parents if p.exists())  # the one to write in, or to create it in
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{folder}: not a writable folder, so {out} cannot be written; choose another -o")
+
+
+def diverged(out: Path, epoch: int, loss: float, config: TrainConfig, checkpoint: Path) -> str:
+    """The error line for a training run whose loss became `loss` (NaN or infinite) in `epoch`."""
+    again = f"Delete {checkpoint} (resuming would repeat the same steps) and train" if checkpoint.is_file() else "Train"
+    return (f"{out}: training diverged in epoch {epoch} (loss {loss}), so no weights were written. "
+            f"{again} again with a lower --lr (this run: {config.learning_rate:g})")
 
 
 CHECKPOINT_REMEDY = "delete it, or train without --resume"
@@ -689,6 +705,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         for x, y, index, grid_shape in bar:
             x, y, index = x.to(device), y.to(device), index.to(device)
             loss = training_step(network, optimizer, x, y, index, grid_shape, autocast)
+            if not math.isfinite(loss):
+                raise TrainingError(diverged(out, epoch + 1, loss, config, checkpoint_path))
             if averaged is not None:
                 averaged.update_parameters(network)
             total_loss += loss * len(y)

@@ -17,7 +17,7 @@ from idcmap import models as models_module
 from idcmap.dataset import make_split, patient_ids, save_split
 from idcmap.colour import ColourReference
 from idcmap.evaluation import evaluate_models, models_table
-from idcmap.errors import OptionError
+from idcmap.errors import OptionError, OutputError, SplitError
 from idcmap.loader import load_slide
 from idcmap.models import build_model, card_path, load_model, sha256_of
 from idcmap.scoring import Scorer
@@ -351,3 +351,44 @@ def test_evaluate_a_weights_file_outside_weights(tmp_path, evaluated):
     assert card["test"]["patch_all"] == report["summary"]["cancernet"]["patch_all"]
     with pytest.raises(OptionError, match="at most one --model"):
         evaluate_models(evaluated["root"], ["cancernet", "resnet18"], tmp_path / "out", device="cpu", weights=trained)
+
+
+def _one_patient_setup(tmp_path, monkeypatch):
+    """A data root with one whole test patient, tiny cancernet weights, a split naming it test."""
+    root = tmp_path / "data"
+    make_patient(root / "patients", "w0", {(c * 50 + 1, r * 50 + 1): (int(c == 0), _patch(r * 3 + c, int(c == 0)))
+                                           for r in range(3) for c in range(3)})
+    make_patient(root / "patients", "w1", {(c * 50 + 1, 1): (c % 2, _patch(50 + c, c % 2)) for c in range(3)})
+    weights = tmp_path / "weights"
+    write_tiny_weights(weights / "cancernet.pt", model="cancernet")
+    monkeypatch.setattr(models_module, "WEIGHTS_DIR", weights)
+    save_split({"seed": 0, "train": ["patients/w1"], "val": [], "test": ["patients/w0"]}, tmp_path / "split.json")
+    return root, weights
+
+
+def test_an_unwritable_output_is_refused_before_any_scoring(tmp_path, monkeypatch):
+    root, _ = _one_patient_setup(tmp_path, monkeypatch)
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the output folder was checked")
+
+    monkeypatch.setattr(Scorer, "score", never)
+    taken = tmp_path / "a file"
+    taken.write_text("mine")
+    with pytest.raises(OutputError, match="a file: exists and is not a folder; choose a writable -o"):
+        evaluate_models(root, ["cancernet"], taken, split_file=tmp_path / "split.json", device="cpu")
+    assert taken.read_text() == "mine"
+
+
+def test_test_patients_that_trained_the_model_are_refused(tmp_path, monkeypatch):
+    """A --split whose test patients trained or validated the model (by the split stored beside its
+    weights) would give test figures that overstate."""
+    root, weights = _one_patient_setup(tmp_path, monkeypatch)
+    save_split({"seed": 0, "train": ["patients/w0"], "val": ["patients/w1"], "test": []},
+               weights / "cancernet.split.json")
+    with pytest.raises(SplitError, match=r"1 of its test patients trained or validated .*cancernet.pt .*patients/w0"):
+        evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json", device="cpu")
+    assert not (tmp_path / "out").exists()
+    save_split({"seed": 0, "train": ["patients/w1"], "val": [], "test": ["patients/w0"]}, weights / "cancernet.split.json")
+    report = evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json", device="cpu")
+    assert report["test_patients"] == ["patients/w0"]

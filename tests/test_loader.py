@@ -48,6 +48,7 @@ def test_parse_patch_name_good(name, expected):
         "8916_idx5_x1_y1_class0.png\n",  # a trailing newline is no patch name
         "8916_idx5_x-1_y1_class0.png",
         "8916_idx5_xa_y1_class0.png",
+        "8916_idx5_x\u0661\u0660\u0661_y1_class0.png",  # Arabic-Indic digits: only ASCII ones are coordinates
         "8916_idx4_x1_y1_class0.png",
         "8916_x1_y1_class0.png",
         "_idx5_x1_y1_class0.png",  # no patient

@@ -661,3 +661,72 @@ def test_ema_validates_and_keeps_the_average_and_resumes_it(trained, tmp_path, m
     resumed = train(root, MODEL, target, config, resume=True)
     assert int(made[0][1].n_averaged) == int(average.n_averaged)  # the average came back from the checkpoint
     assert resumed["sha256"] == averaged["sha256"]
+
+
+@pytest.mark.parametrize("nan_step, epoch, fix", [
+    (2, 1, "Train again"),  # epoch 1 has 2 steps
+    (3, 2, r"Delete .*cancernet-context\.ckpt \(resuming would repeat the same steps\) and train again")])
+def test_a_diverged_run_stops_with_an_error_and_writes_no_weights(trained, tmp_path, monkeypatch, nan_step, epoch, fix):
+    """A loss that turns NaN (too high a learning rate) stops training at once, naming the epoch and
+    the fix; no weights or card are written, so nothing broken can be rendered with."""
+    from idcmap import training
+    from idcmap.errors import TrainingError
+
+    root, _, _ = trained
+    real_step, steps = training.training_step, []
+
+    def diverging(*args):
+        steps.append(real_step(*args))
+        return float("nan") if len(steps) == nan_step else steps[-1]
+
+    monkeypatch.setattr(training, "training_step", diverging)
+    target = tmp_path / "w" / f"{MODEL}.pt"
+    with pytest.raises(TrainingError, match=rf"training diverged in epoch {epoch} \(loss nan\), so no weights were "
+                                            rf"written\. {fix} with a lower --lr \(this run: 0\.001\)"):
+        train(root, MODEL, target, TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32",
+                                               learning_rate=0.001))
+    assert len(steps) == nan_step
+    assert not target.exists() and not card_path(target).exists()
+    assert target.with_suffix(".ckpt").exists() == (epoch > 1)
+
+
+def test_weights_that_give_nan_scores_are_refused(trained):
+    from idcmap.errors import WeightsError
+
+    root, out, _ = trained
+    model = load_model(MODEL, out)
+    with torch.no_grad():
+        next(model.network.parameters()).fill_(float("nan"))
+    slide = load_slide(root / "group" / "p0")
+    with pytest.raises(WeightsError, match=r"gives NaN or infinite scores on p0, so its weights are broken"):
+        Scorer(model, "cpu", backend="torch").score(slide)
+
+
+def test_quantize_needs_training_patients(trained, tmp_path):
+    from idcmap.dataset import save_split
+    from idcmap.errors import SplitError
+
+    root, out, _ = trained
+    save_split({"seed": 0, "train": [], "val": ["group/p0"], "test": ["group/p1"]}, tmp_path / "split.json")
+    with pytest.raises(SplitError, match="split.json: no training patients, and the int8 activation ranges"):
+        quantize(root, MODEL, out, split_file=tmp_path / "split.json", patches=16)
+    assert not out.with_suffix(".int8.onnx").exists()
+
+
+def test_a_calibration_without_whole_validation_slides_says_so(tmp_path, caplog):
+    """With no whole slide to fit on, the scattered samples set smoothing and threshold: the card's
+    objective says so, and a warning asks for whole validation slides."""
+    from idcmap.models import Calibration
+    from idcmap.scoring import calibrated_scores
+    from idcmap.training import fit_calibration
+
+    scored = []
+    for i in range(2):
+        cells = {(c * 100 + 1, r * 100 + 1): (int(c < 2), textured(i * 10 + r * 4 + c)) for r in range(2) for c in range(4)}
+        slide = load_slide(make_patient(tmp_path, f"S{i}", cells))
+        assert not slide.is_whole
+        logit = np.where(slide.labels == 1, 2.0, -2.0).astype(np.float32)
+        scored.append((slide, calibrated_scores(slide, logit, logit, 0, Calibration())))
+    _, choice = fit_calibration(scored, context_reach=0, sigmas=(0.0,), left_out=False)
+    assert choice["objective"] == "mean Dice - mean area-fraction error, validation patients (none a whole slide)"
+    assert "no validation patient is a whole slide" in caplog.text
