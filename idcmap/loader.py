@@ -397,6 +397,7 @@ def load_slide(
     xy = np.array([[n.x, n.y] for _, n in parsed], dtype=np.int64)
     _check_mosaic_size(folder, xy, max_mosaic_pixels)
     paths = [p for p, _ in parsed]
+    _warn_off_grid(paths, xy)
     decoded, stats = zip(*decode_patches(paths))
     fingerprint = inputs_fingerprint(folder, list(zip(paths, stats)))
     keep = _drop_duplicates(paths, xy, [n.label for _, n in parsed], decoded)
@@ -424,6 +425,20 @@ def _check_mosaic_size(folder: Path, xy: np.ndarray, max_pixels: int) -> None:
             f"{folder}: patch coordinates span {span[0]}x{span[1]} px ({pixels:,} pixels), above the "
             f"limit of {max_pixels:,}; check the x/y in the file names or raise --max-mosaic-pixels"
         )
+
+
+def _warn_off_grid(paths: list[Path], xy: np.ndarray) -> None:
+    """Warn, naming the first, of patches whose x/y lie off the 50 px grid most patches lie on
+    (the data set's at 1 mod 50): they are kept at their own pixels, in the grid cell their
+    top-left corner falls in, so their cell's pixel span in the exports is off by up to 49 px."""
+    phase = xy % PATCH_SIZE
+    values, counts = np.unique(phase, axis=0, return_counts=True)
+    if len(values) > 1:
+        common = values[counts.argmax()]
+        odd = np.flatnonzero((phase != common).any(axis=1))
+        log.warning("%s: x/y lie off the 50 px grid of the other patches (x, y at %d, %d mod 50, not %d, %d; %d such "
+                    "patches); kept at its pixels, in the grid cell its corner falls in: check its name",
+                    paths[odd[0]], *phase[odd[0]], *common, len(odd))
 
 
 def _drop_duplicates(paths: list[Path], xy: np.ndarray, labels: list[int | None],

@@ -275,13 +275,18 @@ def test_origin_takes_smallest_x_and_y_from_different_patches(tmp_path):
     assert (mosaic[:50, 50:] == 1).all() and (mosaic[100:, :50] == 2).all() and (mosaic[:50, :50] == BACKGROUND).all()
 
 
-def test_patch_off_the_grid_phase_rounds_down_and_stays_at_its_pixels(tmp_path):
-    # x=80 is 29 px off the phase of x=1: it starts in cell 1, and its pixels lie at x - origin_x
-    slide = load_slide(make_patient(tmp_path, "P", {(1, 1): (0, solid((1, 1, 1))), (80, 1): (0, solid((2, 2, 2)))}))
-    assert slide.cells.tolist() == [[0, 0], [0, 1]] and (slide.cells >= 0).all()
+def test_patch_off_the_grid_phase_rounds_down_and_stays_at_its_pixels(tmp_path, caplog):
+    # x=80 is 29 px off the phase of x=1 and x=101: it starts in cell 1, and its pixels lie at x - origin_x
+    slide = load_slide(make_patient(tmp_path, "P", {(1, 1): (0, solid((1, 1, 1))), (80, 1): (0, solid((2, 2, 2))),
+                                                    (101, 51): (0, solid((3, 3, 3)))}))
+    assert "P_idx5_x80_y1_class0.png: x/y lie off the 50 px grid of the other patches (x, y at 30, 1 mod 50, " \
+           "not 1, 1; 1 such patches)" in caplog.text
+    assert slide.cells.tolist() == [[0, 0], [0, 1], [1, 2]] and (slide.cells >= 0).all()
     mosaic = slide.mosaic()
-    assert mosaic.shape == (50, 129, 3)
-    assert (mosaic[:, :50] == 1).all() and (mosaic[:, 50:79] == BACKGROUND).all() and (mosaic[:, 79:] == 2).all()
+    assert mosaic.shape == (100, 150, 3)
+    top = mosaic[:50]
+    assert (top[:, :50] == 1).all() and (top[:, 50:79] == BACKGROUND).all() and (top[:, 79:129] == 2).all()
+    assert (mosaic[50:, 100:] == 3).all()
 
 
 def test_patches_in_one_cell_of_the_phased_grid_are_refused(tmp_path):
