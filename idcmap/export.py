@@ -19,11 +19,14 @@ from .errors import OutputError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-SUMMARY_FIELDS = [
-    "patient", "folder", "status", "error", "patches", "skipped_files", "tissue_area_px",
-    "predicted_idc_area_fraction", "labelled_idc_area_fraction", "dice", "threshold",
-    "min_region_cells", "max_hole_cells", "model", "weights_sha256",
-]
+SUMMARY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "patient": str, "folder": str, "status": str, "error": str, "patches": int, "skipped_files": int,
+    "tissue_area_px": int, "predicted_idc_area_fraction": (int, float), "labelled_idc_area_fraction": (int, float),
+    "dice": (int, float), "threshold": (int, float), "min_region_cells": int, "max_hole_cells": int,
+    "model": str, "weights_sha256": str,
+}
+"""Each column of the per-patient summary (summary.csv, in this order), with the type of its value."""
+SUMMARY_FIELDS = list(SUMMARY_TYPES)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from shapely.geometry import mapping
 from tqdm import tqdm
 
 from .errors import IdcmapError, OptionError, OutputError
-from .export import SUMMARY_FIELDS, atomic_write_bytes, encode_png, write_csv, write_json, write_npy
+from .export import SUMMARY_FIELDS, SUMMARY_TYPES, atomic_write_bytes, encode_png, write_csv, write_json, write_npy
 from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, folder_name, inputs_sha256,
                      load_slide, named_patient)
 from .models import Calibration, load_model
@@ -436,7 +436,13 @@ def read_summary(path: Path, folder: str) -> dict:
         raise OutputError(f"{path}: unreadable summary ({err}); render that patient again") from err
     if not isinstance(summary, dict) or summary.get("status") not in ("ok", "failed"):
         raise OutputError(f"{path}: not a summary idcmap wrote (no ok/failed status); render that patient again")
-    return {**{field: summary.get(field) for field in SUMMARY_FIELDS}, "folder": folder}
+    row = {**{field: summary.get(field) for field in SUMMARY_FIELDS}, "folder": folder}
+    wrong = next((f for f, v in row.items()  # bool is an int to Python, never one in a summary
+                  if isinstance(v, bool) or (v is not None and not isinstance(v, SUMMARY_TYPES[f]))), None)
+    if wrong is not None:
+        raise OutputError(f"{path}: {wrong} is {json.dumps(row[wrong])[:40]}, not what idcmap writes there "
+                          "(edited by hand?); render that patient again")
+    return row
 
 
 def collect_summaries(out: str | Path) -> list[dict]:

@@ -484,6 +484,17 @@ def test_export_refuses_a_summary_it_did_not_write(tmp_path, tiny_weights, conte
         collect_summaries(tmp_path / "out")
 
 
+@pytest.mark.parametrize("field, value", [("dice", "high"), ("patches", 2.5), ("threshold", True), ("model", 3)])
+def test_export_refuses_a_summary_value_of_the_wrong_type(tmp_path, tiny_weights, field, value):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    render_folder(folder, tmp_path / "out", _options(tiny_weights))
+    path = tmp_path / "out" / "P" / "summary.json"
+    assert len(collect_summaries(tmp_path / "out")) == 1  # as written, it is read
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(OutputError, match=rf"summary.json: {field} is {json.dumps(value)}, not what idcmap writes"):
+        collect_summaries(tmp_path / "out")
+
+
 def test_a_stray_patch_one_level_down_is_an_error_too(tmp_path, tiny_weights):
     root = tmp_path / "in"
     make_patient(root / "patients", "A", _patches(1))
