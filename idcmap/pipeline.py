@@ -337,9 +337,9 @@ def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibratio
         files = summary.get("files")
         intact = isinstance(files, dict) and all(
             files.get(name) == _file_record(out_dir / name) for name in RECORDED_FILES)
+        return summary_row(summary, out_dir / "summary.json") if same and intact else None
     except (OSError, ValueError, IdcmapError):
         return None
-    return {field: summary.get(field) for field in SUMMARY_FIELDS} if same and intact else None
 
 
 def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -> list[dict]:
@@ -436,7 +436,13 @@ def read_summary(path: Path, folder: str) -> dict:
         raise OutputError(f"{path}: unreadable summary ({err}); render that patient again") from err
     if not isinstance(summary, dict) or summary.get("status") not in ("ok", "failed"):
         raise OutputError(f"{path}: not a summary idcmap wrote (no ok/failed status); render that patient again")
-    row = {**{field: summary.get(field) for field in SUMMARY_FIELDS}, "folder": folder}
+    return {**summary_row(summary, path), "folder": folder}
+
+
+def summary_row(summary: dict, path: Path) -> dict:
+    """The summary.csv columns of a patient's summary.json (`summary`, read from `path`);
+    OutputError naming the file where one holds a value of another type than idcmap writes."""
+    row = {field: summary.get(field) for field in SUMMARY_FIELDS}
     wrong = next((f for f, v in row.items()  # bool is an int to Python, never one in a summary
                   if isinstance(v, bool) or (v is not None and not isinstance(v, SUMMARY_TYPES[f]))), None)
     if wrong is not None:

@@ -484,6 +484,16 @@ def test_export_refuses_a_summary_it_did_not_write(tmp_path, tiny_weights, conte
         collect_summaries(tmp_path / "out")
 
 
+def test_resume_renders_again_a_patient_whose_summary_was_edited(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    first = render_folder(folder, tmp_path / "out", _options(tiny_weights))
+    path = tmp_path / "out" / "P" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dice": "high"}))
+    again = render_folder(folder, tmp_path / "out", _options(tiny_weights, resume=True))
+    assert again[0]["dice"] == first[0]["dice"] and isinstance(again[0]["dice"], float)
+    assert json.loads(path.read_text())["dice"] == first[0]["dice"]
+
+
 @pytest.mark.parametrize("field, value", [("dice", "high"), ("patches", 2.5), ("threshold", True), ("model", 3)])
 def test_export_refuses_a_summary_value_of_the_wrong_type(tmp_path, tiny_weights, field, value):
     folder = make_patient(tmp_path / "in", "P", _patches())
