@@ -54,7 +54,7 @@ def training_option(name: str, help: str | None = None):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="idcmap")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars (drawn only on a terminal anyway).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:

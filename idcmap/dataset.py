@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import SplitError
 from .export import atomic_write_text
 from .loader import Slide, find_patient_folders, load_slide
+from .progress import progress_bar
 
 SPLIT_SETS = ("train", "val", "test")
 
@@ -84,4 +84,4 @@ def load_split(path: str | Path, available: dict[str, Path]) -> dict:
 
 def load_slides(ids: list[str], folders: dict[str, Path], desc: str, progress: bool = True) -> list[Slide]:
     """Load the named patients' slides, with a progress bar unless `progress` is False."""
-    return [load_slide(folders[pid]) for pid in tqdm(ids, desc=desc, unit="patient", disable=not progress)]
+    return [load_slide(folders[pid]) for pid in progress_bar(ids, progress, desc=desc, unit="patient")]

@@ -22,13 +22,13 @@ from typing import Iterator
 import numpy as np
 import shapely
 from shapely.geometry import mapping
-from tqdm import tqdm
 
 from .errors import IdcmapError, OptionError, OutputError
 from .export import SUMMARY_FIELDS, SUMMARY_TYPES, atomic_write_bytes, encode_png, write_csv, write_json, write_npy
 from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, folder_name, inputs_sha256,
                      load_slide, named_patient)
 from .models import Calibration, load_model
+from .progress import progress_bar
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons, slide_threshold
 from .render import overlay_png
 from .scoring import Scorer, SlideScores
@@ -374,8 +374,8 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     for name in names:
         check_output_folder(out / name, inputs)
     rows, resumed = [], 0
-    for patient_folder, name in tqdm(list(zip(folders, names)), desc="patients", unit="patient",
-                                     disable=not options.progress or len(folders) == 1):
+    for patient_folder, name in progress_bar(list(zip(folders, names)), options.progress and len(folders) > 1,
+                                             desc="patients", unit="patient"):
         out_dir = out / name
         row = (completed_summary(out_dir, patient_folder, model.sha256, calibration, scorer.runtime)
                if options.resume else None)

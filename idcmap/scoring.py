@@ -15,12 +15,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .colour import normalise_slide
 from .errors import OptionError, WeightsError
 from .loader import Slide
 from .models import Calibration, LoadedModel, get_spec
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +292,8 @@ class Scorer:
         features, logits = [], []
         starts = range(0, len(patches), self.batch_size)
         with ieee_fp32_convolutions(self.device.type == "cuda" and not self.autocast):
-            for start in tqdm(starts, desc=f"score {progress_label}", unit="batch", disable=progress_label is None,
-                              leave=False):
+            for start in progress_bar(starts, progress_label is not None, desc=f"score {progress_label}", unit="batch",
+                                      leave=False):
                 x = to_input(patches[start : start + self.batch_size], self.mean, self.std,
                              channels_last=self.backend == "torch")
                 n = len(x)

@@ -33,6 +33,7 @@ from .loader import Slide
 from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path,
                      get_spec, load_model, load_torch_file, read_weights, save_checkpoint, save_weights, sha256_of,
                      stored_precision)
+from .progress import progress_bar
 from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, to_input
 from .train_config import TrainConfig, recipe_change, recipe_of
@@ -700,8 +701,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         windows = grid_windows(train_slides, config.window, rng)
         windows += [w for w in windows if w.slide in scattered] * (config.scattered_repeat - 1)
         total_loss, seen = 0.0, 0
-        bar = tqdm(maker.batches(windows), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   total=None, leave=False, disable=not progress)
+        bar = progress_bar(maker.batches(windows), progress, desc=f"epoch {epoch + 1}/{config.epochs}",
+                           unit="batch", total=None, leave=False)
         for x, y, index, grid_shape in bar:
             x, y, index = x.to(device), y.to(device), index.to(device)
             loss = training_step(network, optimizer, x, y, index, grid_shape, autocast)

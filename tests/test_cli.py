@@ -149,16 +149,19 @@ def test_not_finite_or_out_of_range_numbers_exit_2(tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quiet_silences_every_progress_bar(tmp_path, tiny_weights):
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_only_on_a_terminal_and_never_with_quiet(tmp_path, tiny_weights, monkeypatch, capsys, terminal):
     root = tmp_path / "in"
     _patient(root, "A")
     _patient(root, "B")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)  # stderr a terminal, or a log file
     args = ["render", str(root), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "--device", "cpu"]
-    loud = CliRunner().invoke(cli, args)
-    quiet = CliRunner().invoke(cli, ["-q", *args])
-    assert loud.exit_code == quiet.exit_code == 0
-    assert "patient/s" in loud.stderr
-    assert quiet.stderr == ""
+    loud = _run_main(args, monkeypatch, capsys)
+    quiet = _run_main(["-q", *args], monkeypatch, capsys)
+    assert loud[0] == quiet[0] == 0
+    assert ("patient/s" in loud[2]) is terminal and ("\r" in loud[2]) is terminal  # no cursor codes in a log
+    assert "2 of 2 patients rendered" in loud[2]
+    assert quiet[2] == ""
 
 
 def test_shard_env_on_a_machine_without_a_gpu_stays_on_the_cpu(tmp_path, tiny_weights, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -120,10 +121,18 @@ def test_patient_ids_of_a_single_patient_folder(tmp_path):
     assert patient_ids(folder) == {"8864": folder}
 
 
-def test_load_slides_progress_bar_can_be_silenced(tmp_path, capsys):
+def test_load_slides_progress_bar_can_be_silenced(tmp_path, capsys, monkeypatch):
     make_patient(tmp_path / "patients", "8864", {(1, 1): (0, solid((1, 1, 1)))})
     folders = patient_ids(tmp_path)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     load_slides(["patients/8864"], folders, "load", progress=False)
     assert capsys.readouterr().err == ""
     load_slides(["patients/8864"], folders, "load")
     assert "load" in capsys.readouterr().err
+
+
+def test_load_slides_draws_no_bar_into_a_log(tmp_path, capsys, monkeypatch):
+    make_patient(tmp_path / "patients", "8864", {(1, 1): (0, solid((1, 1, 1)))})
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    slides = load_slides(["patients/8864"], patient_ids(tmp_path), "load")
+    assert capsys.readouterr().err == "" and len(slides) == 1
