@@ -52,17 +52,43 @@ def training_option(name: str, help: str | None = None):
     return click.option(limit.label, name, type=kind, default=default, show_default=True, help=help)
 
 
+QUIET_HELP = "Only errors; no progress bars (drawn only on a terminal anyway)."
+VERBOSE_HELP = "Debug logging."
+
+
+def set_verbosity(obj: dict, quiet: bool = False, verbose: bool = False) -> None:
+    """Add -q / -v to the run's settings `obj` and set the log levels: -q (errors only) wins over -v
+    (idcmap's own debug lines, not those of pillow or matplotlib)."""
+    obj["quiet"] = obj.get("quiet", False) or quiet
+    obj["verbose"] = obj.get("verbose", False) or verbose
+    logging.getLogger().setLevel(logging.ERROR if obj["quiet"] else logging.WARNING)
+    log.setLevel(logging.ERROR if obj["quiet"] else logging.DEBUG if obj["verbose"] else logging.WARNING)
+
+
+def verbosity_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """A command's own -q / -v (given after the command name)."""
+    if value:
+        set_verbosity(ctx.find_object(dict), **{param.name: True})
+
+
+def verbosity_options(command):
+    """-q and -v after the command name too (`idcmap render FOLDER -q`), as before it."""
+    command = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=verbosity_flag,
+                           help=VERBOSE_HELP)(command)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=verbosity_flag,
+                        help=QUIET_HELP)(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="idcmap")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars (drawn only on a terminal anyway).")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Reassemble IDC patch folders into slides, score every patch, and map the cancer."""
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="idcmap: %(levelname)s: %(message)s")
-    log.setLevel(level)  # -v: idcmap's own debug lines, not those of pillow or matplotlib
-    ctx.obj = {"quiet": quiet}
+    logging.basicConfig(format="idcmap: %(levelname)s: %(message)s")
+    ctx.obj = {}
+    set_verbosity(ctx.obj, quiet, verbose)
 
 
 @cli.command()
@@ -108,6 +134,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Render only patients I, I+N, I+2N, ... (0-based); `env` takes RANK/WORLD_SIZE from "
                    "torchrun. Each shard writes summary-I-of-N.csv; `idcmap export` merges them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-patient summary as JSON on stdout.")
+@verbosity_options
 @click.pass_obj
 def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path | None, device: str,
            backend: str, mixed_precision: bool, batch_size: int | None, threshold: float | None,
@@ -148,6 +175,7 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV to write [default: OUT/summary.csv].")
+@verbosity_options
 @click.pass_obj
 def export(obj: dict, out: Path, output: Path | None) -> None:
     """Merge the per-patient summaries below OUT (for example of sharded renders) into one CSV."""
@@ -198,6 +226,7 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
                    "whenever the model scores (the reference is stored with the weights).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's .ckpt checkpoint if one exists, with the settings "
               "and split it was trained with (a change is refused; --device and --patience may change).")
+@verbosity_options
 @click.pass_obj
 def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
           val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
@@ -242,6 +271,7 @@ def trained_model_options(verb: str, weights_note: str):
               help="Training patches that calibrate the int8 activation ranges.")
 @click.option("--seed", type=click.IntRange(LIMITS["seed"].low, LIMITS["seed"].high), default=0, show_default=True,
               help="Seeds the choice of calibration patches.")
+@verbosity_options
 @click.pass_obj
 def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
              patches: int, seed: int) -> None:
@@ -262,6 +292,7 @@ def quantize(obj: dict, data_root: Path, model: str | None, weights: Path | None
                    "a reference keeps it). Run `idcmap quantize` again afterwards.")
 @click.option("--threshold-rule", type=click.Choice(THRESHOLD_RULES), default=None,
               help=THRESHOLD_RULE_HELP + " [default: the model's current rule].")
+@verbosity_options
 @click.pass_obj
 def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | None, split_file: Path | None,
               device: str, colour_normalise: bool, threshold_rule: str | None) -> None:
@@ -288,6 +319,7 @@ def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | Non
 @click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
               help="Patch network runtime, as for render (auto: int8 where a model ships an int8 network).")
 @click.option("--record", is_flag=True, help="Write the test figures into each model's card.")
+@verbosity_options
 @click.pass_obj
 def evaluate(obj: dict, data_root: Path, models: tuple[str, ...], weights: Path | None, split_file: Path | None,
              out: Path, device: str, backend: str, record: bool) -> None:

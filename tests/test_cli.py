@@ -158,10 +158,11 @@ def test_progress_bars_only_on_a_terminal_and_never_with_quiet(tmp_path, tiny_we
     args = ["render", str(root), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "--device", "cpu"]
     loud = _run_main(args, monkeypatch, capsys)
     quiet = _run_main(["-q", *args], monkeypatch, capsys)
-    assert loud[0] == quiet[0] == 0
+    quiet_after = _run_main([*args, "-q"], monkeypatch, capsys)  # -q after the command name too
+    assert loud[0] == quiet[0] == quiet_after[0] == 0
     assert ("patient/s" in loud[2]) is terminal and ("\r" in loud[2]) is terminal  # no cursor codes in a log
     assert "2 of 2 patients rendered" in loud[2]
-    assert quiet[2] == ""
+    assert quiet[2] == quiet_after[2] == ""
 
 
 def test_shard_env_on_a_machine_without_a_gpu_stays_on_the_cpu(tmp_path, tiny_weights, monkeypatch):
@@ -432,14 +433,15 @@ def test_weights_option_given_the_card_or_int8_file_points_at_the_pt(tmp_path, m
     assert code == 2 and what in line and str(tmp_path / "cancernet.pt") in line
 
 
-def test_verbose_shows_idcmap_debug_lines_only(tmp_path, monkeypatch, capsys, tiny_weights):
+@pytest.mark.parametrize("before_command", [True, False])
+def test_verbose_shows_idcmap_debug_lines_only(tmp_path, monkeypatch, capsys, tiny_weights, before_command):
     import logging
 
     folder = _patient(tmp_path / "in")
     monkeypatch.setattr(logging.root, "handlers", [])  # let basicConfig install its handler afresh
     monkeypatch.setattr(logging.root, "level", logging.WARNING)
-    code, out, err = _run_main(["-v", "render", str(folder), "-o", str(tmp_path / "out"), "--weights",
-                                str(tiny_weights), "--device", "cpu"], monkeypatch, capsys)
+    args = ["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "--device", "cpu"]
+    code, out, err = _run_main(["-v", *args] if before_command else [*args, "-v"], monkeypatch, capsys)
     assert code == 0
     assert re.search(r"idcmap: DEBUG: P: 9 patches \(0 files skipped\) loaded in [0-9.]+ s, scored in", err)
     assert "idcmap: DEBUG: 1 patient folder(s) at or below" in err
