@@ -174,17 +174,17 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
 @cli.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="CSV to write [default: OUT/summary.csv].")
+              help="CSV to write; its overview page (.html, each patient's figures and overlay) goes beside it "
+                   "[default: OUT/summary.csv].")
 @verbosity_options
 @click.pass_obj
 def export(obj: dict, out: Path, output: Path | None) -> None:
     """Merge the per-patient summaries below OUT (for example of sharded renders) into one CSV."""
-    from .export import SUMMARY_FIELDS, write_csv
-    from .pipeline import collect_summaries
+    from .pipeline import collect_summaries, write_run_summary
 
     rows = collect_summaries(out)
     target = output or out / "summary.csv"
-    write_csv(target, SUMMARY_FIELDS, rows)
+    write_run_summary(out, rows, csv_path=target)
     failed = sum(row["status"] == "failed" for row in rows)
     if failed:
         click.echo(f"idcmap: {failed} of {len(rows)} patients failed to render (status and error in {target})", err=True)

@@ -24,13 +24,14 @@ import shapely
 from shapely.geometry import mapping
 
 from .errors import IdcmapError, OptionError, OutputError
-from .export import SUMMARY_FIELDS, SUMMARY_TYPES, atomic_write_bytes, encode_png, write_csv, write_json, write_npy
+from .export import (SUMMARY_FIELDS, SUMMARY_TYPES, atomic_write_bytes, atomic_write_text, encode_png, write_csv,
+                     write_json, write_npy)
 from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, folder_name, inputs_sha256,
                      load_slide, named_patient)
 from .models import Calibration, load_model
 from .progress import progress_bar
 from .regions import dice, idc_area_fraction, predicted_mask, region_polygons, slide_threshold
-from .render import overlay_png
+from .render import overlay_png, overview_html
 from .scoring import Scorer, SlideScores
 
 log = logging.getLogger(__name__)
@@ -368,9 +369,10 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
         folders, names = folders[index::count], names[index::count]
     if out.exists() and not out.is_dir():  # every output place is checked before anything is written
         raise OutputError(f"{out}: a file, not a folder; choose another -o")
-    if (out / summary_name(options.shard)).is_dir():
-        raise OutputError(f"{out / summary_name(options.shard)}: a folder where idcmap writes its summary CSV; "
-                          "move it or choose another -o")
+    summary = out / summary_name(options.shard)
+    for path, what in ((summary, "summary CSV"), (summary.with_suffix(".html"), "overview page")):
+        if path.is_dir():
+            raise OutputError(f"{path}: a folder where idcmap writes its {what}; move it or choose another -o")
     for name in names:
         check_output_folder(out / name, inputs)
     rows, resumed = [], 0
@@ -400,11 +402,19 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
                 record_failure(out_dir, row)
         rows.append(row)
     every = rows if options.shard is not None and options.shard[1] > 1 else merged_summaries(out, rows)
-    write_csv(out / summary_name(options.shard), SUMMARY_FIELDS, every)
+    write_run_summary(out, every, summary)
     if resumed:
         log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)
     warn_copies(rows)
     return rows
+
+
+def write_run_summary(out: Path, rows: list[dict], csv_path: Path) -> None:
+    """The summary CSV `csv_path` of the patients rendered into `out` (their summary `rows`) and,
+    beside it, its overview page of the same name (.html): figures and overlays to look through."""
+    write_csv(csv_path, SUMMARY_FIELDS, rows)
+    page = csv_path.with_suffix(".html")
+    atomic_write_text(page, overview_html(rows, out, page))
 
 
 def warn_copies(rows: list[dict]) -> None:

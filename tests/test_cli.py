@@ -329,11 +329,14 @@ def test_export_merges_summaries(tmp_path, tiny_weights):
     assert result.exit_code == 0, result.output
     with open(out / "summary.csv", newline="") as handle:
         assert [r["patient"] for r in csv.DictReader(handle)] == ["A", "B"]
+    assert 'href="A/overlay.png"' in (out / "summary.html").read_text() and "idcmap: 2 patients" in \
+        (out / "summary.html").read_text()
     result = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "merged.csv")])
     assert result.exit_code == 0, result.output
     with open(tmp_path / "merged.csv", newline="") as handle:
         assert [(r["patient"], r["folder"], r["status"]) for r in csv.DictReader(handle)] == [("A", "A", "ok"),
                                                                                               ("B", "B", "ok")]
+    assert 'href="out/B/overlay.png"' in (tmp_path / "merged.html").read_text()
 
 
 def test_console_script_target_is_main():

@@ -230,7 +230,7 @@ def test_disk_full_keeps_an_earlier_render_intact(tmp_path, tiny_weights, monkey
     out = tmp_path / "out"
     render_folder(folder, out, _options(tiny_weights, threshold=0.0))
     before = _everything(out)
-    assert sorted(before) == sorted(["summary.csv", *(f"P/{name}" for name in PATIENT_FILES)])
+    assert sorted(before) == sorted(["summary.csv", "summary.html", *(f"P/{name}" for name in PATIENT_FILES)])
     disk = FullDisk(fail_at=3, room=100).install(monkeypatch)
     with pytest.raises(OutputError):
         render_folder(folder, out, _options(tiny_weights, threshold=1.0))  # would change every file
@@ -266,6 +266,20 @@ def test_disk_full_while_writing_summary_csv(tmp_path, tiny_weights, monkeypatch
     assert (out / "summary.csv").read_bytes() == old_summary
     assert json.loads((out / "P" / "summary.json").read_text())["threshold"] == 0.25  # the patient is complete
     assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
+    assert _hidden(out) == []
+
+
+def test_disk_full_while_writing_the_overview_page_keeps_the_old_one(tmp_path, tiny_weights, monkeypatch):
+    folder = _patient(tmp_path / "in")
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
+    old_page = (out / "summary.html").read_bytes()
+    FullDisk(fail_at=len(PATIENT_FILES) + 2, room=30).install(monkeypatch)
+    with pytest.raises(OutputError) as info:
+        render_folder(folder, out, _options(tiny_weights, threshold=0.25))
+    assert str(out / "summary.html") in str(info.value)
+    assert (out / "summary.html").read_bytes() == old_page  # whole, as before: never half-written
+    assert ",0.25," in (out / "summary.csv").read_text()  # written before the page
     assert _hidden(out) == []
 
 

@@ -5,7 +5,9 @@ import csv
 import json
 import math
 import os
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -25,7 +27,9 @@ from idcmap.pipeline import (
     parse_shard,
     render_folder,
     summary_name,
+    write_run_summary,
 )
+from idcmap.render import overview_html
 
 
 def _options(weights, **overrides):
@@ -67,7 +71,7 @@ def test_render_one_patient_writes_consistent_files(tmp_path, tiny_weights, cpu_
 
     patient_dir = out / "P"
     assert sorted(p.name for p in patient_dir.iterdir()) == sorted(PATIENT_FILES)
-    assert sorted(p.name for p in out.iterdir()) == ["P", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["P", "summary.csv", "summary.html"]
     assert _hidden(out) == []
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["patient"] == "P"
     n = len(slide)
@@ -430,7 +434,7 @@ def test_render_real_patient(tmp_path, tiny_weights):
     assert row["dice"] == pytest.approx(2 * (predicted & labelled).sum() / (predicted.sum() + labelled.sum()), abs=1e-6)
     assert row["predicted_idc_area_fraction"] == pytest.approx(predicted.mean(), abs=1e-6)
     assert _hidden(out) == []
-    assert sorted(os.listdir(out)) == ["8916", "summary.csv"]
+    assert sorted(os.listdir(out)) == ["8916", "summary.csv", "summary.html"]
 
 
 def test_smoothing_override_reaches_the_scores(tmp_path, tiny_weights):
@@ -700,3 +704,75 @@ def test_min_region_and_max_hole_reach_the_outputs(tmp_path, tiny_weights, cpu_s
         summary = json.loads((out / "P" / "summary.json").read_text())
         assert summary["predicted_idc_area_fraction"] == pytest.approx(
             float(slide.areas[expected].sum() / slide.areas.sum()), abs=1e-6)
+
+
+class _OverviewRows(HTMLParser):
+    """Each table row of an overview page: its cells' text and its link (None for a failed patient)."""
+
+    def __init__(self, page: Path):
+        super().__init__()
+        self.rows: list[tuple[list[str], str | None]] = []
+        self._cell: list[str] | None = None
+        self.feed(page.read_text(encoding="utf-8"))
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append(([], None))
+        elif tag == "td":
+            self._cell = []
+        elif tag == "a":
+            self.rows[-1] = (self.rows[-1][0], dict(attrs)["href"])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self.rows[-1][0].append("".join(self._cell))
+            self._cell = None
+
+
+def test_overview_page_lists_every_patient_with_its_figures_and_overlay(tmp_path, tiny_weights):
+    _three_patients(tmp_path / "in")
+    out = tmp_path / "out"
+    render_folder(tmp_path / "in", out, _options(tiny_weights))
+    table = _read_csv(out / "summary.csv")
+    rows = _OverviewRows(out / "summary.html").rows[1:]  # the header row first
+    assert [cells[:2] for cells, _ in rows] == [[r["patient"], r["folder"]] for r in table]
+    for (cells, link), csv_row in zip(rows, table):
+        if csv_row["status"] == "ok":
+            assert cells[2:7] == [csv_row["patches"], f"{100 * float(csv_row['predicted_idc_area_fraction']):.1f}%",
+                                  f"{100 * float(csv_row['labelled_idc_area_fraction']):.1f}%",
+                                  f"{float(csv_row['dice']):.2f}", f"{float(csv_row['threshold']):.2f}"]
+            assert (out / unquote(link)).resolve() == (out / csv_row["folder"] / "overlay.png").resolve()
+            assert Image.open(out / unquote(link)).size[0] > 0
+        else:
+            assert link is None and cells[2] == f"failed: {csv_row['error']}"
+    assert [csv_row["status"] for csv_row in table] == ["ok", "failed", "ok"]
+
+
+def test_overview_pages_of_shards_and_of_an_export_elsewhere_link_the_overlays(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    _small_patients(root, ["A", "B", "C"])
+    out = tmp_path / "out"
+    render_folder(root, out, _options(tiny_weights, shard=(1, 2)))
+    assert not (out / "summary.html").exists()
+    assert [(cells[0], link) for cells, link in _OverviewRows(out / "summary-1-of-2.html").rows[1:]] == \
+        [("B", "B/overlay.png")]
+    elsewhere = tmp_path / "reports" / "merged.csv"
+    write_run_summary(out, collect_summaries(out), elsewhere)
+    links = [link for _, link in _OverviewRows(elsewhere.with_suffix(".html")).rows[1:]]
+    assert links == ["../out/B/overlay.png"]
+    assert all((elsewhere.parent / unquote(link)).is_file() for link in links)
+
+
+def test_overview_page_escapes_names_and_errors():
+    rows = [{"patient": "P<1>", "folder": "a&b c", "status": "ok", "patches": 4, "predicted_idc_area_fraction": 0.25,
+             "labelled_idc_area_fraction": None, "dice": None, "threshold": 0.5, "model": "m"},
+            {"patient": "Q", "folder": "q", "status": "failed", "error": "<script>x</script> & more", "model": "m"}]
+    page = overview_html(rows, Path("/runs/out"), Path("/runs/out/summary.html"))
+    assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt; &amp; more" in page
+    assert 'href="a%26b%20c/overlay.png"' in page and "<td>P&lt;1&gt;</td><td>a&amp;b c</td>" in page
+    assert "<td class=\"number\">25.0%</td><td class=\"number\">–</td><td class=\"number\">–</td>" in page
+    assert "idcmap: 2 patients, 1 failed" in page
