@@ -147,7 +147,7 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
     Per patient: mosaic.png, overlay.png, probabilities.csv, probabilities.npy, regions.geojson
     and summary.json; across patients: OUT/summary.csv. Exit status 1 if any patient failed.
     """
-    from .pipeline import RenderOptions, parse_shard, render_folder
+    from .pipeline import RenderOptions, parse_shard, render_folder, summary_name
 
     if shard == "env" and device == "auto" and "LOCAL_RANK" in os.environ and torch_has_cuda():
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -164,7 +164,8 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
     failed = [r for r in rows if r["status"] == "failed"]
     if not obj["quiet"]:
         done = "ok in" if resume else "rendered into"  # --resume: its warning says how many were kept
-        click.echo(f"{len(rows) - len(failed)} of {len(rows)} patients {done} {out}", err=True)
+        page = (out / summary_name(options.shard)).with_suffix(".html")
+        click.echo(f"{len(rows) - len(failed)} of {len(rows)} patients {done} {out}; overview: {page}", err=True)
     if failed:
         for row in failed:
             click.echo(f"idcmap: failed: {row['patient']}: {row['error']}", err=True)
@@ -189,7 +190,7 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
     if failed:
         click.echo(f"idcmap: {failed} of {len(rows)} patients failed to render (status and error in {target})", err=True)
     if not obj["quiet"]:
-        click.echo(f"{len(rows)} patients -> {target}", err=True)
+        click.echo(f"{len(rows)} patients -> {target}; overview: {target.with_suffix('.html')}", err=True)
 
 
 @cli.command()

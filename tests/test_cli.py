@@ -161,7 +161,7 @@ def test_progress_bars_only_on_a_terminal_and_never_with_quiet(tmp_path, tiny_we
     quiet_after = _run_main([*args, "-q"], monkeypatch, capsys)  # -q after the command name too
     assert loud[0] == quiet[0] == quiet_after[0] == 0
     assert ("patient/s" in loud[2]) is terminal and ("\r" in loud[2]) is terminal  # no cursor codes in a log
-    assert "2 of 2 patients rendered" in loud[2]
+    assert f"2 of 2 patients rendered into {tmp_path / 'out'}; overview: {tmp_path / 'out' / 'summary.html'}" in loud[2]
     assert quiet[2] == quiet_after[2] == ""
 
 
