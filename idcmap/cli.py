@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def verbosity_flag(ctx: click.Context, param: click.Parameter, value: bool) -> N
         set_verbosity(ctx.find_object(dict), **{param.name: True})
 
 
-def verbosity_options(command):
+def verbosity_options(command: Callable) -> Callable:
     """-q and -v after the command name too (`idcmap render FOLDER -q`), as before it."""
     command = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=verbosity_flag,
                            help=VERBOSE_HELP)(command)
@@ -145,9 +146,10 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
     """Render FOLDER (one patient folder, or a folder of patient folders) into OUT.
 
     Per patient: mosaic.png, overlay.png, probabilities.csv, probabilities.npy, regions.geojson
-    and summary.json; across patients: OUT/summary.csv. Exit status 1 if any patient failed.
+    and summary.json; across patients: OUT/summary.csv and the overview page OUT/summary.html.
+    Exit status 1 if any patient failed.
     """
-    from .pipeline import RenderOptions, parse_shard, render_folder, summary_name
+    from .pipeline import RenderOptions, overview_path, parse_shard, render_folder, summary_name
 
     if shard == "env" and device == "auto" and "LOCAL_RANK" in os.environ and torch_has_cuda():
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -164,7 +166,7 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
     failed = [r for r in rows if r["status"] == "failed"]
     if not obj["quiet"]:
         done = "ok in" if resume else "rendered into"  # --resume: its warning says how many were kept
-        page = (out / summary_name(options.shard)).with_suffix(".html")
+        page = overview_path(out / summary_name(options.shard))
         click.echo(f"{len(rows) - len(failed)} of {len(rows)} patients {done} {out}; overview: {page}", err=True)
     if failed:
         for row in failed:
@@ -180,17 +182,18 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
 @verbosity_options
 @click.pass_obj
 def export(obj: dict, out: Path, output: Path | None) -> None:
-    """Merge the per-patient summaries below OUT (for example of sharded renders) into one CSV."""
+    """Merge the per-patient summaries below OUT (for example of sharded renders) into one CSV and
+    its overview page."""
     from .pipeline import collect_summaries, write_run_summary
 
     rows = collect_summaries(out)
     target = output or out / "summary.csv"
-    write_run_summary(out, rows, csv_path=target)
+    page = write_run_summary(out, rows, target)
     failed = sum(row["status"] == "failed" for row in rows)
     if failed:
         click.echo(f"idcmap: {failed} of {len(rows)} patients failed to render (status and error in {target})", err=True)
     if not obj["quiet"]:
-        click.echo(f"{len(rows)} patients -> {target}; overview: {target.with_suffix('.html')}", err=True)
+        click.echo(f"{len(rows)} patients -> {target}; overview: {page}", err=True)
 
 
 @cli.command()

@@ -370,9 +370,7 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     if out.exists() and not out.is_dir():  # every output place is checked before anything is written
         raise OutputError(f"{out}: a file, not a folder; choose another -o")
     summary = out / summary_name(options.shard)
-    for path, what in ((summary, "summary CSV"), (summary.with_suffix(".html"), "overview page")):
-        if path.is_dir():
-            raise OutputError(f"{path}: a folder where idcmap writes its {what}; move it or choose another -o")
+    overview_path(summary)
     for name in names:
         check_output_folder(out / name, inputs)
     rows, resumed = [], 0
@@ -409,12 +407,25 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     return rows
 
 
-def write_run_summary(out: Path, rows: list[dict], csv_path: Path) -> None:
-    """The summary CSV `csv_path` of the patients rendered into `out` (their summary `rows`) and,
-    beside it, its overview page of the same name (.html): figures and overlays to look through."""
-    write_csv(csv_path, SUMMARY_FIELDS, rows)
+def overview_path(csv_path: Path) -> Path:
+    """The overview page written beside the summary CSV `csv_path` (its name, .html); OutputError
+    where the two would be one file or either is a folder."""
     page = csv_path.with_suffix(".html")
+    if csv_path.suffix.lower() == ".html":  # the same file (on a case-blind file system too)
+        raise OutputError(f"{csv_path}: the summary CSV would overwrite its overview page; name it <name>.csv")
+    for path, what in ((csv_path, "summary CSV"), (page, "overview page")):
+        if path.is_dir():
+            raise OutputError(f"{path}: a folder where idcmap writes its {what}; move it or choose another -o")
+    return page
+
+
+def write_run_summary(out: Path, rows: list[dict], csv_path: Path) -> Path:
+    """Write the summary CSV `csv_path` of the patients rendered into `out` (their summary `rows`)
+    and, beside it, its overview page (figures and overlays to look through); return the page."""
+    page = overview_path(csv_path)
+    write_csv(csv_path, SUMMARY_FIELDS, rows)
     atomic_write_text(page, overview_html(rows, out, page))
+    return page
 
 
 def warn_copies(rows: list[dict]) -> None:

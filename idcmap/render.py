@@ -1,5 +1,5 @@
 """Pictures a person looks at: the heatmap overlay beside the labelled region, and the overview
-page (index.html) that lists a run's patients with their figures and overlays.
+page (summary.html) that lists a run's patients with their figures and overlays.
 
 Drawn with pillow on numpy arrays rather than through a matplotlib figure: the same picture in
 ~40 ms instead of ~300-900 ms per patient, which had been the largest fixed cost of `render`.
@@ -164,23 +164,33 @@ OVERVIEW_COLUMNS = ("patient", "folder", "patches", "predicted IDC area", "label
                     "overlay")
 
 
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+def _figure(value: float | int | None, form: str) -> str:
+    """`value` formatted by `form`, or a dash where the summary has none (a field missing or empty)."""
+    return "–" if value is None else format(value, form)
+
+
+def _overlay_link(overlay: Path, page: Path) -> str:
+    """The URL of `overlay` from `page`: relative, or an absolute file URL where no relative path
+    exists (another drive on Windows)."""
+    try:
+        return quote(Path(os.path.relpath(overlay, page.parent)).as_posix())
+    except ValueError:
+        return overlay.resolve().as_uri()
 
 
 def _overview_row(row: dict, out: Path, page: Path) -> str:
-    """One patient's table row; links relative to the page's folder."""
-    cells = [html.escape(str(row["patient"])), html.escape(str(row["folder"]))]
+    """One patient's table row of the overview page `page`."""
+    names = f"<td>{html.escape(str(row['patient']))}</td><td>{html.escape(str(row['folder']))}</td>"
     if row["status"] != "ok":
-        cells.append(f'<td colspan="{len(OVERVIEW_COLUMNS) - 2}">failed: {html.escape(str(row["error"]))}</td>')
-        return '<tr class="failed">' + "".join(f"<td>{c}</td>" for c in cells[:2]) + cells[2] + "</tr>"
-    overlay = quote(Path(os.path.relpath(out / row["folder"] / "overlay.png", page.parent)).as_posix())
-    figures = [str(row["patches"]), _percent(row["predicted_idc_area_fraction"]),
-               _percent(row["labelled_idc_area_fraction"]), "–" if row["dice"] is None else f"{row['dice']:.2f}",
-               f"{row['threshold']:.2f}"]
+        error = html.escape(str(row.get("error")))
+        return f'<tr class="failed">{names}<td colspan="{len(OVERVIEW_COLUMNS) - 2}">failed: {error}</td></tr>'
+    figures = [_figure(row.get("patches"), "d"), _figure(row.get("predicted_idc_area_fraction"), ".1%"),
+               _figure(row.get("labelled_idc_area_fraction"), ".1%"), _figure(row.get("dice"), ".2f"),
+               _figure(row.get("threshold"), ".2f")]
+    link = _overlay_link(out / row["folder"] / "overlay.png", page)
     alt = html.escape(f"overlay of patient {row['patient']}", quote=True)
-    return ("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "".join(f'<td class="number">{f}</td>' for f in figures)
-            + f'<td><a href="{overlay}"><img src="{overlay}" alt="{alt}" loading="lazy"></a></td></tr>')
+    return (f"<tr>{names}" + "".join(f'<td class="number">{f}</td>' for f in figures)
+            + f'<td><a href="{link}"><img src="{link}" alt="{alt}" loading="lazy"></a></td></tr>')
 
 
 def overview_html(rows: list[dict], out: Path, page: Path) -> str:

@@ -85,13 +85,15 @@ def grid_patches(rows: int, cols: int, label_of=lambda r, c: 0, pixels_of=None, 
 
 @pytest.fixture(autouse=True)
 def idcmap_log_level():
-    """Each test starts with the idcmap logger's level unset: the CLI's -q and -v set it, for the process."""
+    """Each test starts with the root and idcmap loggers' levels as they were: the CLI's -q and -v set
+    them, for the process."""
     import logging
 
-    logger = logging.getLogger("idcmap")
-    level = logger.level
+    loggers = [logging.getLogger(), logging.getLogger("idcmap")]
+    levels = [logger.level for logger in loggers]
     yield
-    logger.setLevel(level)
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
 
 
 @pytest.fixture

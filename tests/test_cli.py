@@ -337,6 +337,9 @@ def test_export_merges_summaries(tmp_path, tiny_weights):
         assert [(r["patient"], r["folder"], r["status"]) for r in csv.DictReader(handle)] == [("A", "A", "ok"),
                                                                                               ("B", "B", "ok")]
     assert 'href="out/B/overlay.png"' in (tmp_path / "merged.html").read_text()
+    result = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "merged.html")])
+    assert result.exit_code != 0 and "overview page" in str(result.exception)  # main() makes it one line, exit 2
+    assert 'href="out/B/overlay.png"' in (tmp_path / "merged.html").read_text()  # the page, not overwritten
 
 
 def test_console_script_target_is_main():
@@ -434,6 +437,19 @@ def test_weights_option_given_the_card_or_int8_file_points_at_the_pt(tmp_path, m
                                monkeypatch, capsys)
     line = _one_line_error(err)
     assert code == 2 and what in line and str(tmp_path / "cancernet.pt") in line
+
+
+@pytest.mark.parametrize("args", [["-q", "export", "OUT", "-v"], ["-v", "export", "OUT", "-q"],
+                                  ["export", "OUT", "-v", "-q"], ["export", "OUT", "-q"]])
+def test_quiet_wins_over_verbose_wherever_each_is_given(tmp_path, tiny_weights, monkeypatch, capsys, args):
+    import logging
+
+    out = tmp_path / "out"
+    _run_main(["-q", "render", str(_patient(tmp_path / "in")), "-o", str(out), "--weights", str(tiny_weights)],
+              monkeypatch, capsys)
+    code, _, err = _run_main([str(out) if a == "OUT" else a for a in args], monkeypatch, capsys)
+    assert code == 0 and err == "" and (out / "summary.html").is_file()
+    assert logging.getLogger("idcmap").getEffectiveLevel() == logging.ERROR
 
 
 @pytest.mark.parametrize("before_command", [True, False])

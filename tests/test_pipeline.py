@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -765,6 +766,46 @@ def test_overview_pages_of_shards_and_of_an_export_elsewhere_link_the_overlays(t
     links = [link for _, link in _OverviewRows(elsewhere.with_suffix(".html")).rows[1:]]
     assert links == ["../out/B/overlay.png"]
     assert all((elsewhere.parent / unquote(link)).is_file() for link in links)
+
+
+def test_overview_page_shows_a_dash_for_figures_an_older_summary_lacks(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
+    summary = json.loads((out / "P" / "summary.json").read_text())
+    for field in ("threshold", "patches", "dice"):
+        summary[field] = None
+    (out / "P" / "summary.json").write_text(json.dumps(summary))
+    write_run_summary(out, collect_summaries(out), out / "summary.csv")
+    (cells, link), = _OverviewRows(out / "summary.html").rows[1:]
+    assert cells[2] == cells[5] == cells[6] == "–" and link == "P/overlay.png"
+
+
+@pytest.mark.parametrize("name, page_is_a_folder", [("report.html", False), ("report.HTML", False),
+                                                    ("report.csv", True)])
+def test_a_summary_csv_whose_overview_page_cannot_be_written_is_refused(tmp_path, tiny_weights, name,
+                                                                          page_is_a_folder):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
+    target = tmp_path / name
+    if page_is_a_folder:
+        (tmp_path / "report.html").mkdir()
+    with pytest.raises(OutputError, match="overview page") as info:
+        write_run_summary(out, collect_summaries(out), target)
+    assert str(tmp_path / ("report.html" if page_is_a_folder else name)) in str(info.value)
+    assert not target.is_file()  # refused before the CSV was written
+
+
+def test_overview_links_survive_odd_folder_names():
+    names = ["x#1", "what?", "100%", "pätient 7"]
+    rows = [{"patient": "P", "folder": name, "status": "ok", "patches": 1, "predicted_idc_area_fraction": 0.0,
+             "labelled_idc_area_fraction": 0.0, "dice": 1.0, "threshold": 0.5, "model": "m"} for name in names]
+    out = Path("/runs/out")
+    page = overview_html(rows, out, out / "summary.html")
+    links = re.findall(r'href="([^"]+)"', page)
+    assert [unquote(link) for link in links] == [f"{name}/overlay.png" for name in names]
+    assert all("#" not in link and "?" not in link and " " not in link for link in links)
 
 
 def test_overview_page_escapes_names_and_errors():
