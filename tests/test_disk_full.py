@@ -254,32 +254,22 @@ def test_disk_full_in_the_second_patient(tmp_path, tiny_weights, monkeypatch):
     assert _hidden(out) == []
 
 
-def test_disk_full_while_writing_summary_csv(tmp_path, tiny_weights, monkeypatch):
+@pytest.mark.parametrize("full_at, name", [(1, "summary.csv"), (2, "summary.html")])
+def test_disk_full_while_writing_the_run_summary(tmp_path, tiny_weights, monkeypatch, full_at, name):
+    """The disk fills at the summary CSV, or at the overview page written after it: the file it
+    fills at keeps its old content whole, and the patient itself is complete."""
     folder = _patient(tmp_path / "in")
     out = tmp_path / "out"
     render_folder(folder, out, _options(tiny_weights))
-    old_summary = (out / "summary.csv").read_bytes()
-    FullDisk(fail_at=len(PATIENT_FILES) + 1, room=30).install(monkeypatch)
+    old = (out / name).read_bytes()
+    FullDisk(fail_at=len(PATIENT_FILES) + full_at, room=30).install(monkeypatch)
     with pytest.raises(OutputError) as info:
         render_folder(folder, out, _options(tiny_weights, threshold=0.25))
-    assert str(out / "summary.csv") in str(info.value)
-    assert (out / "summary.csv").read_bytes() == old_summary
+    assert str(out / name) in str(info.value)
+    assert (out / name).read_bytes() == old
+    assert (",0.25," in (out / "summary.csv").read_text()) is (name == "summary.html")  # the CSV comes first
     assert json.loads((out / "P" / "summary.json").read_text())["threshold"] == 0.25  # the patient is complete
     assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
-    assert _hidden(out) == []
-
-
-def test_disk_full_while_writing_the_overview_page_keeps_the_old_one(tmp_path, tiny_weights, monkeypatch):
-    folder = _patient(tmp_path / "in")
-    out = tmp_path / "out"
-    render_folder(folder, out, _options(tiny_weights))
-    old_page = (out / "summary.html").read_bytes()
-    FullDisk(fail_at=len(PATIENT_FILES) + 2, room=30).install(monkeypatch)
-    with pytest.raises(OutputError) as info:
-        render_folder(folder, out, _options(tiny_weights, threshold=0.25))
-    assert str(out / "summary.html") in str(info.value)
-    assert (out / "summary.html").read_bytes() == old_page  # whole, as before: never half-written
-    assert ",0.25," in (out / "summary.csv").read_text()  # written before the page
     assert _hidden(out) == []
 
 
