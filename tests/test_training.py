@@ -99,6 +99,20 @@ def test_auto_precision_is_bf16_where_the_hardware_computes_it_natively(monkeypa
     assert training_precision("bf16", torch.device("cpu")) == "bf16"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_explicit_bf16_on_a_cpu_that_only_emulates_it_is_kept_with_a_warning(monkeypatch, caplog, native):
+    import torch
+
+    from idcmap import training
+
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: native)
+    assert training_precision("bf16", torch.device("cpu")) == "bf16"  # the recipe's precision, not switched
+    warned = "does not compute bfloat16 natively" in caplog.text and "--precision auto or fp32" in caplog.text
+    assert warned is not native
+    caplog.clear()
+    assert training_precision("fp32", torch.device("cpu")) == "fp32" and caplog.text == ""
+
+
 def _spy_on_steps(monkeypatch) -> list[bool]:
     """Record the bf16 flag of every training step."""
     from idcmap import training
