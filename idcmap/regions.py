@@ -120,7 +120,8 @@ def region_contours(slide: Slide, mask: np.ndarray) -> list[np.ndarray]:
 def region_polygons(slide: Slide, mask: np.ndarray) -> list[Polygon]:
     """Predicted regions as valid polygons in slide pixel coordinates, each patch at its real size.
 
-    Cells are unioned exactly, so holes and edge patches are kept; one polygon per region.
+    Cells are unioned exactly, so holes and edge patches are kept; one polygon per region, without
+    the vertices that lie midway along a straight edge (a cell corner on a run of cells).
     """
     cells = [
         box(x, y, x + w, y + h)
@@ -131,4 +132,5 @@ def region_polygons(slide: Slide, mask: np.ndarray) -> list[Polygon]:
         return []
     union = unary_union(cells)
     polygons = list(union.geoms) if isinstance(union, MultiPolygon) else [union]
+    polygons = [polygon.simplify(0) for polygon in polygons]  # tolerance 0: the outline itself is unchanged
     return sorted(polygons, key=lambda p: (p.bounds[1], p.bounds[0]))

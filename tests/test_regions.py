@@ -279,6 +279,16 @@ def test_region_polygons_random_masks_are_exact(patient_factory):
         _check_polygons_cover_mask(slide, rng.random(len(slide)) < 0.5)
 
 
+def test_region_polygons_keep_only_the_corners_of_their_outline(patient_factory):
+    slide = _grid_slide(patient_factory, 3, 4)
+    cells = [tuple(rc) for rc in slide.cells.tolist()]
+    # a 2 x 3 block and, below it, one more cell: an L with 6 corners, however many cells run along an edge
+    mask = np.array([rc in {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)} for rc in cells])
+    (polygon,) = _check_polygons_cover_mask(slide, mask)
+    assert len(polygon.exterior.coords) == 7  # 6 corners, the first repeated to close the ring
+    assert polygon.area == 7 * 2500 and polygon.is_valid
+
+
 def test_region_polygons_empty(patient_factory):
     slide = _edge_slide(patient_factory)
     assert region_polygons(slide, np.zeros(3, bool)) == []
