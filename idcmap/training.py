@@ -455,6 +455,25 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
     return card
 
 
+def int8_agreement(model: LoadedModel, slides: list[Slide], int8_network: bytes | None = None) -> dict:
+    """How far the int8 patch network (`int8_network`, or the one stored beside the weights) stays
+    from fp32 ONNX Runtime on labelled `slides`: the largest calibrated-probability difference, the
+    share of post-processed decisions that change, and each one's mean patient AUC."""
+    reference = collect_scores(Scorer(model, "cpu", backend="onnx"), slides)
+    quantised = collect_scores(Scorer(model, "cpu", backend="onnx-int8", int8_network=int8_network), slides)
+    difference = max(float(np.abs(a.probability - b.probability).max()) for (_, a), (_, b) in zip(reference, quantised))
+    same = np.concatenate([
+        predicted_mask(s, a.probability, model.calibration) == predicted_mask(s, b.probability, model.calibration)
+        for (s, a), (_, b) in zip(reference, quantised)])
+    return {
+        "patients": len(slides), "patches": int(sum(len(s) for s in slides)),
+        "max_probability_difference": round(difference, 5),
+        "decisions_changed": round(1 - float(same.mean()), 5),
+        "mean_patient_auc_fp32": round(mean_patient_auc(reference), 4),
+        "mean_patient_auc_int8": round(mean_patient_auc(quantised), 4),
+    }
+
+
 def quantize(data_root: str | Path, model_name: str | None, weights: str | Path | None = None,
              split_file: str | Path | None = None, patches: int = 1024, seed: int = 0, progress: bool = True) -> dict:
     """Quantise a trained model's patch network to int8 for `--backend onnx-int8`.
@@ -488,20 +507,7 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
                         "uint8 activations"}
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     if val_slides:
-        reference = collect_scores(Scorer(model, "cpu", backend="onnx"), val_slides)
-        quantised = collect_scores(Scorer(model, "cpu", backend="onnx-int8", int8_network=data), val_slides)
-        difference = max(float(np.abs(a.probability - b.probability).max())
-                         for (_, a), (_, b) in zip(reference, quantised))
-        same = np.concatenate([
-            predicted_mask(s, a.probability, model.calibration) == predicted_mask(s, b.probability, model.calibration)
-            for (s, a), (_, b) in zip(reference, quantised)])
-        record["validation"] = {
-            "patients": len(val_slides), "patches": int(sum(len(s) for s in val_slides)),
-            "max_probability_difference": round(difference, 5),
-            "decisions_changed": round(1 - float(same.mean()), 5),
-            "mean_patient_auc_fp32": round(mean_patient_auc(reference), 4),
-            "mean_patient_auc_int8": round(mean_patient_auc(quantised), 4),
-        }
+        record["validation"] = int8_agreement(model, val_slides, data)
     card = {**model.card, "int8": record}
     atomic_write_bytes(model.int8_path, data)  # then the card that vouches for it: a crash between
     write_json(card_path(path), card)          # the two leaves a file the card does not list (fp32 used)

@@ -473,6 +473,22 @@ def test_quantize_writes_an_int8_network_the_card_vouches_for(quantised):
     assert 0 <= validation["max_probability_difference"] < 0.2 and 0 <= validation["decisions_changed"] <= 1
 
 
+def test_int8_agreement_benchmark_repeats_the_cards_figures(quantised):
+    """benchmarks/bench_int8_agreement.py runs end to end and, on the CPU that quantised the network,
+    finds the figures `quantize` recorded."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    root, weights, card = quantised
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_int8_agreement.py"), "--model", MODEL,
+                           "--weights", str(weights), "--data", str(root)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["this_cpu"] == report["card"] == card["int8"]["validation"]
+
+
 def test_int8_backend_scores_close_to_fp32_and_auto_picks_it(quantised):
     root, weights, _ = quantised
     model = load_model(MODEL, weights)
