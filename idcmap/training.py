@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import math
-import os
-import shlex
 import logging
+import math
+import shlex
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -571,8 +571,12 @@ def check_outputs(out: Path) -> None:
         if path.is_dir():
             raise OutputError(f"{path}: is a folder, not a file training can write; move it away or pass another -o")
     folder = next(p for p in out.absolute().parents if p.exists())  # the one to write in, or to create it in
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{folder}: not a writable folder, so {out} cannot be written; choose another -o")
+    try:  # a real file, not os.access: that misjudges ACLs, root and some network file systems
+        if not folder.is_dir():
+            raise NotADirectoryError
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise OutputError(f"{folder}: not a writable folder, so {out} cannot be written; choose another -o") from err
 
 
 def diverged(out: Path, epoch: int, loss: float, config: TrainConfig, checkpoint: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -256,8 +257,14 @@ def test_output_in_a_folder_the_user_cannot_write_is_refused(unread, tmp_path, m
     """The same refusal as above, simulated so that it runs as root too (root may write anywhere)."""
     folder = tmp_path / "ro"
     folder.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    real_temporary_file = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(13, "Permission denied")
+        return real_temporary_file(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
     with pytest.raises(OutputError, match=f"{folder}: not a writable folder"):
         train(unread, MODEL_NAME, folder / "cn.pt", TrainConfig(**FAST))
     assert list(folder.iterdir()) == []
