@@ -106,10 +106,10 @@ class Slide:
 
     @property
     def origin_xy(self) -> tuple[int, int]:
-        """Slide pixel (x, y) of the mosaic's top-left corner and of grid cell (0, 0): the smallest
-        x and the smallest y of any patch, so the grid keeps the patches' own phase (the data set's
-        lie at 1 mod 50) and the mosaic starts with the first patch pixel, not a blank margin."""
-        x, y = self.xy.min(axis=0)
+        """Slide pixel (x, y) of the mosaic's top-left corner and of grid cell (0, 0) (`grid_origin`):
+        the smallest x and the smallest y of any patch when all lie on one 50 px grid, as the data
+        set's do (at 1 mod 50), so the mosaic starts with the first patch pixel, not a blank margin."""
+        x, y = grid_origin(self.xy)
         return int(x), int(y)
 
     @property
@@ -157,11 +157,22 @@ class Slide:
         return grid
 
 
+def grid_origin(xy: np.ndarray) -> np.ndarray:
+    """(x, y) of grid cell (0, 0) for patches at top-left slide pixels `xy` (N, 2): the 50 px grid
+    whose phase (x mod 50, y mod 50) most patches share, from its line at or before the smallest x
+    and y. So a patch off that phase does not move the grid of the others, wherever it lies. On a
+    tie, the phase whose origin lies nearest the smallest x and y (the first patch's, usually)."""
+    values, counts = np.unique(xy % PATCH_SIZE, axis=0, return_counts=True)
+    phases = values[counts == counts.max()]
+    origins = phases + (xy.min(axis=0) - phases) // PATCH_SIZE * PATCH_SIZE
+    return origins[origins.sum(axis=1).argmax()]
+
+
 def grid_cells(xy: np.ndarray) -> np.ndarray:
     """(N, 2) grid cell (row, col) of patches at top-left slide pixels `xy` (N, 2): whole 50 px
-    steps from the smallest x and y. A patch off that phase is rounded down into the cell it
+    steps from `grid_origin`. A patch off the grid's phase is rounded down into the cell it
     starts in (never negative); two patches in one cell are refused by `load_slide`."""
-    return (xy - xy.min(axis=0))[:, ::-1] // PATCH_SIZE
+    return (xy - grid_origin(xy))[:, ::-1] // PATCH_SIZE
 
 
 def _label_from_folder(path: Path, patient_folder: Path) -> int | None:
@@ -432,10 +443,9 @@ def _warn_off_grid(paths: list[Path], xy: np.ndarray) -> None:
     (the data set's at 1 mod 50): they are kept at their own pixels, in the grid cell their
     top-left corner falls in, so their cell's pixel span in the exports is off by up to 49 px."""
     phase = xy % PATCH_SIZE
-    values, counts = np.unique(phase, axis=0, return_counts=True)
-    if len(values) > 1:
-        common = values[counts.argmax()]
-        odd = np.flatnonzero((phase != common).any(axis=1))
+    common = grid_origin(xy) % PATCH_SIZE
+    odd = np.flatnonzero((phase != common).any(axis=1))
+    if len(odd):
         log.warning("%s: x/y lie off the 50 px grid of the other patches (x, y at %d, %d mod 50, not %d, %d; %d such "
                     "patches); kept at its pixels, in the grid cell its corner falls in: check its name",
                     paths[odd[0]], *phase[odd[0]], *common, len(odd))
@@ -486,21 +496,41 @@ def _holds_patches(folder: Path, filenames: list[str], dirnames: list[str]) -> b
     return False
 
 
-def _refuse_patients_beside_patches(folder: Path, filenames: list[str], dirnames: list[str]) -> None:
-    """FolderLayoutError when `folder` holds patch files directly and patient folders below."""
-    loose = sorted(name for name in filenames if _looks_like_patch(name))
-    if not loose:
+def _patients_named(folder: Path) -> tuple[set[str], list[Path]]:
+    """The patient ids that `folder`'s patch files (directly in it, or in its 0/ and 1/) name, and those files."""
+    files, _ = list_patch_files(folder)
+    return {parse_patch_name(path.name).patient for path in files}, files
+
+
+def _only_patients(folder: Path, patients: set[str]) -> bool:
+    """True when every patch file of patient folder `folder` names one of `patients` (False when it cannot be listed)."""
+    try:
+        return _patients_named(folder)[0] <= patients
+    except FolderLayoutError:
+        return False
+
+
+def _refuse_patients_beside_patches(folder: Path, dirnames: list[str]) -> None:
+    """FolderLayoutError when `folder` holds patch files (directly or in its 0/ and 1/) and, in its
+    other subfolders, a patient folder naming another patient: taken as one patient, `folder`
+    would hide it. Subfolders holding more patches of `folder`'s own patient are the loader's to skip."""
+    others = [name for name in sorted(dirnames) if name not in CLASS_FOLDERS and not name.startswith(".")]
+    if not others:
         return
-    for name in sorted(dirnames):
-        if name in CLASS_FOLDERS or name.startswith("."):
-            continue
+    try:
+        own, files = _patients_named(folder)
+    except FolderLayoutError:
+        return  # an unreadable 0/ or 1/: loading this patient will say so
+    for name in others:
         try:
             below = find_patient_folders(folder / name)
         except (EmptyFolderError, FolderLayoutError):
             continue
-        raise FolderLayoutError(
-            f"{folder}: holds patch files itself (e.g. {loose[0]}) and patient folders below (e.g. {below[0]}); "
-            "move the stray patch files into their patient folder, or pass one patient folder")
+        hidden = next((patient for patient in below if not _only_patients(patient, own)), None)
+        if hidden is not None:
+            raise FolderLayoutError(
+                f"{folder}: holds patch files itself (e.g. {files[0].relative_to(folder)}) and patient folders below "
+                f"(e.g. {hidden}); move the stray patch files into their patient folder, or pass one patient folder")
 
 
 def find_patient_folders(root: str | Path) -> list[Path]:
@@ -508,9 +538,10 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     (`<patient>_idx5_x<X>_y<Y>…png`, not hidden) directly or in 0/ or 1/. Other PNGs (a stray
     preview.png, idcmap's own mosaic.png and overlay.png) do not make a patient folder.
 
-    A folder with patch files directly in it and patient folders in its other subfolders is a
-    FolderLayoutError: taken as one patient, it would hide the others (a patch copied into a
-    dataset root). Patches in other subfolders of a patient folder are the loader's to skip.
+    A folder with patch files (directly in it, or in its 0/ and 1/) and, in its other subfolders,
+    patient folders of other patients is a FolderLayoutError: taken as one patient, it would hide
+    them (a patch copied into a dataset root). More patches of its own patient in other subfolders
+    are the loader's to skip.
     Symbolic links to folders are followed once each, so link loops cannot trap the walk.
     """
     root = Path(root)
@@ -527,7 +558,7 @@ def find_patient_folders(root: str | Path) -> list[Path]:
             continue
         visited.add(real)
         if _holds_patches(here, filenames, dirnames):
-            _refuse_patients_beside_patches(here, filenames, dirnames)
+            _refuse_patients_beside_patches(here, dirnames)
             found.append(here)
             dirnames.clear()
         else:

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import make_patient, read_png_rgb, real_patient_folder, solid, textured, write_png
 from idcmap import loader
-from idcmap.errors import DuplicatePatchError, EmptyFolderError, PatchImageError, PatientMismatchError
+from idcmap.errors import (DuplicatePatchError, EmptyFolderError, FolderLayoutError, PatchImageError,
+                           PatientMismatchError)
 from idcmap.loader import BACKGROUND, find_patient_folders, list_patch_files, load_slide, parse_patch_name
 
 ONE = {(1, 1): (0, solid((1, 2, 3)))}
@@ -57,6 +58,23 @@ def test_macos_metadata_mirror_is_not_a_patient(tmp_path):
 def test_upper_case_extension_makes_a_patient_folder(tmp_path):
     write_png(tmp_path / "A" / "1" / "A_idx5_x1_y1_class1.PNG", solid((4, 5, 6)))
     assert find_patient_folders(tmp_path) == [tmp_path / "A"]
+
+
+def test_stray_patch_in_a_class_folder_of_a_data_set_root_does_not_hide_the_patients(tmp_path):
+    make_patient(tmp_path, "A", ONE)
+    make_patient(tmp_path / "g", "B", ONE)
+    write_png(tmp_path / "1" / "S_idx5_x1_y1_class1.png", solid((9, 9, 9)))  # taken alone: a one-patch patient S
+    with pytest.raises(FolderLayoutError, match="stray") as info:
+        find_patient_folders(tmp_path)
+    assert "1/S_idx5_x1_y1_class1.png" in str(info.value) and str(tmp_path / "A") in str(info.value)
+
+
+def test_flat_patient_folder_with_more_of_its_patches_in_a_subfolder_is_one_patient(tmp_path):
+    folder = make_patient(tmp_path, "P", ONE, layout="flat")
+    extra = write_png(folder / "extra" / "P_idx5_x51_y1.png", solid((4, 4, 4)))
+    assert find_patient_folders(folder) == [folder]
+    slide = load_slide(folder)
+    assert len(slide) == 1 and slide.skipped[0].startswith(f"{extra}: patch in extra/,")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +305,21 @@ def test_patch_off_the_grid_phase_rounds_down_and_stays_at_its_pixels(tmp_path, 
     top = mosaic[:50]
     assert (top[:, :50] == 1).all() and (top[:, 50:79] == BACKGROUND).all() and (top[:, 79:129] == 2).all()
     assert (mosaic[50:, 100:] == 3).all()
+
+
+def test_a_patch_off_the_phase_at_the_smallest_x_does_not_move_the_others(tmp_path, caplog):
+    on_phase = {(51, 1): (0, textured(1)), (101, 1): (1, textured(2)), (51, 51): (0, textured(3))}
+    slide = load_slide(make_patient(tmp_path, "P", {**on_phase, (30, 101): (0, solid((7, 7, 7)))}))
+    assert "P_idx5_x30_y101_class0.png: x/y lie off the 50 px grid" in caplog.text
+    assert slide.origin_xy == (1, 1)  # the grid line before x=30, not x=30 itself
+    x0, y0 = slide.origin_xy
+    on = [i for i, (x, y) in enumerate(slide.xy.tolist()) if (x, y) in on_phase]
+    assert (slide.cells[on, ::-1] * 50 + [x0, y0] == slide.xy[on]).all()  # their cells span their own pixels
+    assert slide.cells.tolist() == [[0, 1], [0, 2], [1, 1], [2, 0]]
+    mosaic = slide.mosaic()
+    for (x, y), (_, pixels) in on_phase.items():
+        np.testing.assert_array_equal(mosaic[y - y0 : y - y0 + 50, x - x0 : x - x0 + 50], pixels)
+    assert (mosaic[100:150, 29:79] == 7).all() and (mosaic[100:150, :29] == BACKGROUND).all()
 
 
 def test_patches_in_one_cell_of_the_phased_grid_are_refused(tmp_path):
