@@ -112,8 +112,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
                    "batch is padded to this size (one batch shape), so keep it near the default.")
 @click.option("--threshold", type=FiniteFloatRange(0, 1), default=None,
               help="IDC probability threshold: for every slide (implies --threshold-rule fixed, unless "
-                   "--threshold-rule otsu is given too: then for scattered samples) [default: the model's, "
-                   "fitted on validation patients].")
+                   "--threshold-rule otsu is given too: then the fixed threshold of that rule, used for "
+                   "scattered samples and, halved, as the floor under each whole slide's Otsu threshold) "
+                   "[default: the model's, fitted on validation patients].")
 @click.option("--threshold-rule", type=click.Choice(THRESHOLD_RULES), default=None,
               help=THRESHOLD_RULE_HELP + " [default: the model's].")
 @click.option("--smoothing", "smoothing_sigma", type=FiniteFloatRange(0, 10), default=None,
