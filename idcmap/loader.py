@@ -162,8 +162,10 @@ def grid_origin(xy: np.ndarray) -> np.ndarray:
     whose phase (x mod 50, y mod 50) most patches share, from its line at or before the smallest x
     and y. So a patch off that phase does not move the grid of the others, wherever it lies. On a
     tie, the phase whose origin lies nearest the smallest x and y (the first patch's, usually)."""
-    values, counts = np.unique(xy % PATCH_SIZE, axis=0, return_counts=True)
-    phases = values[counts == counts.max()]
+    phase = xy % PATCH_SIZE
+    counts = np.bincount(phase[:, 0] * PATCH_SIZE + phase[:, 1], minlength=PATCH_SIZE * PATCH_SIZE)
+    tied = np.flatnonzero(counts == counts.max())  # called for every look at a slide's cells: no sort
+    phases = np.stack([tied // PATCH_SIZE, tied % PATCH_SIZE], axis=1)
     origins = phases + (xy.min(axis=0) - phases) // PATCH_SIZE * PATCH_SIZE
     return origins[origins.sum(axis=1).argmax()]
 
