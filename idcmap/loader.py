@@ -87,7 +87,7 @@ class Slide:
     sizes: np.ndarray  # (N, 2) int64, (height, width)
     labels: np.ndarray  # (N,) int8: 0, 1, or -1 (unlabelled)
     pixels: np.ndarray  # (N, 50, 50, 3) uint8
-    inputs_sha256: str  # fingerprint of the patch files as read (`inputs_fingerprint`)
+    inputs_sha256: str  # fingerprint of the patch files as read and the files skipped (`inputs_fingerprint`)
     skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -319,19 +319,20 @@ def decode_patches(paths: list[Path]) -> list[tuple[np.ndarray, os.stat_result]]
     return [_decode(p) for p in paths]
 
 
-def inputs_fingerprint(folder: Path, stats: list[tuple[Path, os.stat_result]]) -> str:
-    """sha256 over patch files of `folder` (relative paths, byte sizes, modification times): what
+def inputs_fingerprint(folder: Path, stats: list[tuple[Path, os.stat_result]], skipped: list[str]) -> str:
+    """sha256 over the patch files of `folder` (relative paths, byte sizes, modification times) and
+    the files skipped beside them (`list_patch_files`'s reasons, which a summary lists): what
     `render --resume` compares to tell whether a patient's inputs changed since its render."""
-    listing = "\n".join(f"{path.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}"
-                        for path, stat in sorted(stats, key=lambda item: item[0]))
-    return hashlib.sha256(listing.encode()).hexdigest()
+    listing = [f"{path.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}"
+               for path, stat in sorted(stats, key=lambda item: item[0])]
+    return hashlib.sha256("\n".join([*listing, "skipped:", *sorted(skipped)]).encode()).hexdigest()
 
 
 def inputs_sha256(folder: Path) -> str:
     """The fingerprint (`inputs_fingerprint`) of a patient folder's patch files as they are now,
     to compare with the one a render recorded from the files it read (`Slide.inputs_sha256`)."""
-    files, _ = list_patch_files(folder)
-    return inputs_fingerprint(folder, [(f, f.stat()) for f in files])
+    files, skipped = list_patch_files(folder)
+    return inputs_fingerprint(folder, [(f, f.stat()) for f in files], skipped)
 
 
 def folder_name(folder: Path) -> str:
@@ -412,7 +413,7 @@ def load_slide(
     paths = [p for p, _ in parsed]
     _warn_off_grid(paths, xy)
     decoded, stats = zip(*decode_patches(paths))
-    fingerprint = inputs_fingerprint(folder, list(zip(paths, stats)))
+    fingerprint = inputs_fingerprint(folder, list(zip(paths, stats)), skipped)
     keep = _drop_duplicates(paths, xy, [n.label for _, n in parsed], decoded)
     paths = [paths[i] for i in keep]
     decoded = [decoded[i] for i in keep]

@@ -817,3 +817,20 @@ def test_overview_page_escapes_names_and_errors():
     assert 'href="a%26b%20c/overlay.png"' in page and "<td>P&lt;1&gt;</td><td>a&amp;b c</td>" in page
     assert "<td class=\"number\">25.0%</td><td class=\"number\">–</td><td class=\"number\">–</td>" in page
     assert "idcmap: 2 patients, 1 failed" in page
+
+
+def test_resume_renders_again_when_a_skipped_file_appears_or_goes(tmp_path, tiny_weights):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
+    notes = folder / "notes.txt"
+    notes.write_text("scanned twice")  # not a patch: skipped, and the summary lists it
+    render_folder(folder, out, _options(tiny_weights, resume=True))
+    summary = json.loads((out / "P" / "summary.json").read_text())
+    assert summary["skipped_files"] == 1 and str(notes) in summary["skipped"][0]
+    stamp = _stamps(out / "P")["summary.json"]
+    render_folder(folder, out, _options(tiny_weights, resume=True))
+    assert _stamps(out / "P")["summary.json"] == stamp  # nothing changed: kept
+    notes.unlink()
+    render_folder(folder, out, _options(tiny_weights, resume=True))
+    assert json.loads((out / "P" / "summary.json").read_text())["skipped_files"] == 0
