@@ -281,7 +281,7 @@ def _decode(path: Path) -> tuple[np.ndarray, os.stat_result]:
             image.load()
             if image.format != "PNG":
                 raise PatchImageError(f"{path}: a {image.format} image with a .png name; save it as PNG")
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # alpha, or a tRNS key
                 rgba = image.convert("RGBA")
                 flat = Image.new("RGBA", rgba.size, (BACKGROUND,) * 4)
                 image = Image.alpha_composite(flat, rgba)

@@ -340,6 +340,19 @@ def test_palette_with_transparency_composited_on_white(tmp_path):
     assert (slide.pixels[0, :, 25:] == [200, 100, 50]).all()
 
 
+
+@pytest.mark.parametrize("mode, key, colour", [("RGB", (1, 2, 3), (1, 2, 3)), ("L", 7, (7, 7, 7))])
+def test_colour_keyed_transparency_composited_on_white(tmp_path, mode, key, colour):
+    array = np.full((50, 50, 3), 120, np.uint8)
+    array[:, :10] = colour  # the PNG's tRNS key: these pixels are transparent
+    image = Image.fromarray(array if mode == "RGB" else array[:, :, 0], mode)
+    path = tmp_path / "P" / "0" / "P_idx5_x1_y1_class0.png"
+    path.parent.mkdir(parents=True)
+    image.save(path, transparency=key)
+    slide = load_slide(tmp_path / "P")
+    assert (slide.pixels[0, :, :10] == 255).all()
+    assert (slide.pixels[0, :, 10:] == 120).all()
+
 # ----------------------------------------------------------------------------------------------
 # duplicates
 
