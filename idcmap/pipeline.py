@@ -116,10 +116,15 @@ class InputFolders:
         return cls(frozenset(resolved), frozenset(parent for f in resolved for parent in f.parents))
 
 
-def check_output_folder(out_dir: Path, inputs: InputFolders) -> None:
-    """Refuse, before anything is written, an output folder that is, holds or lies inside any
-    input patient folder of the run, that is a file, or that holds files idcmap did not write
-    (hidden ones aside): replacing it would lose them."""
+def check_output_folder(out: Path, name: str, inputs: InputFolders) -> None:
+    """Refuse, before anything is written, a patient's output folder out/<name> that is, holds or
+    lies inside any input patient folder of the run, that is a file or lies below one, or that
+    holds files idcmap did not write (hidden ones aside): replacing it would lose them."""
+    out_dir = out / name
+    for above in list(Path(name).parents)[:-1]:  # the folders between out and out/<name> (name: a/b/patient)
+        if os.path.lexists(out / above) and not (out / above).is_dir():
+            raise OutputError(f"{out / above}: a file where idcmap writes the folder of {name}; move it or choose "
+                              "another -o")
     target = out_dir.resolve()
     if target in inputs.above or target in inputs.folders or not inputs.folders.isdisjoint(target.parents):
         source = min(f for f in inputs.folders if f == target or f in target.parents or target in f.parents)
@@ -372,12 +377,35 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     summary = out / summary_name(options.shard)
     overview_path(summary)
     for name in names:
-        check_output_folder(out / name, inputs)
-    rows, resumed = [], 0
+        check_output_folder(out, name, inputs)
+    sharded = options.shard is not None and options.shard[1] > 1  # a shard's summary: its own patients
+    rows: list[dict] = []
+    try:
+        resumed = _render_each(folders, names, out, scorer, calibration, options, rows)
+    except BaseException:  # Ctrl-C, or an output error: list what is on disk now, not the last run's
+        if rows:
+            try:
+                write_run_summary(out, rows if sharded else merged_summaries(out, rows), summary)
+            except (OSError, IdcmapError) as err:
+                log.warning("%s: not updated after the run stopped (%s); run `idcmap export %s` to rebuild it",
+                            summary, err, out)
+        raise
+    write_run_summary(out, rows if sharded else merged_summaries(out, rows), summary)
+    if resumed:
+        log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)
+    warn_copies(rows)
+    return rows
+
+
+def _render_each(folders: list[Path], names: list[str], out: Path, scorer: Scorer, calibration: Calibration,
+                 options: RenderOptions, rows: list[dict]) -> int:
+    """Render (or, with --resume, keep) each patient folder into out/<name>, appending its summary row
+    to `rows` as it is done; return how many were kept by --resume."""
+    resumed = 0
     for patient_folder, name in progress_bar(list(zip(folders, names)), options.progress and len(folders) > 1,
                                              desc="patients", unit="patient"):
         out_dir = out / name
-        row = (completed_summary(out_dir, patient_folder, model.sha256, calibration, scorer.runtime)
+        row = (completed_summary(out_dir, patient_folder, scorer.model.sha256, calibration, scorer.runtime)
                if options.resume else None)
         if row is not None:
             row["folder"] = name  # where it lies now (summaries written before idcmap recorded it lack it)
@@ -396,15 +424,10 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
                 log.info("%s: failed: %s", name, err)  # the CLI prints every failure at the end
                 row = {field: None for field in SUMMARY_FIELDS}
                 row.update(patient=named_patient(patient_folder), folder=name, status="failed", error=str(err),
-                           model=model.name, weights_sha256=model.sha256)
+                           model=scorer.model.name, weights_sha256=scorer.model.sha256)
                 record_failure(out_dir, row)
         rows.append(row)
-    every = rows if options.shard is not None and options.shard[1] > 1 else merged_summaries(out, rows)
-    write_run_summary(out, every, summary)
-    if resumed:
-        log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)
-    warn_copies(rows)
-    return rows
+    return resumed
 
 
 def overview_path(csv_path: Path) -> Path:

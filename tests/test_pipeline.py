@@ -834,3 +834,37 @@ def test_resume_renders_again_when_a_skipped_file_appears_or_goes(tmp_path, tiny
     notes.unlink()
     render_folder(folder, out, _options(tiny_weights, resume=True))
     assert json.loads((out / "P" / "summary.json").read_text())["skipped_files"] == 0
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OutputError("out/B: cannot move outputs into place")])
+def test_a_run_stopped_early_lists_the_patients_it_replaced(tmp_path, tiny_weights, monkeypatch, stop):
+    from idcmap import pipeline
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A", "B"])
+    render_folder(root, out, _options(tiny_weights, threshold=0.9))
+    real = pipeline.render_patient
+
+    def stopped_at_b(folder, *args, **kwargs):
+        if folder.name == "B":
+            raise stop
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "render_patient", stopped_at_b)
+    with pytest.raises(type(stop)):
+        render_folder(root, out, _options(tiny_weights, threshold=0.1))
+    thresholds = {row["patient"]: float(row["threshold"]) for row in _read_csv(out / "summary.csv")}
+    assert thresholds == {"A": 0.1, "B": 0.9}  # A as replaced by the stopped run, B as it still is
+    assert json.loads((out / "A" / "summary.json").read_text())["threshold"] == 0.1
+    assert "0.10" in (out / "summary.html").read_text()
+
+
+def test_a_file_above_a_patients_output_folder_is_refused_before_anything_is_written(tmp_path, tiny_weights):
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root / "g", ["A"])
+    _small_patients(root / "h", ["B"])
+    out.mkdir()
+    (out / "h").write_text("mine")  # where out/h/B would go
+    with pytest.raises(OutputError, match=r"out/h: a file where idcmap writes the folder of h/B"):
+        render_folder(root, out, _options(tiny_weights))
+    assert sorted(p.name for p in out.iterdir()) == ["h"] and (out / "h").read_text() == "mine"
