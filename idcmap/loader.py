@@ -545,7 +545,9 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     patient folders of other patients is a FolderLayoutError: taken as one patient, it would hide
     them (a patch copied into a dataset root). More patches of its own patient in other subfolders
     are the loader's to skip.
-    Symbolic links to folders are followed once each, so link loops cannot trap the walk.
+    Hidden folders below `root` (names starting with '.': .git, idcmap's staging folders) are not
+    searched; `export` would not find their outputs either. Symbolic links to folders are followed once each, so link loops cannot trap
+    the walk.
     """
     root = Path(root)
     if not root.is_dir():
@@ -560,6 +562,7 @@ def find_patient_folders(root: str | Path) -> list[Path]:
             dirnames.clear()
             continue
         visited.add(real)
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]  # .git, .Trash, idcmap's staging
         if _holds_patches(here, filenames, dirnames):
             _refuse_patients_beside_patches(here, dirnames)
             found.append(here)

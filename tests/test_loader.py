@@ -458,6 +458,16 @@ def test_find_patient_folders_nested(tmp_path):
     assert find_patient_folders(tmp_path / "patients" / "A") == [tmp_path / "patients" / "A"]
 
 
+
+def test_find_patient_folders_skips_hidden_folders_below_the_root(tmp_path):
+    from conftest import make_patient
+
+    make_patient(tmp_path / "root", "A", {(1, 1): (0, solid((1, 1, 1)))})
+    make_patient(tmp_path / "root" / ".snapshot", "B", {(1, 1): (0, solid((1, 1, 1)))})
+    assert find_patient_folders(tmp_path / "root") == [tmp_path / "root" / "A"]  # export finds no hidden folder
+    hidden = tmp_path / "root" / ".snapshot" / "B"
+    assert find_patient_folders(hidden) == [hidden]  # given itself, it is the patient
+
 def test_find_patient_folders_survives_symlink_loop(tmp_path):
     from conftest import make_patient
 
