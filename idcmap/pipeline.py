@@ -307,7 +307,8 @@ def _remove_leftovers(out_dir: Path) -> None:
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
     """Replace `out_dir` by `staging` (old outputs removed only after the new ones are in place;
-    if the new ones cannot be moved in, the old ones are moved back)."""
+    if the new ones cannot be moved in, the old ones are moved back). Hidden files in `out_dir`,
+    which idcmap never writes, are moved into the new one."""
     trash = out_dir.parent / f".{out_dir.name}.old.{uuid.uuid4().hex[:8]}" if out_dir.exists() else None
     try:
         if trash is not None:
@@ -322,6 +323,13 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: cannot move outputs into place ({err.strerror}); "
                           "earlier outputs, if any, are kept") from err
     if trash is not None:
+        try:  # hidden files of the user's (.DS_Store, notes) stay with the patient's outputs
+            for kept in sorted(p for p in trash.iterdir() if p.name.startswith(".")):
+                kept.rename(out_dir / kept.name)
+        except OSError as err:
+            log.warning("%s: hidden files of the earlier outputs could not be moved back in (%s); they lie in %s "
+                        "until the next render of this patient: move them", out_dir, err.strerror, trash)
+            return
         shutil.rmtree(trash, ignore_errors=True)
         if trash.exists():
             log.warning("%s: the earlier outputs could not be removed; delete it (the next render of this patient "

@@ -868,3 +868,14 @@ def test_a_file_above_a_patients_output_folder_is_refused_before_anything_is_wri
     with pytest.raises(OutputError, match=r"out/h: a file where idcmap writes the folder of h/B"):
         render_folder(root, out, _options(tiny_weights))
     assert sorted(p.name for p in out.iterdir()) == ["h"] and (out / "h").read_text() == "mine"
+
+
+def test_hidden_files_in_a_patients_output_folder_survive_a_new_render(tmp_path, tiny_weights):
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A"])
+    render_folder(root, out, _options(tiny_weights))
+    (out / "A" / ".notes").write_text("ask the pathologist")
+    render_folder(root, out, _options(tiny_weights, threshold=0.2))
+    assert (out / "A" / ".notes").read_text() == "ask the pathologist"
+    assert json.loads((out / "A" / "summary.json").read_text())["threshold"] == 0.2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no trash or staging left
