@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.polygon import orient
 from shapely.ops import unary_union
 from scipy import ndimage
 from skimage import measure, morphology
@@ -121,7 +122,8 @@ def region_polygons(slide: Slide, mask: np.ndarray) -> list[Polygon]:
     """Predicted regions as valid polygons in slide pixel coordinates, each patch at its real size.
 
     Cells are unioned exactly, so holes and edge patches are kept; one polygon per region, without
-    the vertices that lie midway along a straight edge (a cell corner on a run of cells).
+    the vertices that lie midway along a straight edge (a cell corner on a run of cells), its rings
+    wound by GeoJSON's right-hand rule.
     """
     cells = [
         box(x, y, x + w, y + h)
@@ -132,5 +134,7 @@ def region_polygons(slide: Slide, mask: np.ndarray) -> list[Polygon]:
         return []
     union = unary_union(cells)
     polygons = list(union.geoms) if isinstance(union, MultiPolygon) else [union]
-    polygons = [polygon.simplify(0) for polygon in polygons]  # tolerance 0: the outline itself is unchanged
+    # tolerance 0: the outline itself is unchanged; rings wound as RFC 7946 (GeoJSON) asks: outer
+    # ones counter-clockwise, holes clockwise (in x/y as written, y taken upwards as validators do)
+    polygons = [orient(polygon.simplify(0), 1.0) for polygon in polygons]
     return sorted(polygons, key=lambda p: (p.bounds[1], p.bounds[0]))

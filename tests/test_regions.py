@@ -266,6 +266,8 @@ def test_region_polygons_cover_predicted_area(patient_factory):
     assert len(ring) == 1 and len(ring[0].interiors) == 1 and ring[0].area == 8 * 2500
     edge = [p for p in polygons if p.bounds == (201, 1, 285, 51)]
     assert len(edge) == 1 and edge[0].area == 2500 + 34 * 50
+    # GeoJSON's right-hand rule (RFC 7946): outer rings counter-clockwise, holes clockwise
+    assert all(p.exterior.is_ccw and not any(hole.is_ccw for hole in p.interiors) for p in polygons)
     # sorted by top, then left
     keys = [(p.bounds[1], p.bounds[0]) for p in polygons]
     assert keys == sorted(keys)
