@@ -211,6 +211,7 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @training_option("batch_patches", help="Patches per training batch (whole grid windows are kept together).")
 @training_option("window", help="Training windows of WINDOW x WINDOW grid cells (context seen in training).")
 @training_option("learning_rate", help="AdamW learning rate.")
+@training_option("weight_decay", help="AdamW (decoupled) weight decay, on every parameter.")
 @training_option("patience", help="Stop after this many epochs without a better validation AUC.")
 @training_option("stain_jitter",
                  help="Augmentation: haematoxylin/eosin amounts scaled by up to this fraction, per grid window.")
@@ -234,14 +235,14 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @verbosity_options
 @click.pass_obj
 def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | None, test_fraction: float,
-          val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, patience: int,
-          stain_jitter: float, ema: float, scattered_repeat: int, seed: int, device: str, precision: str,
+          val_fraction: float, epochs: int, batch_patches: int, window: int, learning_rate: float, weight_decay: float,
+          patience: int, stain_jitter: float, ema: float, scattered_repeat: int, seed: int, device: str, precision: str,
           colour_normalise: bool, resume: bool) -> None:
     """Train MODEL on the patient folders below DATA_ROOT, split by patient."""
     from .training import train as run_training
 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
-                         patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
+                         weight_decay=weight_decay, patience=patience, stain_jitter=stain_jitter, test_fraction=test_fraction,
                          val_fraction=val_fraction, seed=seed, device=device, precision=precision,
                          colour_normalise=colour_normalise, ema=ema, scattered_repeat=scattered_repeat)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume,

@@ -79,7 +79,7 @@ LIMITS: dict[str, Limit] = {
     "batch_patches": Limit("--batch-patches", whole=True, low=8),  # batch norm needs more than 1 patch
     "window": Limit("--window", whole=True, low=1),
     "learning_rate": Limit("--lr", whole=False, low=0, low_open=True),
-    "weight_decay": Limit("weight decay", whole=False, low=0),
+    "weight_decay": Limit("--weight-decay", whole=False, low=0),
     "patience": Limit("--patience", whole=True, low=1),
     "seed": Limit("--seed", whole=True, low=0, high=2**64 - 1),
     "cell_dropout": Limit("cell dropout", whole=False, low=0, high=1, high_open=True),

@@ -549,6 +549,7 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
             f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
             f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
             f"--stain-jitter {config.stain_jitter:g} --seed {config.seed}"
+            + (f" --weight-decay {config.weight_decay:g}" if config.weight_decay != TrainConfig.weight_decay else "")
             + (f" --ema {config.ema:.10g}" if config.ema else "")
             + (f" --scattered-repeat {config.scattered_repeat}" if config.scattered_repeat != 1 else "")
             + f" --device {config.device} --precision {config.precision}"

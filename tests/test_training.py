@@ -760,3 +760,20 @@ def test_a_calibration_without_whole_validation_slides_says_so(tmp_path, caplog)
     _, choice = fit_calibration(scored, context_reach=0, sigmas=(0.0,), left_out=False)
     assert choice["objective"] == "mean Dice - mean area-fraction error, validation patients (none a whole slide)"
     assert "no validation patient is a whole slide" in caplog.text
+
+
+def test_weight_decay_reaches_the_optimiser_and_the_cards_command(tmp_path, monkeypatch):
+    root = _synthetic_root(tmp_path / "data", patients=4)
+    decays = []
+    real_adamw = torch.optim.AdamW
+
+    def spy(params, **kwargs):
+        decays.append(kwargs["weight_decay"])
+        return real_adamw(params, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    for decay in (TrainConfig.weight_decay, 0.05):
+        card = train(root, MODEL, tmp_path / str(decay) / f"{MODEL}.pt",
+                     TrainConfig(epochs=1, batch_patches=32, device="cpu", seed=0, precision="fp32", weight_decay=decay))
+        assert card["training"]["weight_decay"] == decay
+        assert ("--weight-decay 0.05 " in card["training"]["command"]) == (decay == 0.05)  # the default: not written
+    assert decays == [TrainConfig.weight_decay, 0.05]
