@@ -546,8 +546,8 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     them (a patch copied into a dataset root). More patches of its own patient in other subfolders
     are the loader's to skip.
     Hidden folders below `root` (names starting with '.': .git, idcmap's staging folders) are not
-    searched; `export` would not find their outputs either. Symbolic links to folders are followed once each, so link loops cannot trap
-    the walk.
+    searched; `export` would not find their outputs either. Symbolic links to folders are followed
+    once each, so link loops cannot trap the walk.
     """
     root = Path(root)
     if not root.is_dir():

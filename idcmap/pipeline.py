@@ -244,7 +244,8 @@ def render_patient(folder: Path, out_dir: Path, scorer: Scorer, calibration: Cal
     if labelled.any() and not labelled.all():
         log.warning("%s: only %d of %d patch names carry a class; the labelled IDC area and Dice are left out",
                     folder, int(labelled.sum()), len(slide))
-    subtitle = (f"{len(slide)} patch{'es' if len(slide) != 1 else ''} · predicted IDC area {row['predicted_idc_area_fraction']:.1%}"
+    subtitle = (f"{len(slide)} patch{'es' if len(slide) != 1 else ''} · "
+                f"predicted IDC area {row['predicted_idc_area_fraction']:.1%}"
                 + (f" · labelled {row['labelled_idc_area_fraction']:.1%} · Dice {row['dice']:.2f}"
                    if slide.has_labels else "")
                 + f" · {scorer.model.name}, threshold {row['threshold']:.2f}"
