@@ -32,22 +32,60 @@ SUMMARY_FIELDS = list(SUMMARY_TYPES)
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
+    with atomic_paths(path) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """Yield a temp path beside each of `paths`; rename them onto `paths` together only if the block
+    succeeds, so that files which vouch for one another (weights, model card, split) never mix two
+    writes: where one rename fails, the files already renamed are put back as they were."""
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        for path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_UMASK)
     except OSError as err:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write here ({err.strerror}); make its folder writable or write elsewhere") from err
-    tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        yield temps
+        _rename_together(temps, targets)
     except OSError as err:
-        raise OutputError(f"{path}: writing failed ({err.strerror}); nothing was left half-written") from err
+        also = f" (nor {', '.join(map(str, targets[1:]))})" if len(targets) > 1 else ""
+        raise OutputError(f"{targets[0]}{also}: writing failed ({err.strerror}); nothing was left half-written") from err
     finally:
-        tmp_path.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def _rename_together(temps: list[Path], targets: list[Path]) -> None:
+    """Rename each temp file onto its target; on an OSError, undo the renames done and re-raise."""
+    done: list[tuple[Path, Path | None]] = []  # (target, the earlier file moved aside, if there was one)
+    try:
+        for tmp, target in zip(temps, targets):
+            aside = None
+            if len(targets) > 1 and target.exists():
+                aside = target.with_name(f".{target.name}.{os.getpid()}.old")
+                os.replace(target, aside)
+            done.append((target, aside))
+            os.replace(tmp, target)
+    except OSError:
+        for target, aside in reversed(done):
+            if aside is not None:
+                os.replace(aside, target)
+            else:
+                target.unlink(missing_ok=True)
+        raise
+    for _, aside in done:
+        if aside is not None:
+            aside.unlink(missing_ok=True)
 
 
 def writable_folder(folder: str | Path) -> Path:

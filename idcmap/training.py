@@ -28,7 +28,7 @@ from . import metrics
 from .colour import ColourReference, colour_reference, normalise_slide
 from .dataset import SPLIT_SETS, load_slides, load_split, make_split, patient_ids, save_split
 from .errors import IdcmapError, OptionError, OutputError, SplitError, TrainingError, WeightsError
-from .export import atomic_write_bytes, write_json
+from .export import atomic_paths, atomic_write_bytes, write_json
 from .loader import Slide
 from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path,
                      get_spec, load_model, load_torch_file, read_weights, save_checkpoint, save_weights, sha256_of,
@@ -441,17 +441,19 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
     payload = read_weights(path)
     payload["calibration"] = asdict(calibration)
     payload.update(colour_fields(model.colour_reference))
-    save_weights(path, payload)
-    card = {key: value for key, value in model.card.items() if key != "test"}  # they described the old calibration
-    card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(path),
-                input=input_description(model.colour_reference), **colour_fields(model.colour_reference))
-    if new_reference and "int8" in card:
-        del card["int8"]  # its activation ranges and figures are of unnormalised colours
+    with atomic_paths(path, card_path(path)) as (weights_file, card_file):  # replaced together, or neither
+        save_weights(weights_file, payload)
+        card = {key: value for key, value in model.card.items() if key != "test"}  # of the old calibration
+        card.update(calibration=asdict(calibration), calibration_fit=choice, sha256=sha256_of(weights_file),
+                    input=input_description(model.colour_reference), **colour_fields(model.colour_reference))
+        if new_reference and "int8" in card:
+            del card["int8"]  # its activation ranges and figures are of unnormalised colours
+        elif card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version holds
+            card["int8"] = {**card["int8"], "weights_sha256": card["sha256"]}
+        write_json(card_file, card)
+    if new_reference and "int8" in model.card:
         log.warning("%s: its int8 network was made for unnormalised colours and is no longer used; run "
                     "`idcmap quantize %s --model %s` to make one for the normalised colours", path, data_root, model.name)
-    elif card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version still holds
-        card["int8"] = {**card["int8"], "weights_sha256": card["sha256"]}
-    write_json(card_path(path), card)
     return card
 
 
@@ -509,8 +511,9 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
     if val_slides:
         record["validation"] = int8_agreement(model, val_slides, data)
     card = {**model.card, "int8": record}
-    atomic_write_bytes(model.int8_path, data)  # then the card that vouches for it: a crash between
-    write_json(card_path(path), card)          # the two leaves a file the card does not list (fp32 used)
+    with atomic_paths(model.int8_path, card_path(path)) as (int8_file, card_file):  # together, or neither
+        atomic_write_bytes(int8_file, data)
+        write_json(card_file, card)
     return card
 
 
@@ -621,8 +624,9 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
             raise OptionError(f"{now}: {path} was trained with {trained}; resume with {trained}, or train without "
                               f"--resume")
         if state.get("split", patient_sets(split)) != patient_sets(split):
-            raise OptionError(f"{path} was trained on another split of the patients; resume with the --split it "
-                              f"wrote ({path.with_suffix('.split.json').name}), or train without --resume")
+            raise OptionError(f"{path} was trained on another split of the patients; resume with the split it was "
+                              "trained on (the same --split, or the same --seed and fractions that drew it), or train "
+                              "without --resume")
         if averaged is not None:
             averaged.load_state_dict(state["averaged"])
         history, best_state, best_auc, stale = state["history"], state["best_state"], state["best_auc"], state["stale"]
@@ -705,7 +709,6 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     # recorded as run: `auto` resolved, so the card's command repeats this run on any machine
     config = replace(config, device=str(device), precision=training_precision(config.precision, device))
     split_path = out.with_suffix(".split.json")
-    save_split(split, split_path)  # once the inputs passed every check: no orphan split from a refused run
     maker = BatchMaker(train_slides, config, torch.tensor(mean), torch.tensor(std), rng)
     autocast = config.precision == "bf16"
     scattered = {i for i, slide in enumerate(train_slides) if not slide.is_whole}
@@ -764,33 +767,37 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     evaluated.eval()
     calibration, choice = fit_calibration(collect_scores(scorer, val_slides), network.context_reach,
                                           smoothing_sigmas(spec))
-    save_weights(out, {
-        "model": model_name,
-        "state_dict": {k: v.cpu() for k, v in evaluated.state_dict().items()},
-        "mean": mean, "std": std, "calibration": asdict(calibration),
-        **colour_fields(reference),
-    })
-    card = {
-        "model": model_name,
-        "architecture": spec.description,
-        "parameters": sum(p.numel() for p in network.parameters()),
-        "input": input_description(reference),
-        "mean": mean, "std": std,
-        **colour_fields(reference),
-        "calibration": asdict(calibration),
-        "calibration_fit": choice,
-        "training": {**asdict(config), **split_fractions(split, split_file),
-                     "command": training_command(data_root, model_name, out, config, split_file),
-                     "data_root": str(data_root), "split_file": split_path.name,
-                     "train_patients": len(split["train"]), "val_patients": len(split["val"]),
-                     "test_patients": len(split["test"]),
-                     "train_patches": int(sum(len(s) for s in train_slides)),
-                     "epochs_run": len(history), "best_val_auc": best_auc,
-                     "seconds": round(time.time() - started, 1),
-                     "date": dt.date.today().isoformat()},
-        "history": history,
-        "sha256": sha256_of(out),
-    }
-    write_json(card_path(out), card)
+    # weights, card and split replace earlier ones together, once the run succeeded: a failed run
+    # leaves the earlier weights with their own split, which `evaluate` reads to know what they saw
+    with atomic_paths(out, card_path(out), split_path) as (weights_file, card_file, split_file_written):
+        save_weights(weights_file, {
+            "model": model_name,
+            "state_dict": {k: v.cpu() for k, v in evaluated.state_dict().items()},
+            "mean": mean, "std": std, "calibration": asdict(calibration),
+            **colour_fields(reference),
+        })
+        card = {
+            "model": model_name,
+            "architecture": spec.description,
+            "parameters": sum(p.numel() for p in network.parameters()),
+            "input": input_description(reference),
+            "mean": mean, "std": std,
+            **colour_fields(reference),
+            "calibration": asdict(calibration),
+            "calibration_fit": choice,
+            "training": {**asdict(config), **split_fractions(split, split_file),
+                         "command": training_command(data_root, model_name, out, config, split_file),
+                         "data_root": str(data_root), "split_file": split_path.name,
+                         "train_patients": len(split["train"]), "val_patients": len(split["val"]),
+                         "test_patients": len(split["test"]),
+                         "train_patches": int(sum(len(s) for s in train_slides)),
+                         "epochs_run": len(history), "best_val_auc": best_auc,
+                         "seconds": round(time.time() - started, 1),
+                         "date": dt.date.today().isoformat()},
+            "history": history,
+            "sha256": sha256_of(weights_file),
+        }
+        write_json(card_file, card)
+        save_split(split, split_file_written)
     checkpoint_path.unlink(missing_ok=True)
     return card

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,40 @@ def test_failure_inside_atomic_path_creates_nothing(tmp_path):
             tmp.write_text("{")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_paths_replace_files_together_or_not_at_all(tmp_path):
+    weights, card = tmp_path / "m.pt", tmp_path / "m.json"
+    weights.write_text("old weights")
+    with pytest.raises(RuntimeError):
+        with export.atomic_paths(weights, card) as (new_weights, new_card):
+            new_weights.write_text("new weights")
+            raise RuntimeError("the card could not be made")
+    assert weights.read_text() == "old weights" and not card.exists()
+    with export.atomic_paths(weights, card) as (new_weights, new_card):
+        new_weights.write_text("new weights")
+        new_card.write_text("new card")
+    assert (weights.read_text(), card.read_text()) == ("new weights", "new card")
+    assert _leftovers(tmp_path, {"m.pt", "m.json"}) == []
+
+
+def test_atomic_paths_put_back_what_they_renamed_when_a_later_rename_fails(tmp_path, monkeypatch):
+    weights, card = tmp_path / "m.pt", tmp_path / "m.json"
+    weights.write_text("old weights")
+    card.write_text("old card")
+    real_replace = os.replace
+
+    def full_at_the_card(source, target):
+        if Path(target) == card and Path(source).name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+    monkeypatch.setattr(os, "replace", full_at_the_card)
+    with pytest.raises(OutputError, match=r"m\.pt \(nor .*m\.json\): writing failed \(No space left on device\)"):
+        with export.atomic_paths(weights, card) as (new_weights, new_card):
+            new_weights.write_text("new weights")
+            new_card.write_text("new card")
+    assert (weights.read_text(), card.read_text()) == ("old weights", "old card")
+    assert _leftovers(tmp_path, {"m.pt", "m.json"}) == []
 
 
 def test_write_csv_round_trip(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_patient, textured
 from idcmap.colour import colour_reference, normalise_slide
-from idcmap.dataset import SPLIT_SETS
+from idcmap.dataset import SPLIT_SETS, make_split, patient_ids
 from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 from idcmap.models import build_model, card_path, load_model, read_weights, sha256_of
@@ -617,17 +617,20 @@ def test_resume_refuses_another_recipe_or_split(trained, tmp_path, monkeypatch):
         train(root, MODEL, target, replace(config, scattered_repeat=2), resume=True)
     with pytest.raises(IdcmapError, match=r"--seed 1: .*ckpt was trained with --seed 0"):
         train(root, MODEL, target, replace(config, seed=1), resume=True)
-    written = json.loads(target.with_suffix(".split.json").read_text())
-    swapped = {**written, "train": [written["test"][0], *written["train"][1:]],
-               "test": [written["train"][0], *written["test"][1:]]}
-    other = tmp_path / "other.split.json"
-    other.write_text(json.dumps(swapped))
+    assert not target.with_suffix(".split.json").exists()  # written with the weights, once the run succeeds
+    drawn = make_split(sorted(patient_ids(root)), config.seed, config.test_fraction, config.val_fraction)
+    swapped = {**drawn, "train": [drawn["test"][0], *drawn["train"][1:]],
+               "test": [drawn["train"][0], *drawn["test"][1:]]}
+    for name, split in (("other", swapped), ("same", drawn)):
+        (tmp_path / f"{name}.split.json").write_text(json.dumps(split))
     with pytest.raises(IdcmapError, match=r"ckpt was trained on another split of the patients; resume with the "
-                                          r"--split it wrote \(cancernet-context\.split\.json\)"):
-        train(root, MODEL, target, config, split_file=other, resume=True)
+                                          r"split it was trained on \(the same --split, or the same --seed"):
+        train(root, MODEL, target, config, split_file=tmp_path / "other.split.json", resume=True)
+    with pytest.raises(IdcmapError, match=r"ckpt was trained on another split"):
+        train(root, MODEL, target, replace(config, test_fraction=0.5), resume=True)  # draws another split
     assert target.with_suffix(".ckpt").is_file()  # refused runs leave the checkpoint as it was
-    card = train(root, MODEL, target, replace(config, patience=1), split_file=target.with_suffix(".split.json"),
-                 resume=True)  # the split it wrote, read back, and a setting that may change
+    card = train(root, MODEL, target, replace(config, patience=1), split_file=tmp_path / "same.split.json",
+                 resume=True)  # the split it drew, passed as a file, and a setting that may change
     assert [h["epoch"] for h in card["history"]] == [1, 2]
 
 
@@ -716,8 +719,27 @@ def test_a_diverged_run_stops_with_an_error_and_writes_no_weights(trained, tmp_p
         train(root, MODEL, target, TrainConfig(epochs=2, batch_patches=32, device="cpu", precision="fp32",
                                                learning_rate=0.001))
     assert len(steps) == nan_step
-    assert not target.exists() and not card_path(target).exists()
+    assert not target.exists() and not card_path(target).exists() and not target.with_suffix(".split.json").exists()
     assert target.with_suffix(".ckpt").exists() == (epoch > 1)
+
+
+def test_a_failed_run_over_earlier_weights_leaves_them_with_their_own_split(trained, tmp_path, monkeypatch):
+    """`evaluate` reads the split beside the weights to know which patients they saw: a run that
+    fails must not leave its own split beside the earlier weights (their test patients would be
+    its training patients)."""
+    from idcmap import training
+    from idcmap.errors import TrainingError
+
+    root, out, _ = trained
+    target = tmp_path / "w" / out.name
+    target.parent.mkdir()
+    for source in (out, card_path(out), out.with_suffix(".split.json")):
+        (target.parent / source.name).write_bytes(source.read_bytes())
+    before = {p.name: p.read_bytes() for p in target.parent.iterdir()}
+    monkeypatch.setattr(training, "training_step", lambda *args: float("nan"))
+    with pytest.raises(TrainingError):
+        train(root, MODEL, target, TrainConfig(epochs=1, batch_patches=32, device="cpu", precision="fp32", seed=1))
+    assert {p.name: p.read_bytes() for p in target.parent.iterdir()} == before
 
 
 def test_weights_that_give_nan_scores_are_refused(trained):
