@@ -15,10 +15,41 @@ SPLIT_SETS = ("train", "val", "test")
 
 
 def patient_ids(root: str | Path) -> dict[str, Path]:
-    """Patient folders below `root`, keyed by their path relative to it (e.g. `patients/8864`)."""
+    """Patient folders below `root`, keyed by their path relative to it (e.g. `patients/8864`).
+    SplitError when two folders have one name (one patient twice: a split could put it on both sides)."""
     root = Path(root)
     folders = find_patient_folders(root)
-    return {folder.name if folder == root else folder.relative_to(root).as_posix(): folder for folder in folders}
+    ids = {folder.name if folder == root else folder.relative_to(root).as_posix(): folder for folder in folders}
+    first: dict[str, str] = {}
+    for pid in ids:
+        other = first.setdefault(patient_name(pid), pid)
+        if other != pid:
+            raise SplitError(f"{root}: {other} and {pid} are folders of one patient ({patient_name(pid)}); a split "
+                             "by patient needs each patient in one folder: remove or merge the copy")
+    return ids
+
+
+def patient_name(pid: str) -> str:
+    """A patient id's own name, without the folders above it (`patients/8864` -> `8864`)."""
+    return pid.rpartition("/")[2]
+
+
+def check_unseen(ids: list[str], role: str, split_file: str | Path, weights: Path, seen_in: tuple[str, ...],
+                 relation: str, consequence: str) -> None:
+    """SplitError when one of `ids` (the `role` patients of `split_file`) is among the `seen_in`
+    sets of the model's own split, the one stored beside `weights` (no check where there is none, or
+    where `split_file` is that split); the error says the patients `relation` the model, then the
+    `consequence`. Patients are compared by name, so a split written against
+    another depth of the same data (`8864` against `patients/8864`) is caught too."""
+    own = weights.with_suffix(".split.json")
+    if not own.is_file() or own.resolve() == Path(split_file).resolve():
+        return
+    stored = read_split(own)
+    theirs = {patient_name(pid) for name in seen_in for pid in stored[name]}
+    seen = sorted(pid for pid in ids if patient_name(pid) in theirs)
+    if seen:
+        raise SplitError(f"{split_file}: {len(seen)} of its {role} patients {relation} {weights} (by {own}), "
+                         f"e.g. {', '.join(seen[:3])}, {consequence}")
 
 
 def make_split(ids: list[str], seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1) -> dict:

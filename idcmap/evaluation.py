@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import metrics  # noqa: E402
-from .dataset import SPLIT_SETS, load_slides, load_split, patient_ids, read_split  # noqa: E402
-from .errors import IdcmapError, OptionError, SplitError  # noqa: E402
+from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, patient_ids  # noqa: E402
+from .errors import IdcmapError, OptionError  # noqa: E402
 from .export import atomic_write_bytes, writable_folder, write_json  # noqa: E402
 from .loader import Slide  # noqa: E402
 from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
@@ -82,20 +82,6 @@ def _save(fig: plt.Figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def check_unseen(test_ids: list[str], split_file: Path, weights: Path) -> None:
-    """SplitError when a test patient of `split_file` trained or validated the model of `weights`,
-    by the split stored beside it (no check where there is none): its figures would overstate."""
-    own = weights.with_suffix(".split.json")
-    if not own.is_file() or own.resolve() == split_file.resolve():
-        return
-    trained = read_split(own)
-    seen = sorted(set(test_ids) & set(trained["train"] + trained["val"]))
-    if seen:
-        raise SplitError(f"{split_file}: {len(seen)} of its test patients trained or validated {weights} (by {own}), "
-                         f"e.g. {', '.join(seen[:3])}, so its test figures would overstate; evaluate it on its own "
-                         "split (leave out --split) or on patients it never saw")
-
-
 def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, split_file: str | Path | None = None,
                     device: str = "auto", record: bool = False, backend: str = "auto", progress: bool = True,
                     weights: str | Path | None = None) -> dict:
@@ -117,7 +103,9 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     split = load_split(split_file, folders)
     test_ids = split["test"]
     for model in loaded:
-        check_unseen(test_ids, split_file, model.path)
+        check_unseen(test_ids, "test", split_file, model.path, ("train", "val"), "trained or validated",
+                     "so its test figures would overstate; evaluate it on its own split (leave out --split) or on "
+                     "patients it never saw")
     writable_folder(out)  # before the scoring, not after it
     labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test", progress)) if s.has_labels]
     if len(labelled) < len(test_ids):

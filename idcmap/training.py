@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .colour import ColourReference, colour_reference, normalise_slide
-from .dataset import SPLIT_SETS, load_slides, load_split, make_split, patient_ids, save_split
+from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, make_split, patient_ids, save_split
 from .errors import IdcmapError, OptionError, OutputError, SplitError, TrainingError, WeightsError
 from .export import atomic_paths, atomic_write_bytes, write_json
 from .loader import Slide
@@ -427,6 +427,9 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
     folders = patient_ids(data_root)
     split_path = Path(split_file or path.with_suffix(".split.json"))
     split = load_split(split_path, folders)
+    check_unseen(split["val"], "val", split_path, path, ("test",), "are test patients of",
+                 "so calibrating on them would make its test figures overstate; calibrate on its own split (leave "
+                 "out --split) or with val patients outside its test set")
     new_reference = colour_normalise and model.colour_reference is None
     if new_reference:
         model = replace(model, colour_reference=colour_reference(
@@ -490,6 +493,9 @@ def quantize(data_root: str | Path, model_name: str | None, weights: str | Path 
     folders = patient_ids(data_root)
     split_path = split_file or path.with_suffix(".split.json")
     split = load_split(split_path, folders)
+    check_unseen(split["train"], "train", split_path, path, ("test",), "are test patients of",
+                 "so the int8 network's activation ranges would be fitted on them; quantise on its own split (leave "
+                 "out --split) or with train patients outside its test set")
     if not split["train"]:
         raise SplitError(f"{split_path}: no training patients, and the int8 activation ranges are calibrated on "
                          "training patches; pass a --split with training patients")

@@ -392,3 +392,24 @@ def test_test_patients_that_trained_the_model_are_refused(tmp_path, monkeypatch)
     save_split({"seed": 0, "train": ["patients/w1"], "val": [], "test": ["patients/w0"]}, weights / "cancernet.split.json")
     report = evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json", device="cpu")
     assert report["test_patients"] == ["patients/w0"]
+
+
+def test_test_patients_are_recognised_by_name_from_another_depth_of_the_data(tmp_path, monkeypatch):
+    """A split written against `patients/` itself names `w0`, not `patients/w0`: still the patient
+    that trained the model."""
+    root, weights = _one_patient_setup(tmp_path, monkeypatch)
+    save_split({"seed": 0, "train": ["patients/w0"], "val": ["patients/w1"], "test": []},
+               weights / "cancernet.split.json")
+    save_split({"seed": 0, "train": [], "val": [], "test": ["w0"]}, tmp_path / "inner.split.json")
+    with pytest.raises(SplitError, match=r"1 of its test patients trained or validated .*cancernet.pt .*e\.g\. w0,"):
+        evaluate_models(root / "patients", ["cancernet"], tmp_path / "out", split_file=tmp_path / "inner.split.json",
+                        device="cpu")
+
+
+def test_one_patient_in_two_folders_is_refused_for_a_split(tmp_path):
+    from idcmap.dataset import patient_ids
+
+    for group in ("patients", "copies"):
+        make_patient(tmp_path / group, "8864", {(1, 1): (0, _patch(0, 0))})
+    with pytest.raises(SplitError, match=r"copies/8864 and patients/8864 are folders of one patient \(8864\)"):
+        patient_ids(tmp_path)

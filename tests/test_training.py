@@ -799,3 +799,23 @@ def test_weight_decay_reaches_the_optimiser_and_the_cards_command(tmp_path, monk
         assert card["training"]["weight_decay"] == decay
         assert ("--weight-decay 0.05 " in card["training"]["command"]) == (decay == 0.05)  # the default: not written
     assert decays == [TrainConfig.weight_decay, 0.05]
+
+
+def test_calibrate_and_quantize_refuse_the_models_own_test_patients(trained, tmp_path):
+    """Fitting the calibration (or the int8 activation ranges) on the patients the weights are
+    tested on would make their test figures overstate."""
+    from idcmap.errors import SplitError
+
+    root, out, _ = trained
+    own = json.loads(out.with_suffix(".split.json").read_text())
+    assert own["test"]
+    leaky = tmp_path / "leaky.split.json"
+    leaky.write_text(json.dumps({"train": own["train"], "val": own["test"], "test": []}))
+    before = out.read_bytes()
+    with pytest.raises(SplitError, match=r"leaky\.split\.json: \d+ of its val patients are test patients of .*"
+                                         r"so calibrating on them"):
+        recalibrate(root, MODEL, out, split_file=leaky, device="cpu")
+    leaky.write_text(json.dumps({"train": own["test"], "val": own["val"], "test": []}))
+    with pytest.raises(SplitError, match=r"of its train patients are test patients of .*activation ranges"):
+        quantize(root, MODEL, out, split_file=leaky, patches=16)
+    assert out.read_bytes() == before
