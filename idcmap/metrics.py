@@ -20,13 +20,15 @@ def _ratio(a: float, b: float) -> float:
 
 
 def classification_report(labels: np.ndarray, predicted: np.ndarray) -> dict:
-    """Accuracy, balanced accuracy, precision/recall/F1 of both classes, and the confusion matrix."""
+    """Accuracy, balanced accuracy, precision/recall/F1 of both classes, and the confusion matrix.
+    Balanced accuracy is the mean recall of the classes present (as scikit-learn's); nan without labels."""
     (tn, fp), (fn, tp) = confusion(labels, predicted)
     recall_1, recall_0 = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     precision_1, precision_0 = _ratio(tp, tp + fp), _ratio(tn, tn + fn)
+    present = [recall for recall, support in ((recall_1, tp + fn), (recall_0, tn + fp)) if support]
     return {
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
-        "balanced_accuracy": (recall_1 + recall_0) / 2,
+        "balanced_accuracy": float(np.mean(present)) if present else float("nan"),
         "precision_idc": precision_1,
         "recall_idc": recall_1,
         "f1_idc": _ratio(2 * precision_1 * recall_1, precision_1 + recall_1),

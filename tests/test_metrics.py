@@ -34,6 +34,15 @@ def test_classification_report_degenerate_cases_are_zero_not_nan():
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in report.values())
 
 
+def test_balanced_accuracy_averages_the_classes_present():
+    """A group with one class (no IDC at all): its recall alone, as scikit-learn gives it; a class
+    with no patch is not a recall of 0."""
+    assert metrics.classification_report(np.zeros(4, int), np.zeros(4, int))["balanced_accuracy"] == 1.0
+    assert metrics.classification_report(np.zeros(4, int), np.array([0, 0, 0, 1]))["balanced_accuracy"] == 0.75
+    assert metrics.classification_report(np.ones(2, int), np.array([1, 0]))["balanced_accuracy"] == 0.5
+    assert math.isnan(metrics.classification_report(np.zeros(0, int), np.zeros(0, int))["balanced_accuracy"])
+
+
 def _brute_force_auc(labels, scores):
     labels = np.asarray(labels).astype(bool)
     pos, neg = scores[labels], scores[~labels]
