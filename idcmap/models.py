@@ -404,6 +404,17 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write_bytes(path, _torch_bytes(payload))
 
 
+def _channel_statistics(payload: dict, key: str) -> tuple[float, float, float]:
+    """The three finite per-channel numbers stored under `key` ("mean", "std"); ValueError otherwise."""
+    values = payload[key]
+    if isinstance(values, (str, bytes)) or len(values) != 3:
+        raise ValueError(f"its {key} is {str(values)[:40]!r}, not three numbers (R, G, B)")
+    values = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"its {key} {values} is not finite")
+    return values
+
+
 def load_model(name: str | None = None, weights: str | Path | None = None) -> LoadedModel:
     """Load a registry model with its weights (default `weights/<name>.pt`), checking the sha256
     recorded in its model card. Without a name: the model the `weights` file holds, or
@@ -447,7 +458,9 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
         except RuntimeError as err:
             raise WeightsError(f"{path}: its tensors do not fit the {name!r} architecture "
                                "(made by another idcmap version?); retrain or restore the file") from err
-        mean, std = tuple(payload["mean"]), tuple(payload["std"])
+        mean, std = _channel_statistics(payload, "mean"), _channel_statistics(payload, "std")
+        if min(std) <= 0:
+            raise ValueError(f"its std {std} must be above 0")
         calibration = Calibration(**payload.get("calibration", {}))
         unusable = calibration.problem()
         if unusable:

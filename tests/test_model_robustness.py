@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import tempfile
 from pathlib import Path
@@ -316,5 +317,18 @@ def test_weights_naming_an_unknown_model_name_the_file(tmp_path):
     payload = torch.load(path, weights_only=True)
     save_checkpoint(path, {**payload, "model": "nosuch"})
     with pytest.raises(WeightsError, match="'nosuch'") as info:
+        load_model(None, path)
+    assert_one_clear_line(info.value, str(path))
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("std", "abc", "its std is 'abc', not three numbers"), ("mean", [0.5, 0.5], "its mean is '[0.5, 0.5]', not three"),
+    ("std", [0.2, 0.0, 0.2], "must be above 0"), ("mean", [0.5, math.nan, 0.5], "is not finite"),
+])
+def test_weights_with_unusable_input_statistics_are_refused(tmp_path, key, value, problem):
+    path = write_tiny_weights(tmp_path / "w.pt")
+    payload = torch.load(path, weights_only=True)
+    save_checkpoint(path, {**payload, key: value})
+    with pytest.raises(WeightsError, match=re.escape(problem)) as info:
         load_model(None, path)
     assert_one_clear_line(info.value, str(path))
