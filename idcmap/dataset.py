@@ -96,6 +96,10 @@ def read_split(path: str | Path) -> dict:
         if not isinstance(split[name], list) or not all(isinstance(pid, str) for pid in split[name]):
             raise SplitError(f"{path}: {name!r} must be a list of patient ids such as \"patients/8864\", "
                              f"not {json.dumps(split[name])[:60]}; write it as idcmap train does")
+    for name in SPLIT_SETS:
+        if len(sets[name]) < len(split[name]):
+            twice = sorted({pid for pid in split[name] if split[name].count(pid) > 1})
+            raise SplitError(f"{path}: {twice[:3]} listed more than once in {name}; list each patient once")
     for a in SPLIT_SETS:
         for b in SPLIT_SETS:
             if a < b and sets[a] & sets[b]:

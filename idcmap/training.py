@@ -556,9 +556,9 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
              f"--test-fraction {config.test_fraction:g} --val-fraction {config.val_fraction:g}")
     return (f"idcmap train {shlex.quote(str(data_root))} --model {model_name} -o {shlex.quote(str(out))} {split} "
             f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
-            f"--batch-patches {config.batch_patches} --lr {config.learning_rate:g} "
-            f"--stain-jitter {config.stain_jitter:g} --seed {config.seed}"
-            + (f" --weight-decay {config.weight_decay:g}" if config.weight_decay != TrainConfig.weight_decay else "")
+            f"--batch-patches {config.batch_patches} --lr {config.learning_rate:.10g} "
+            f"--stain-jitter {config.stain_jitter:.10g} --seed {config.seed}"
+            + (f" --weight-decay {config.weight_decay:.10g}" if config.weight_decay != TrainConfig.weight_decay else "")
             + (f" --ema {config.ema:.10g}" if config.ema else "")
             + (f" --scattered-repeat {config.scattered_repeat}" if config.scattered_repeat != 1 else "")
             + f" --device {config.device} --precision {config.precision}"
@@ -664,6 +664,9 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     folders = patient_ids(data_root)
     split = load_split(split_file, folders) if split_file else make_split(sorted(folders), config.seed, config.test_fraction,
                                                                        config.val_fraction)
+    if split_file and (not split["train"] or not split["val"]):
+        raise SplitError(f"{split_file}: its train and val lists must each name a patient; add them, or leave out "
+                         "--split to draw one")
     if not split["train"] or not split["val"]:
         raise IdcmapError(f"{data_root}: too few patients for a train/val split ({len(folders)} found)")
     train_slides = [s for s in load_slides(split["train"], folders, "load train", progress) if s.has_labels]

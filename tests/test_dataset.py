@@ -136,3 +136,9 @@ def test_load_slides_draws_no_bar_into_a_log(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     slides = load_slides(["patients/8864"], patient_ids(tmp_path), "load")
     assert capsys.readouterr().err == "" and len(slides) == 1
+
+
+def test_load_split_rejects_a_patient_listed_twice(tmp_path):
+    split = {"train": ["g/1", "g/2", "g/1"], "val": ["g/3"], "test": ["g/4"]}
+    with pytest.raises(SplitError, match=r"\['g/1'\] listed more than once in train"):
+        load_split(_write(tmp_path, split), {f"g/{i}": tmp_path for i in range(1, 5)})

@@ -819,3 +819,23 @@ def test_calibrate_and_quantize_refuse_the_models_own_test_patients(trained, tmp
     with pytest.raises(SplitError, match=r"of its train patients are test patients of .*activation ranges"):
         quantize(root, MODEL, out, split_file=leaky, patches=16)
     assert out.read_bytes() == before
+
+
+def test_the_cards_command_keeps_every_digit_of_the_settings(tmp_path):
+    from idcmap.training import training_command
+
+    config = TrainConfig(learning_rate=0.00123456789, stain_jitter=0.123456789, weight_decay=0.0123456789)
+    command = training_command("data", MODEL, tmp_path / "m.pt", config)
+    assert "--lr 0.00123456789 " in command and "--stain-jitter 0.123456789 " in command
+    assert "--weight-decay 0.0123456789 " in command
+
+
+def test_a_split_file_without_val_patients_is_named(trained, tmp_path):
+    from idcmap.errors import SplitError
+
+    root, out, _ = trained
+    own = json.loads(out.with_suffix(".split.json").read_text())
+    no_val = tmp_path / "no-val.split.json"
+    no_val.write_text(json.dumps({"train": own["train"], "val": [], "test": own["test"] + own["val"]}))
+    with pytest.raises(SplitError, match=r"no-val\.split\.json: its train and val lists must each name a patient"):
+        train(root, MODEL, tmp_path / "w" / out.name, TrainConfig(epochs=1, device="cpu"), split_file=no_val)
