@@ -203,7 +203,8 @@ def export(obj: dict, out: Path, output: Path | None) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Weights file to write (.pt); its card (.json) and split (.split.json) go beside it.")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Reuse a split JSON instead of drawing one by patient (see --test-fraction, --val-fraction).")
+              help="Reuse a split JSON instead of drawing one by patient (--test-fraction and --val-fraction then do "
+                   "nothing; the card records the fractions the file names).")
 @training_option("test_fraction", help="Share of each patient group (e.g. patients/, sparse/) held out for test.")
 @training_option("val_fraction",
                  help="Share of the remaining patients of each group used for early stopping and calibration.")
