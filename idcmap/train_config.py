@@ -105,6 +105,11 @@ CONFIG_RULES: tuple[tuple[str, str, Callable[[object], bool], str], ...] = (
 RESUMABLE_FREELY = ("device", "patience", "precision", "colour_normalise", "test_fraction", "val_fraction")
 
 
+def number_text(value: float) -> str:
+    """A setting as the user would type it, every digit kept (0.00123456789, 0.4, 0, 1e-05)."""
+    return repr(value).removesuffix(".0")
+
+
 def recipe_of(config: TrainConfig) -> dict:
     """The settings a checkpoint's run must be resumed with: all but `RESUMABLE_FREELY`."""
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in RESUMABLE_FREELY}
@@ -118,5 +123,5 @@ def recipe_change(stored: dict, config: TrainConfig) -> tuple[str, str] | None:
     for name, value in stored.items():
         if name in current and current[name] != value:
             label = LIMITS[name].label
-            return tuple(f"{label} {v}" if isinstance(v, int) else f"{label} {v:.10g}" for v in (current[name], value))
+            return tuple(f"{label} {number_text(v)}" for v in (current[name], value))
     return None

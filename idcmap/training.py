@@ -36,7 +36,7 @@ from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, Patch
 from .progress import progress_bar
 from .regions import dice, idc_area_fraction, predicted_mask
 from .scoring import Scorer, SlideScores, calibrated_scores, quantize_backbone, to_input
-from .train_config import TrainConfig, recipe_change, recipe_of
+from .train_config import TrainConfig, number_text, recipe_change, recipe_of
 
 log = logging.getLogger(__name__)
 
@@ -556,10 +556,11 @@ def training_command(data_root: str | Path, model_name: str, out: str | Path, co
              f"--test-fraction {config.test_fraction:g} --val-fraction {config.val_fraction:g}")
     return (f"idcmap train {shlex.quote(str(data_root))} --model {model_name} -o {shlex.quote(str(out))} {split} "
             f"--epochs {config.epochs} --patience {config.patience} --window {config.window} "
-            f"--batch-patches {config.batch_patches} --lr {config.learning_rate:.10g} "
-            f"--stain-jitter {config.stain_jitter:.10g} --seed {config.seed}"
-            + (f" --weight-decay {config.weight_decay:.10g}" if config.weight_decay != TrainConfig.weight_decay else "")
-            + (f" --ema {config.ema:.10g}" if config.ema else "")
+            f"--batch-patches {config.batch_patches} --lr {number_text(config.learning_rate)} "
+            f"--stain-jitter {number_text(config.stain_jitter)} --seed {config.seed}"
+            + (f" --weight-decay {number_text(config.weight_decay)}" if config.weight_decay != TrainConfig.weight_decay
+               else "")
+            + (f" --ema {number_text(config.ema)}" if config.ema else "")
             + (f" --scattered-repeat {config.scattered_repeat}" if config.scattered_repeat != 1 else "")
             + f" --device {config.device} --precision {config.precision}"
             + (" --colour-normalise" if config.colour_normalise else ""))
