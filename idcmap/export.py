@@ -60,13 +60,18 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
     except OSError as err:
         also = f" (nor {', '.join(map(str, targets[1:]))})" if len(targets) > 1 else ""
         raise OutputError(f"{targets[0]}{also}: writing failed ({err.strerror}); nothing was left half-written") from err
+    except OutputError as err:  # a writer's own atomic write into a temp path: name the file it stands for
+        message = str(err)
+        for tmp, target in zip(temps, targets):
+            message = message.replace(str(tmp), str(target))
+        raise OutputError(message) from err
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
 
 
 def _rename_together(temps: list[Path], targets: list[Path]) -> None:
-    """Rename each temp file onto its target; on an OSError, undo the renames done and re-raise."""
+    """Rename each temp file onto its target; on an error (or Ctrl-C), undo the renames done and re-raise."""
     done: list[tuple[Path, Path | None]] = []  # (target, the earlier file moved aside, if there was one)
     try:
         for tmp, target in zip(temps, targets):
@@ -76,7 +81,7 @@ def _rename_together(temps: list[Path], targets: list[Path]) -> None:
                 os.replace(target, aside)
             done.append((target, aside))
             os.replace(tmp, target)
-    except OSError:
+    except BaseException:  # an OSError, or Ctrl-C between two renames: put back what was moved
         for target, aside in reversed(done):
             if aside is not None:
                 os.replace(aside, target)

@@ -325,7 +325,8 @@ def inputs_fingerprint(folder: Path, stats: list[tuple[Path, os.stat_result]], s
     `render --resume` compares to tell whether a patient's inputs changed since its render."""
     listing = [f"{path.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}"
                for path, stat in sorted(stats, key=lambda item: item[0])]
-    return hashlib.sha256("\n".join([*listing, "skipped:", *sorted(skipped)]).encode()).hexdigest()
+    reasons = sorted(reason.removeprefix(str(folder)) for reason in skipped)  # the same however the folder is named
+    return hashlib.sha256("\n".join([*listing, "skipped:", *reasons]).encode()).hexdigest()
 
 
 def inputs_sha256(folder: Path) -> str:

@@ -387,19 +387,19 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     overview_path(summary)
     for name in names:
         check_output_folder(out, name, inputs)
-    sharded = options.shard is not None and options.shard[1] > 1  # a shard's summary: its own patients
+    mine = set(names) if options.shard is not None and options.shard[1] > 1 else None  # a shard lists its own
     rows: list[dict] = []
     try:
         resumed = _render_each(folders, names, out, scorer, calibration, options, rows)
     except BaseException:  # Ctrl-C, or an output error: list what is on disk now, not the last run's
         if rows:
             try:
-                write_run_summary(out, rows if sharded else merged_summaries(out, rows), summary)
+                write_run_summary(out, merged_summaries(out, rows, mine), summary)
             except (OSError, IdcmapError) as err:
                 log.warning("%s: not updated after the run stopped (%s); run `idcmap export %s` to rebuild it",
                             summary, err, out)
         raise
-    write_run_summary(out, rows if sharded else merged_summaries(out, rows), summary)
+    write_run_summary(out, merged_summaries(out, rows, mine), summary)
     if resumed:
         log.warning("%d of %d patients were complete in %s and kept as they were (--resume)", resumed, len(rows), out)
     warn_copies(rows)
@@ -513,13 +513,13 @@ def collect_summaries(out: str | Path) -> list[dict]:
     return rows
 
 
-def merged_summaries(out: Path, rows: list[dict]) -> list[dict]:
-    """This run's `rows` with the summaries of the other patients already rendered into `out`, sorted
-    by folder. An earlier summary that cannot be read is left out with a warning: this run's
-    outputs are complete, and `idcmap export` names the file."""
+def merged_summaries(out: Path, rows: list[dict], folders: set[str] | None = None) -> list[dict]:
+    """This run's `rows` with the summaries of the other patients already rendered into `out` (of
+    those in `folders` alone, where given), sorted by folder. An earlier summary that cannot be read
+    is left out with a warning: this run's outputs are complete, and `idcmap export` names the file."""
     by_folder = {row["folder"]: row for row in rows}
     for folder, path in _summary_paths(out):
-        if folder not in by_folder:
+        if folder not in by_folder and (folders is None or folder in folders):
             try:
                 by_folder[folder] = read_summary(path, folder)
             except OutputError as err:

@@ -116,6 +116,40 @@ def test_atomic_paths_put_back_what_they_renamed_when_a_later_rename_fails(tmp_p
     assert _leftovers(tmp_path, {"m.pt", "m.json"}) == []
 
 
+def test_atomic_paths_put_back_what_they_renamed_on_ctrl_c_between_renames(tmp_path, monkeypatch):
+    files = [tmp_path / name for name in ("m.pt", "m.json", "m.split.json")]
+    for path in files:
+        path.write_text(f"old {path.name}")
+    real_replace, calls = os.replace, []
+
+    def interrupted(source, target):
+        calls.append(target)
+        if len(calls) == 4:  # m.json moved aside, its new file not yet in
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with export.atomic_paths(*files) as temps:
+            for tmp in temps:
+                tmp.write_text("new")
+    assert [path.read_text() for path in files] == [f"old {path.name}" for path in files]
+    assert _leftovers(tmp_path, {path.name for path in files}) == []
+
+
+def test_a_writers_failure_inside_atomic_paths_names_the_target_not_the_temp_file(tmp_path, monkeypatch):
+    weights, card = tmp_path / "m.pt", tmp_path / "m.json"
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OutputError) as info:
+        with export.atomic_paths(weights, card) as (new_weights, new_card):
+            new_weights.write_text("weights")
+            monkeypatch.setattr(os, "fsync", no_space)
+            export.write_json(new_card, {"sha256": "x"})
+    assert str(info.value).startswith(f"{card}: writing failed (No space left on device)")
+    assert ".tmp" not in str(info.value) and _leftovers(tmp_path, set()) == []
+
+
 def test_write_csv_round_trip(tmp_path):
     fields = ["patient", "status", "error", "value"]
     rows = [

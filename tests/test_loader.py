@@ -498,3 +498,11 @@ def test_inputs_fingerprint_is_of_the_files_read(patient_factory, layout):
     os.utime(patch, ns=(patch.stat().st_atime_ns, patch.stat().st_mtime_ns + 10**9))
     assert inputs_sha256(folder) != slide.inputs_sha256
     assert load_slide(folder).inputs_sha256 == inputs_sha256(folder)
+
+
+def test_inputs_fingerprint_with_skipped_files_is_the_same_however_the_folder_is_named(patient_factory, monkeypatch):
+    folder = patient_factory("P", {(0, 0): (0, solid((10, 20, 30)))})
+    (folder / "notes.txt").write_text("a skipped file")
+    absolute = inputs_sha256(folder.resolve())
+    monkeypatch.chdir(folder.parent)
+    assert inputs_sha256(Path("P")) == absolute == load_slide(Path("P")).inputs_sha256

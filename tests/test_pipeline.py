@@ -879,3 +879,22 @@ def test_hidden_files_in_a_patients_output_folder_survive_a_new_render(tmp_path,
     assert (out / "A" / ".notes").read_text() == "ask the pathologist"
     assert json.loads((out / "A" / "summary.json").read_text())["threshold"] == 0.2
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no trash or staging left
+
+
+def test_a_shard_stopped_early_keeps_its_other_patients_in_its_summary(tmp_path, tiny_weights, monkeypatch):
+    from idcmap import pipeline
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A", "B", "C", "D"])
+    render_folder(root, out, _options(tiny_weights, shard=(0, 2), threshold=0.9))  # A and C
+    real = pipeline.render_patient
+
+    def stopped_at_c(folder, *args, **kwargs):
+        if folder.name == "C":
+            raise KeyboardInterrupt
+        return real(folder, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "render_patient", stopped_at_c)
+    with pytest.raises(KeyboardInterrupt):
+        render_folder(root, out, _options(tiny_weights, shard=(0, 2), threshold=0.1))
+    rows = _read_csv(out / summary_name((0, 2)))
+    assert {row["patient"]: float(row["threshold"]) for row in rows} == {"A": 0.1, "C": 0.9}  # not B or D
