@@ -836,21 +836,25 @@ def test_resume_renders_again_when_a_skipped_file_appears_or_goes(tmp_path, tiny
     assert json.loads((out / "P" / "summary.json").read_text())["skipped_files"] == 0
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OutputError("out/B: cannot move outputs into place")])
-def test_a_run_stopped_early_lists_the_patients_it_replaced(tmp_path, tiny_weights, monkeypatch, stop):
+def _stop_at(monkeypatch, patient: str, stop: BaseException) -> None:
+    """Make render_patient raise `stop` when it reaches `patient` (the others render as usual)."""
     from idcmap import pipeline
 
+    real = pipeline.render_patient
+
+    def stopped(folder, *args, **kwargs):
+        if folder.name == patient:
+            raise stop
+        return real(folder, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "render_patient", stopped)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OutputError("out/B: cannot move outputs into place")])
+def test_a_run_stopped_early_lists_the_patients_it_replaced(tmp_path, tiny_weights, monkeypatch, stop):
     root, out = tmp_path / "in", tmp_path / "out"
     _small_patients(root, ["A", "B"])
     render_folder(root, out, _options(tiny_weights, threshold=0.9))
-    real = pipeline.render_patient
-
-    def stopped_at_b(folder, *args, **kwargs):
-        if folder.name == "B":
-            raise stop
-        return real(folder, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "render_patient", stopped_at_b)
+    _stop_at(monkeypatch, "B", stop)
     with pytest.raises(type(stop)):
         render_folder(root, out, _options(tiny_weights, threshold=0.1))
     thresholds = {row["patient"]: float(row["threshold"]) for row in _read_csv(out / "summary.csv")}
@@ -882,18 +886,10 @@ def test_hidden_files_in_a_patients_output_folder_survive_a_new_render(tmp_path,
 
 
 def test_a_shard_stopped_early_keeps_its_other_patients_in_its_summary(tmp_path, tiny_weights, monkeypatch):
-    from idcmap import pipeline
-
     root, out = tmp_path / "in", tmp_path / "out"
     _small_patients(root, ["A", "B", "C", "D"])
     render_folder(root, out, _options(tiny_weights, shard=(0, 2), threshold=0.9))  # A and C
-    real = pipeline.render_patient
-
-    def stopped_at_c(folder, *args, **kwargs):
-        if folder.name == "C":
-            raise KeyboardInterrupt
-        return real(folder, *args, **kwargs)
-    monkeypatch.setattr(pipeline, "render_patient", stopped_at_c)
+    _stop_at(monkeypatch, "C", KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         render_folder(root, out, _options(tiny_weights, shard=(0, 2), threshold=0.1))
     rows = _read_csv(out / summary_name((0, 2)))
