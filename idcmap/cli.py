@@ -244,8 +244,9 @@ def train(obj: dict, data_root: Path, model: str, out: Path, split_file: Path | 
 
     config = TrainConfig(epochs=epochs, batch_patches=batch_patches, window=window, learning_rate=learning_rate,
                          weight_decay=weight_decay, patience=patience, stain_jitter=stain_jitter,
-                         test_fraction=test_fraction, val_fraction=val_fraction, seed=seed, device=device, precision=precision,
-                         colour_normalise=colour_normalise, ema=ema, scattered_repeat=scattered_repeat)
+                         test_fraction=test_fraction, val_fraction=val_fraction, seed=seed, device=device,
+                         precision=precision, colour_normalise=colour_normalise, ema=ema,
+                         scattered_repeat=scattered_repeat)
     card = run_training(data_root, model, out, config, split_file=split_file, resume=resume,
                         progress=not obj["quiet"])
     click.echo(json_text({"weights": str(out), "calibration": card["calibration"],
