@@ -8,6 +8,8 @@ paired bootstrap intervals. Also the scoring speed of each model, measured in th
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np  # noqa: E402
 from . import metrics  # noqa: E402
 from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, patient_ids  # noqa: E402
 from .errors import IdcmapError, OptionError  # noqa: E402
-from .export import atomic_write_bytes, writable_folder, write_json  # noqa: E402
+from .export import atomic_paths, json_text, writable_folder  # noqa: E402
 from .loader import Slide  # noqa: E402
 from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
 from .regions import dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
@@ -73,21 +75,22 @@ def _group(patient_id: str) -> str:
     return patient_id.rpartition("/")[0] or "root"
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    import io
-
+def _png(fig: plt.Figure) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, split_file: str | Path | None = None,
                     device: str = "auto", record: bool = False, backend: str = "auto", progress: bool = True,
                     weights: str | Path | None = None) -> dict:
     """Evaluate `models` (default: every registry model with weights) on the split's test patients,
-    or the one `weights` file (with at most one model name); write metrics.json and figures to
-    `out`; with `record`, add the test figures to each model's card. Return the report."""
+    or the one `weights` file (with at most one model name); write metrics.json, models.md and the
+    figures to `out` (with `record`, each model's card gets its test figures), all replaced together,
+    and remove the figures an earlier evaluation into `out` listed but this one did not write.
+    Return the report."""
     out = Path(out)
     if weights is not None:
         if len(models) > 1:
@@ -176,16 +179,33 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
                 "against": {name: paired_differences([rows[reference][i] for i in chosen], [rows[name][i] for i in chosen])
                             for name in rows if name != reference}}
         for group in sorted(set(groups)) if (chosen := [i for i in whole if groups[i] == group]) and len(rows) > 1}
-    write_json(out / "metrics.json", report)
-    atomic_write_bytes(out / "models.md", models_table(report, loaded, split).encode())
+    files = _figures(curves, loaded)
+    report["files"] = ["metrics.json", "models.md", *files]
+    files = {"metrics.json": (json_text(report) + "\n").encode(),
+             "models.md": models_table(report, loaded, split).encode(), **files}
+    outputs = {out / name: data for name, data in files.items()}
     if record:
         for model in loaded:
             card = dict(model.card)
             card["test"] = {"split_file": Path(split_file).name, "patients": len(slides),
                             **report["summary"][model.name]}
-            write_json(card_path(model.path), card)
-    _figures(out, curves, loaded)
+            outputs[card_path(model.path)] = (json_text(card) + "\n").encode()
+    earlier = _earlier_files(out)
+    with atomic_paths(*outputs) as temps:  # all or nothing: metrics, table, figures and cards agree
+        for tmp, data in zip(temps, outputs.values()):
+            tmp.write_bytes(data)
+    for name in sorted(earlier - set(files)):  # an earlier evaluation's figures of models not evaluated now
+        (out / name).unlink(missing_ok=True)
     return report
+
+
+def _earlier_files(out: Path) -> set[str]:
+    """The files an earlier evaluation listed in out/metrics.json (plain names only), if it did."""
+    try:
+        listed = json.loads((out / "metrics.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in listed if isinstance(name, str) and name == Path(name).name and not name.startswith(".")}
 
 
 def models_table(report: dict, loaded: list, split: dict) -> str:
@@ -249,7 +269,10 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figures(out: Path, curves: dict, loaded: list) -> None:
+def _figures(curves: dict, loaded: list) -> dict[str, bytes]:
+    """The PNG figures by file name: ROC/PR curves, and per model its confusion matrix, sample
+    grid and (where its card has a history) training curves."""
+    figures = {}
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5))
     for name, (labels, probability, _, _, _) in curves.items():
         fpr, tpr = metrics.roc_curve(labels, probability)
@@ -261,7 +284,7 @@ def _figures(out: Path, curves: dict, loaded: list) -> None:
     pr_ax.set(xlabel="recall (IDC)", ylabel="precision (IDC)", title="Precision-recall, test patients")
     roc_ax.legend(loc="lower right")
     pr_ax.legend(loc="lower left")
-    _save(fig, out / "roc_pr.png")
+    figures["roc_pr.png"] = _png(fig)
     for name, (labels, probability, threshold, slides, scored) in curves.items():
         matrix = metrics.confusion(labels, probability >= threshold)
         fig, ax = plt.subplots(figsize=(4.2, 3.8))
@@ -271,8 +294,8 @@ def _figures(out: Path, curves: dict, loaded: list) -> None:
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-IDC", "IDC"], yticklabels=["non-IDC", "IDC"],
                xlabel="predicted", ylabel="labelled",
                title=f"{name} @ {threshold[0]:.2f}" if np.ptp(threshold) == 0 else f"{name} @ each slide's threshold")
-        _save(fig, out / f"confusion_{name}.png")
-        _sample_grid(out / f"samples_{name}.png", slides, scored, threshold)
+        figures[f"confusion_{name}.png"] = _png(fig)
+        figures[f"samples_{name}.png"] = _sample_grid(slides, scored, threshold)
     for model in loaded:
         history = model.card.get("history") or []
         if history:
@@ -285,10 +308,11 @@ def _figures(out: Path, curves: dict, loaded: list) -> None:
             ax.set(xlabel="epoch", title=f"{model.name} training")
             ax.legend(loc="upper left")
             ax2.legend(loc="upper right")
-            _save(fig, out / f"training_{model.name}.png")
+            figures[f"training_{model.name}.png"] = _png(fig)
+    return figures
 
 
-def _sample_grid(path: Path, slides: list[Slide], scored: list, threshold: np.ndarray, per_cell: int = 8) -> None:
+def _sample_grid(slides: list[Slide], scored: list, threshold: np.ndarray, per_cell: int = 8) -> bytes:
     """Patches in four rows: true positives, true negatives, false positives, false negatives
     (`threshold`: each patch's)."""
     rng = np.random.default_rng(0)
@@ -306,4 +330,4 @@ def _sample_grid(path: Path, slides: list[Slide], scored: list, threshold: np.nd
             if col < len(chosen):
                 ax.imshow(pixels[chosen[col]])
         axes[row, 0].set_title(title, fontsize=8, loc="left")
-    _save(fig, path)
+    return _png(fig)

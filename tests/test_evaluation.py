@@ -5,8 +5,11 @@ Every figure in metrics.json is checked against what is recomputed here from the
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,6 +354,49 @@ def test_evaluate_a_weights_file_outside_weights(tmp_path, evaluated):
     assert card["test"]["patch_all"] == report["summary"]["cancernet"]["patch_all"]
     with pytest.raises(OptionError, match="at most one --model"):
         evaluate_models(evaluated["root"], ["cancernet", "resnet18"], tmp_path / "out", device="cpu", weights=trained)
+
+
+def test_evaluating_again_into_the_same_folder_replaces_the_earlier_figures(tmp_path, evaluated):
+    """A second evaluation (one model) into a folder of an earlier one (two models) leaves no figure of
+    the model it did not evaluate, and keeps files idcmap did not write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in evaluated["out"].iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    (out / "confusion_notes.png").write_bytes(b"mine")  # named like a figure, but not listed by idcmap
+    trained = tmp_path / "run" / "trained.pt"
+    write_tiny_weights(trained, model="cancernet", seed=5)
+    save_split(evaluated["split"], trained.with_suffix(".split.json"))
+    report = evaluate_models(evaluated["root"], [], out, device="cpu", weights=trained)
+    listed = ["metrics.json", "models.md", "roc_pr.png", "confusion_cancernet.png", "samples_cancernet.png"]
+    assert report["files"] == listed
+    assert sorted(p.name for p in out.iterdir()) == sorted([*listed, "confusion_notes.png"])
+    assert json.loads((out / "metrics.json").read_text())["files"] == listed
+
+
+def test_a_failed_write_keeps_every_earlier_output(tmp_path, evaluated, monkeypatch):
+    """Outputs are replaced together: where one cannot be written, metrics.json, the figures and the
+    card all stay as the earlier evaluation left them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in evaluated["out"].iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    trained = tmp_path / "run" / "trained.pt"
+    write_tiny_weights(trained, model="cancernet", seed=5)
+    save_split(evaluated["split"], trained.with_suffix(".split.json"))
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "samples_cancernet.png" and str(src).endswith(".tmp"):  # the new file, not a put-back
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OutputError, match="nothing was left half-written"):
+        evaluate_models(evaluated["root"], [], out, device="cpu", record=True, weights=trained)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not card_path(trained).exists()
 
 
 def _one_patient_setup(tmp_path, monkeypatch):
