@@ -40,6 +40,9 @@ PATIENT_FILES = ("mosaic.png", "overlay.png", "probabilities.csv", "probabilitie
                  "summary.json")
 RECORDED_FILES = tuple(name for name in PATIENT_FILES if name != "summary.json")
 """The outputs whose size and sha256 summary.json records, for `--resume` to check."""
+# the longest name a folder may have (most file systems) less what the staging and trash names add
+# (".NAME.0123abcd.tmp", ".NAME.old.0123abcd")
+MAX_PATIENT_NAME_BYTES = 255 - len(".old.0123abcd") - 1
 THRESHOLD_TAGS = {"fixed": "", "scattered": " (scattered samples)", "otsu": " (Otsu)", "otsu floor": " (Otsu's floor)"}
 """The overlay's note after a slide's threshold, by `regions.SlideThreshold.source`."""
 PROBABILITY_FIELDS = ["file", "x", "y", "width", "height", "label", "patch_probability", "probability",
@@ -121,6 +124,10 @@ def check_output_folder(out: Path, name: str, inputs: InputFolders) -> None:
     lies inside any input patient folder of the run, that is a file or lies below one, or that
     holds files idcmap did not write (hidden ones aside): replacing it would lose them."""
     out_dir = out / name
+    if len(os.fsencode(out_dir.name)) > MAX_PATIENT_NAME_BYTES:
+        raise OutputError(f"{out_dir}: the patient folder's name is too long for idcmap's outputs "
+                          f"({len(os.fsencode(out_dir.name))} bytes, at most {MAX_PATIENT_NAME_BYTES}); "
+                          "rename the patient folder")
     for above in list(Path(name).parents)[:-1]:  # the folders between out and out/<name> (name: a/b/patient)
         if os.path.lexists(out / above) and not (out / above).is_dir():
             raise OutputError(f"{out / above}: a file where idcmap writes the folder of {name}; move it or choose "

@@ -21,6 +21,7 @@ from idcmap.export import SUMMARY_FIELDS
 from idcmap.loader import load_slide
 from idcmap.models import sha256_of
 from idcmap.pipeline import (
+    MAX_PATIENT_NAME_BYTES,
     PATIENT_FILES,
     PROBABILITY_FIELDS,
     RenderOptions,
@@ -872,6 +873,20 @@ def test_a_file_above_a_patients_output_folder_is_refused_before_anything_is_wri
     with pytest.raises(OutputError, match=r"out/h: a file where idcmap writes the folder of h/B"):
         render_folder(root, out, _options(tiny_weights))
     assert sorted(p.name for p in out.iterdir()) == ["h"] and (out / "h").read_text() == "mine"
+
+
+def test_a_patient_folder_name_too_long_for_the_staging_folder_is_named_as_the_cause(tmp_path, tiny_weights):
+    """A name of 242-255 bytes is a valid folder, but ".NAME.0123abcd.tmp" beside its outputs is not:
+    refused before anything is written, naming the folder (not "choose a writable -o")."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A"])
+    long_name = "P" * (MAX_PATIENT_NAME_BYTES + 1)
+    (root / "A").rename(root / long_name)
+    with pytest.raises(OutputError, match=rf"{long_name}: the patient folder's name is too long .*rename the patient"):
+        render_folder(root, out, _options(tiny_weights))
+    assert not out.exists() or not any(out.iterdir())
+    (root / long_name).rename(root / long_name[1:])  # at the limit: rendered
+    assert [row["status"] for row in render_folder(root, out, _options(tiny_weights))] == ["ok"]
 
 
 def test_hidden_files_in_a_patients_output_folder_survive_a_new_render(tmp_path, tiny_weights):
