@@ -421,7 +421,8 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
     `threshold_rule` (fixed, otsu; None: the model's own) as `fit_calibration` takes it.
     `colour_normalise`: a model without a colour reference gets one, from its training patients
     (one that has a reference keeps it); its int8 network, calibrated on other colours, is then no
-    longer listed in the card (run `quantize` again)."""
+    longer listed in the card (run `quantize` again); otherwise it stays, and its figures against
+    fp32 are measured again under the new calibration."""
     model = load_model(model_name, weights)
     path, spec = model.path, get_spec(model.name)
     folders = patient_ids(data_root)
@@ -441,6 +442,10 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
     calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
                                           model.network.context_reach, smoothing_sigmas(spec),
                                           threshold_rule=threshold_rule or model.calibration.threshold_rule)
+    int8 = model.card.get("int8")  # kept as is where it is of other weights (unused, see scoring)
+    same_network = int8 and int8.get("weights_sha256") == model.sha256 and not new_reference
+    if same_network and "validation" in int8 and model.int8_path.is_file():  # its figures under the new calibration
+        int8 = {**int8, "validation": int8_agreement(replace(model, calibration=calibration), val_slides)}
     payload = read_weights(path)
     payload["calibration"] = asdict(calibration)
     payload.update(colour_fields(model.colour_reference))
@@ -451,8 +456,8 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
                     input=input_description(model.colour_reference), **colour_fields(model.colour_reference))
         if new_reference and "int8" in card:
             del card["int8"]  # its activation ranges and figures are of unnormalised colours
-        elif card.get("int8", {}).get("weights_sha256") == model.sha256:  # same network: its int8 version holds
-            card["int8"] = {**card["int8"], "weights_sha256": card["sha256"]}
+        elif same_network:  # its int8 version holds
+            card["int8"] = {**int8, "weights_sha256": card["sha256"]}
         write_json(card_file, card)
     if new_reference and "int8" in model.card:
         log.warning("%s: its int8 network was made for unnormalised colours and is no longer used; run "

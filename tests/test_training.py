@@ -15,7 +15,8 @@ from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 from idcmap.models import build_model, card_path, load_model, read_weights, sha256_of
 from idcmap.scoring import Scorer
-from idcmap.training import TrainConfig, pixel_statistics, quantize, recalibrate, train, training_precision
+from idcmap.training import (TrainConfig, int8_agreement, pixel_statistics, quantize, recalibrate, train,
+                             training_precision)
 
 MODEL = "cancernet-context"
 
@@ -524,9 +525,16 @@ def test_recalibrating_keeps_the_int8_network_usable(quantised, tmp_path):
     root, weights, _ = quantised
     for source in (weights, card_path(weights), weights.with_suffix(".int8.onnx"), weights.with_suffix(".split.json")):
         (tmp_path / source.name).write_bytes(source.read_bytes())
+    stale = json.loads(card_path(tmp_path / weights.name).read_text())
+    stale["int8"]["validation"]["decisions_changed"] = 0.5  # as if measured under another calibration
+    card_path(tmp_path / weights.name).write_text(json.dumps(stale))
     card = recalibrate(root, MODEL, tmp_path / weights.name, device="cpu")
     assert card["int8"]["weights_sha256"] == card["sha256"] == sha256_of(tmp_path / weights.name)
-    assert Scorer(load_model(MODEL, tmp_path / weights.name), device="cpu").backend == "onnx-int8"
+    model = load_model(MODEL, tmp_path / weights.name)
+    assert Scorer(model, device="cpu").backend == "onnx-int8"
+    split = json.loads(weights.with_suffix(".split.json").read_text())
+    val_slides = [load_slide(root / patient) for patient in split["val"]]
+    assert card["int8"]["validation"] == int8_agreement(model, val_slides)  # measured again, under the new calibration
 
 
 def _train_slides(root, weights):
