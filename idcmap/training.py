@@ -624,6 +624,10 @@ def resume_from(path: Path, model_name: str, network: PatchClassifier, optimizer
     state = load_torch_file(path, "an idcmap training checkpoint", CHECKPOINT_REMEDY)
     misfit = (f"{path}: this checkpoint does not fit a {model_name!r} training run (another model's, or from "
               f"another idcmap version); {CHECKPOINT_REMEDY}")
+    trained_as = state.get("model", model_name) if isinstance(state, dict) else model_name  # older: unrecorded
+    if trained_as != model_name:  # e.g. cancernet and cancernet-smooth: one network, other calibrations
+        raise OptionError(f"--model {model_name}: {path} is a checkpoint of a {trained_as!r} training run; resume "
+                          f"with --model {trained_as}, or train without --resume")
     try:
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
@@ -771,7 +775,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         else:
             stale += 1
         save_checkpoint(checkpoint_path, {
-            "network": network.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model_name, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "best_state": best_state,
             "best_auc": best_auc, "stale": stale, "numpy_rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "precision": config.precision, **colour_fields(reference),

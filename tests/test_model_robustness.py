@@ -14,7 +14,7 @@ import torch
 
 from conftest import MODEL_NAME, run_main, write_tiny_weights
 from idcmap import training
-from idcmap.errors import IdcmapError, OutputError, SplitError, WeightsError
+from idcmap.errors import IdcmapError, OptionError, OutputError, SplitError, WeightsError
 from idcmap.models import build_model, card_path, load_model, save_checkpoint
 from idcmap.training import TrainConfig, recalibrate, train
 from test_training import _synthetic_root
@@ -179,6 +179,24 @@ def test_checkpoint_with_a_malformed_run_record_is_refused(data_root, tmp_path, 
         train(data_root, MODEL_NAME, first, TrainConfig(**FAST))
     state = torch.load(first.with_suffix(".ckpt"), weights_only=True)  # a real checkpoint needs no pickled code
     _resume_against(data_root, tmp_path / "w" / "m.pt", {**state, "history": "not a list"})
+
+
+def test_checkpoint_of_another_model_with_the_same_network_is_refused(data_root, tmp_path, monkeypatch):
+    """cancernet and cancernet-smooth share one network, so the state fits; the recorded model name decides."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "w" / "m.pt"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(training, "fit_calibration", interrupted)  # killed after its epoch's checkpoint
+        train(data_root, MODEL_NAME, out, TrainConfig(**FAST))
+    state = torch.load(out.with_suffix(".ckpt"), weights_only=True)
+    assert state["model"] == MODEL_NAME
+    save_checkpoint(out.with_suffix(".ckpt"), {**state, "model": "other-model"})
+    with pytest.raises(OptionError) as info:
+        train(data_root, MODEL_NAME, out, TrainConfig(**FAST), resume=True)
+    assert_one_clear_line(info.value, out.with_suffix(".ckpt"), "--model other-model")
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.with_suffix(".ckpt").name]
 
 
 def test_checkpoint_that_would_run_code_is_refused_without_running_it(data_root, tmp_path):
