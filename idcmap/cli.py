@@ -24,7 +24,8 @@ MODEL_CHOICE = click.Choice(sorted(REGISTRY))
 UNSHIPPED = ", ".join(name for name, spec in sorted(REGISTRY.items()) if not spec.weights_path.is_file())
 UNSHIPPED_NOTE = f" Without shipped weights (train them, then pass --weights): {UNSHIPPED}." if UNSHIPPED else ""
 DEVICE_HELP = "auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N."
-THRESHOLD_RULE_HELP = ("fixed: one threshold for every slide; otsu: each whole slide's own Otsu threshold of its "
+THRESHOLD_RULE_HELP = ("fixed: one threshold for every whole slide (scattered samples keep their own where the "
+                       "model has one; --threshold sets one for all); otsu: each whole slide's own Otsu threshold of its "
                        "probabilities, never below half the fixed one (follows a slide scored higher or lower than "
                        "usual, but can over-call a slide with little IDC; scattered samples keep the fixed one, or "
                        "their own where the model has one)")
@@ -124,7 +125,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
               help="Drop predicted regions smaller than this many patches that border non-IDC tissue "
                    "(an isolated sample's regions are kept) [default: the model's].")
 @click.option("--max-hole", "max_hole_cells", type=click.IntRange(0), default=None,
-              help="Fill holes of at most this many patches in predicted regions [default: the model's].")
+              help="Fill holes of at most this many grid cells in predicted regions (cells without a patch "
+                   "count towards a hole's size but are never filled) [default: the model's].")
 @click.option("--max-mosaic-pixels", type=click.IntRange(1), default=DEFAULT_MAX_MOSAIC_PIXELS, show_default=True,
               help="Refuse a slide whose mosaic would exceed this many pixels.")
 @click.option("--jobs", type=click.IntRange(1), default=None,

@@ -258,6 +258,9 @@ class Calibration:
                 return f"its calibration {name.replace('_', ' ')} {values[name]} lies outside [0, 1]"
         if min(self.smoothing_sigma, self.min_region_cells, self.max_hole_cells) < 0:
             return "its calibration smoothing or region sizes are negative"
+        if not all(isinstance(v, int) for v in (self.min_region_cells, self.max_hole_cells)):
+            return (f"its calibration region sizes must be whole numbers of cells ({self.min_region_cells}, "
+                    f"{self.max_hole_cells})")
         return None
 
 
@@ -430,7 +433,8 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
                            f"`idcmap train DATA_ROOT --model {name} -o {path}`")
     if path.name.endswith((".json", ".onnx")):
         what = "the int8 patch network" if path.suffix == ".onnx" else "a model card or split (JSON)"
-        beside = path.parent / (path.name.split(".")[0] + ".pt")
+        stem = path.name.removesuffix(".int8.onnx").removesuffix(".split.json").removesuffix(".json")
+        beside = path.parent / (stem.removesuffix(".onnx") + ".pt")
         raise WeightsError(f"{path}: {what}, not a weights file; pass the .pt file beside it ({beside})")
     try:
         data = path.read_bytes()  # read once: hashed here, loaded below

@@ -118,6 +118,14 @@ def test_weights_folder_is_named_as_a_folder(tmp_path):
     assert_one_clear_line(info.value, tmp_path, "is a folder, not a weights file")
 
 
+@pytest.mark.parametrize("name", ["rn.v2.int8.onnx", "rn.v2.json", "rn.v2.split.json"])
+def test_a_file_beside_the_weights_points_to_the_weights(tmp_path, name):
+    (tmp_path / name).write_text("{}")
+    with pytest.raises(WeightsError) as info:
+        load_model(weights=tmp_path / name)
+    assert_one_clear_line(info.value, tmp_path / name, f"pass the .pt file beside it ({tmp_path / 'rn.v2.pt'})")
+
+
 def test_missing_weights_file_names_it(tmp_path):
     with pytest.raises(WeightsError) as info:
         load_model(weights=tmp_path / "absent.pt")
@@ -321,7 +329,7 @@ def test_recalibrate_refuses_single_class_validation(tmp_path):
 
 @pytest.mark.parametrize("calibration", [
     {"threshold": math.nan}, {"threshold": 1.5}, {"temperature": 0.0}, {"patch_temperature": -1.0},
-    {"smoothing_sigma": math.inf}, {"min_region_cells": -2},
+    {"smoothing_sigma": math.inf}, {"min_region_cells": -2}, {"min_region_cells": 2.5}, {"max_hole_cells": 4.0},
 ])
 def test_weights_with_an_unusable_calibration_are_refused(tmp_path, calibration):
     path = write_tiny_weights(tmp_path / f"{MODEL_NAME}.pt", calibration=calibration)
