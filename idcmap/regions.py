@@ -10,7 +10,7 @@ from shapely.ops import unary_union
 from scipy import ndimage
 from skimage import measure, morphology
 
-from .loader import PATCH_SIZE, Slide
+from .loader import Slide
 from .models import Calibration
 
 
@@ -109,13 +109,12 @@ def dice(slide: Slide, predicted: np.ndarray, labelled: np.ndarray) -> float:
     return float(2 * areas[predicted & labelled].sum() / denominator)
 
 
-def region_contours(slide: Slide, mask: np.ndarray) -> list[np.ndarray]:
-    """Outlines of the masked regions as (M, 2) arrays of mosaic pixel (x, y), for drawing."""
-    upsample = 8  # sub-cells per patch side: outlines follow patch edges, corners cut by 1/16 patch
-    grid = np.kron(slide.grid_values(mask.astype(np.float64), fill=0.0), np.ones((upsample, upsample)))
-    grid = np.pad(grid, 1)
-    scale = PATCH_SIZE / upsample
-    return [(contour[:, ::-1] - 1 + 0.5) * scale for contour in measure.find_contours(grid, 0.5)]
+def region_outlines(slide: Slide, mask: np.ndarray) -> list[np.ndarray]:
+    """Outlines of the masked regions (outer rings and holes of `region_polygons`, each patch at its
+    real size) as (M, 2) arrays of mosaic pixel (x, y), for drawing."""
+    origin = np.array(slide.origin_xy, dtype=np.float64)
+    return [np.asarray(ring.coords) - origin
+            for polygon in region_polygons(slide, mask) for ring in (polygon.exterior, *polygon.interiors)]
 
 
 def region_polygons(slide: Slide, mask: np.ndarray) -> list[Polygon]:

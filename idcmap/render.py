@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .export import encode_png
 from .loader import PATCH_SIZE, Slide
-from .regions import region_contours
+from .regions import region_outlines
 
 HEATMAP = "viridis"  # perceptually uniform
 HEAT_ALPHA = 0.55
@@ -65,8 +65,12 @@ def _cell_layer(slide: Slide, colours: np.ndarray, alpha: np.ndarray, size: tupl
     return full.crop((0, 0, *size))  # edge patches are smaller than a cell: the slide ends inside it
 
 
-def _polyline(points: np.ndarray, scale: float) -> list[tuple[float, float]]:
-    return [(float(x), float(y)) for x, y in points * scale]
+def _polyline(points: np.ndarray, scale: float, size: tuple[int, int]) -> list[tuple[float, float]]:
+    """Mosaic pixel (x, y) points on a panel of `size`, kept 1 px inside its edges, where a 2 px line
+    drawn through them (it covers the pixel at a point and one beside it) stays on the panel:
+    outlines along the slide's right and bottom edges show."""
+    panel = np.clip(points * scale, 1, [max(1, size[0] - 2), max(1, size[1] - 2)])
+    return [(float(x), float(y)) for x, y in panel]
 
 
 def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colour: tuple[int, int, int],
@@ -119,7 +123,7 @@ def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predi
     colours = _heat_colours()[(np.nan_to_num(heat).clip(0, 1) * 255).round().astype(int)]
     prediction = Image.alpha_composite(base, _cell_layer(slide, colours, present * HEAT_ALPHA, size, scale))
     draw = ImageDraw.Draw(prediction)
-    predicted_lines = [_polyline(line, scale) for line in region_contours(slide, predicted)]
+    predicted_lines = [_polyline(line, scale, size) for line in region_outlines(slide, predicted)]
     for line in predicted_lines:
         draw.line(line, fill=PREDICTED_COLOUR, width=2)
     panels = [(prediction, "Predicted IDC probability, regions outlined")]
@@ -130,8 +134,8 @@ def overlay_png(slide: Slide, mosaic: np.ndarray, probability: np.ndarray, predi
         red = np.broadcast_to(np.array(LABELLED_COLOUR, dtype=np.uint8), (*truth.shape, 3))
         comparison = Image.alpha_composite(base, _cell_layer(slide, red, truth * LABELLED_ALPHA, size, scale))
         draw = ImageDraw.Draw(comparison)
-        for line in region_contours(slide, labelled):
-            draw.line(_polyline(line, scale), fill=LABELLED_COLOUR, width=2)
+        for line in region_outlines(slide, labelled):
+            draw.line(_polyline(line, scale, size), fill=LABELLED_COLOUR, width=2)
         for line in predicted_lines:
             _dashed(draw, line, PREDICTED_COLOUR, width=2)
         panels.append((comparison, "Labelled IDC (file names, red) vs predicted (cyan, dashed)"))

@@ -12,7 +12,7 @@ from shapely.ops import unary_union
 from conftest import DATA_ROOT, grid_patches, real_patient_folder, solid
 from idcmap.loader import load_slide
 from idcmap.models import Calibration
-from idcmap.regions import (dice, idc_area_fraction, predicted_mask, region_contours, region_polygons,
+from idcmap.regions import (dice, idc_area_fraction, predicted_mask, region_outlines, region_polygons,
                             SlideThreshold, slide_threshold)
 
 
@@ -296,13 +296,23 @@ def test_region_polygons_empty(patient_factory):
     assert region_polygons(slide, np.zeros(3, bool)) == []
 
 
-def test_region_contours_follow_cell_edges(patient_factory):
+def test_region_outlines_follow_cell_edges(patient_factory):
     slide = _grid_slide(patient_factory, 3, 4)
     cells = [tuple(rc) for rc in slide.cells.tolist()]
     mask = np.array([rc == (1, 2) for rc in cells])
-    contours = region_contours(slide, mask)
-    assert len(contours) == 1
-    xs, ys = contours[0][:, 0], contours[0][:, 1]
-    assert xs.min() == pytest.approx(100) and xs.max() == pytest.approx(150)
-    assert ys.min() == pytest.approx(50) and ys.max() == pytest.approx(100)
-    assert region_contours(slide, np.zeros(len(slide), bool)) == []
+    outlines = region_outlines(slide, mask)
+    assert len(outlines) == 1
+    xs, ys = outlines[0][:, 0], outlines[0][:, 1]  # mosaic pixels: the slide's (1, 1) is the mosaic's (0, 0)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (100, 150, 50, 100)
+    assert region_outlines(slide, np.zeros(len(slide), bool)) == []
+
+
+def test_region_outlines_take_edge_patches_at_their_size_and_include_holes(patient_factory):
+    edge = _edge_slide(patient_factory)  # the IDC patch at x 100..120 of the mosaic
+    (outline,) = region_outlines(edge, edge.labels == 1)
+    assert (outline[:, 0].min(), outline[:, 0].max(), outline[:, 1].max()) == (100, 120, 50)
+    ring = _grid_slide(patient_factory, 3, 3, name="R")
+    centre = np.array([tuple(rc) != (1, 1) for rc in ring.cells.tolist()])
+    outer, hole = region_outlines(ring, centre)
+    assert (outer.min(axis=0).tolist(), outer.max(axis=0).tolist()) == ([0, 0], [150, 150])
+    assert (hole.min(axis=0).tolist(), hole.max(axis=0).tolist()) == ([50, 50], [100, 100])

@@ -56,6 +56,30 @@ def test_predicted_region_is_outlined(tmp_path):
     assert cyan.sum() >= 2  # both vertical edges of the outline cross this row
 
 
+
+def test_outlines_reach_the_slides_right_and_bottom_edges(tmp_path):
+    """A slide all IDC, its last column 20 px wide and last row 20 px high (edge patches): the
+    outline runs along the panel's last pixel column and row, not past the tissue, off the panel."""
+    patches = {}
+    for r in range(4):
+        for c in range(6):
+            patches[(c * 50 + 1, r * 50 + 1)] = (None, solid((GREY,) * 3, height=20 if r == 3 else 50,
+                                                                width=20 if c == 5 else 50))
+    slide = load_slide(make_patient(tmp_path, "P", patches, layout="flat"))
+    everywhere = np.ones(len(slide), bool)
+    picture = Image.open(io.BytesIO(overlay_png(slide, slide.mosaic(), everywhere.astype(float), everywhere, "P", "")))
+    cyan = np.all(np.abs(np.asarray(picture.convert("RGB")).astype(int) - PREDICTED_COLOUR) <= 3, axis=2)
+    height, width = slide.mosaic().shape[:2]
+    assert (height, width) == (170, 270)
+    scale = min(PANEL_MAX_SIZE[0] / width, PANEL_MAX_SIZE[1] / height)
+    top, left = HEADER + CAPTION + (max(round(height * scale), MIN_PANEL_HEIGHT) - round(height * scale)) // 2, MARGIN
+    bottom, right = top + round(height * scale) - 1, left + round(width * scale) - 1
+    for edge in (cyan[top:bottom + 1, left:left + 2].any(axis=1), cyan[top:bottom + 1, right - 1:right + 1].any(axis=1),
+                 cyan[top:top + 2, left:right + 1].any(axis=0), cyan[bottom - 1:bottom + 1, left:right + 1].any(axis=0)):
+        assert edge.mean() > 0.95  # each side of the rectangle drawn, within the panel's 2 edge pixels
+    assert not cyan[top + 5:bottom - 5, left + 5:right - 5].any()  # one region, no inner lines
+
+
 def test_labelled_panel_fills_labelled_cells_only(tmp_path):
     slide, picture = _overlay(tmp_path, labelled_cell=(2, 1))
     np.testing.assert_allclose(picture[_cell_centre(slide, 2, 1, panel=1)], _blend(LABELLED_COLOUR, LABELLED_ALPHA),
