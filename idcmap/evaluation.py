@@ -182,7 +182,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     files = _figures(curves, loaded)
     report["files"] = ["metrics.json", "models.md", *files]
     files = {"metrics.json": (json_text(report) + "\n").encode(),
-             "models.md": models_table(report, loaded, split).encode(), **files}
+             "models.md": models_table(report, loaded, split).encode("utf-8", "backslashreplace"), **files}
     outputs = {out / name: data for name, data in files.items()}
     if record:
         for model in loaded:

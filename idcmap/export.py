@@ -117,8 +117,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text to `path` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write UTF-8 text to `path` atomically; a file name that is not UTF-8 on disk (its bytes kept
+    as surrogates by Python, e.g. caf\udce9) is written with that escape, as JSON writes it."""
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def _strict_json(data: object) -> object:

@@ -326,7 +326,7 @@ def inputs_fingerprint(folder: Path, stats: list[tuple[Path, os.stat_result]], s
     listing = [f"{path.relative_to(folder).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}"
                for path, stat in sorted(stats, key=lambda item: item[0])]
     reasons = sorted(reason.removeprefix(str(folder)) for reason in skipped)  # the same however the folder is named
-    return hashlib.sha256("\n".join([*listing, "skipped:", *reasons]).encode()).hexdigest()
+    return hashlib.sha256("\n".join([*listing, "skipped:", *reasons]).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def inputs_sha256(folder: Path) -> str:

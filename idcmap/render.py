@@ -177,7 +177,7 @@ def _overlay_link(overlay: Path, page: Path) -> str:
     """The URL of `overlay` from `page`: relative, or an absolute file URL where no relative path
     exists (another drive on Windows)."""
     try:
-        return quote(Path(os.path.relpath(overlay, page.parent)).as_posix())
+        return quote(os.fsencode(Path(os.path.relpath(overlay, page.parent)).as_posix()))  # a name's bytes as on disk
     except ValueError:
         return overlay.resolve().as_uri()
 

@@ -889,6 +889,24 @@ def test_a_patient_folder_name_too_long_for_the_staging_folder_is_named_as_the_c
     assert [row["status"] for row in render_folder(root, out, _options(tiny_weights))] == ["ok"]
 
 
+
+@pytest.mark.skipif(os.name != "posix", reason="file names of arbitrary bytes are a POSIX matter")
+def test_names_that_are_not_utf8_render_resume_and_export(tmp_path, tiny_weights):
+    """A patient folder and a stray file named in latin-1 (from an old archive): rendered, the
+    summaries written with the name escaped, the overview linking to the bytes on disk."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A"])
+    os.rename(root / "A", os.fsdecode(bytes(root) + b"/caf\xe9"))
+    folder = root / os.fsdecode(b"caf\xe9")
+    open(os.fsencode(folder) + b"/0/notes \xe9.txt", "w").close()
+    rows = render_folder(root, out, _options(tiny_weights))
+    assert [(row["status"], row["skipped_files"]) for row in rows] == [("ok", 1)]
+    assert [row["folder"] for row in _read_csv(out / "summary.csv")] == ["caf\\udce9"]
+    assert 'href="caf%E9/overlay.png"' in (out / "summary.html").read_text()
+    assert render_folder(root, out, _options(tiny_weights, resume=True)) == rows  # unchanged inputs: kept
+    assert [row["status"] for row in collect_summaries(out)] == ["ok"]
+
+
 def test_hidden_files_in_a_patients_output_folder_survive_a_new_render(tmp_path, tiny_weights):
     root, out = tmp_path / "in", tmp_path / "out"
     _small_patients(root, ["A"])
