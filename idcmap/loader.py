@@ -548,7 +548,8 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     are the loader's to skip.
     Hidden folders below `root` (names starting with '.': .git, idcmap's staging folders) are not
     searched; `export` would not find their outputs either. Symbolic links to folders are followed
-    once each, so link loops cannot trap the walk.
+    once each, so link loops cannot trap the walk. A folder that cannot be listed is named in a
+    warning, or, where no patient folder is found, in the error.
     """
     root = Path(root)
     if not root.is_dir():
@@ -556,7 +557,12 @@ def find_patient_folders(root: str | Path) -> list[Path]:
     found: list[Path] = []
     unrecognised: list[str] = []  # "<folder>: N image files, e.g. <name>" for folders of images none named like patches
     visited: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    unreadable: list[str] = []  # folders that could not be listed (permissions): patients there are not found
+
+    def note_unreadable(err: OSError) -> None:
+        unreadable.append(f"{err.filename}: cannot list this folder ({err.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=note_unreadable):
         here = Path(dirpath)
         real = os.path.realpath(here)
         if real in visited:
@@ -574,6 +580,8 @@ def find_patient_folders(root: str | Path) -> list[Path]:
             if images:
                 unrecognised.append(f"{here}: {len(images)} image file{'s' if len(images) > 1 else ''}, e.g. {images[0]}")
     expected = "<patient>_idx5_x<X>_y<Y>_class<C>.png, directly or in 0/ and 1/"
+    if not found and unreadable:
+        raise EmptyFolderError(f"{root}: no patient folder found; {unreadable[0]}; fix its permissions")
     if not found:
         hint = f"; found {unrecognised[0]}, not named like a patch" if unrecognised else ""
         raise EmptyFolderError(f"{root}: no patient folder at or below it: no file is named like a patch "
@@ -581,6 +589,8 @@ def find_patient_folders(root: str | Path) -> list[Path]:
                                "data set, or rename the patches to that pattern")
     for what in unrecognised:
         log.warning("%s, none named like a patch (%s): not rendered; rename them to render it", what, expected)
+    for what in unreadable:
+        log.warning("%s: patient folders in it, if any, are not found; fix its permissions", what)
     return sorted(found)
 
 

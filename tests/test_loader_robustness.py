@@ -341,3 +341,24 @@ def test_real_patient_mosaic_has_no_blank_margin():
     name = parse_patch_name(top_left.name)
     source = read_png_rgb(top_left)
     np.testing.assert_array_equal(mosaic[name.y - y0 : name.y - y0 + 50, name.x - x0 : name.x - x0 + 50], source)
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch, caplog):
+    """Permissions that hide a patient folder (simulated: tests may run as root) give a warning
+    naming it, or, when no patient is found at all, the error names it."""
+    make_patient(tmp_path / "root", "A", {(1, 1): (0, solid((1, 2, 3)))})
+    make_patient(tmp_path / "root", "B", {(1, 1): (0, solid((1, 2, 3)))})
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)).name == "B":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="idcmap"):
+        assert find_patient_folders(tmp_path / "root") == [tmp_path / "root" / "A"]
+    assert f"{tmp_path / 'root' / 'B'}: cannot list this folder (Permission denied)" in caplog.text
+    make_patient(tmp_path / "only", "B", {(1, 1): (0, solid((1, 2, 3)))})
+    with pytest.raises(EmptyFolderError, match=r"only/B: cannot list this folder \(Permission denied\); fix its"):
+        find_patient_folders(tmp_path / "only")
