@@ -363,6 +363,10 @@ def main() -> None:
     except IdcmapError as err:
         click.echo(f"idcmap: error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:  # one the checks did not foresee (a name too long, an I/O error): still one line
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"idcmap: error: {where}{err.strerror or err}; check this path and try again", err=True)
+        sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("idcmap: interrupted; finished files are complete, unfinished ones were not written", err=True)
         sys.exit(130)

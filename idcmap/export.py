@@ -53,6 +53,9 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
     except OSError as err:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+        blocking = file_in_the_way(path.parent)
+        if blocking is not None:
+            raise OutputError(f"{path}: {blocking} is a file, not a folder; move it or write elsewhere") from err
         raise OutputError(f"{path}: cannot write here ({err.strerror}); make its folder writable or write elsewhere") from err
     try:
         yield temps
@@ -93,6 +96,15 @@ def _rename_together(temps: list[Path], targets: list[Path]) -> None:
             aside.unlink(missing_ok=True)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """`folder`, or the nearest path above it, where it exists but is not a folder (a file): what
+    stops creating `folder`; None where nothing does."""
+    for part in (folder, *folder.parents):
+        if os.path.lexists(part):
+            return None if os.path.isdir(part) else part
+    return None
+
+
 def writable_folder(folder: str | Path) -> Path:
     """`folder`, created (with its parents) where missing, once a file could be written in it;
     OutputError naming it otherwise. For a command to check its -o before its long work."""
@@ -101,8 +113,9 @@ def writable_folder(folder: str | Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
-        what = "exists and is not a folder" if folder.exists() and not folder.is_dir() else \
-            f"cannot write in this folder ({err.strerror})"
+        blocking = file_in_the_way(folder)
+        what = ("exists and is not a folder" if blocking == folder else f"lies below {blocking}, a file" if blocking
+                else f"cannot write in this folder ({err.strerror})")
         raise OutputError(f"{folder}: {what}; choose a writable -o") from err
     return folder
 

@@ -24,8 +24,8 @@ import shapely
 from shapely.geometry import mapping
 
 from .errors import IdcmapError, OptionError, OutputError
-from .export import (SUMMARY_FIELDS, SUMMARY_TYPES, atomic_write_bytes, atomic_write_text, encode_png, write_csv,
-                     write_json, write_npy)
+from .export import (SUMMARY_FIELDS, SUMMARY_TYPES, atomic_write_bytes, atomic_write_text, encode_png, file_in_the_way,
+                     write_csv, write_json, write_npy)
 from .loader import (DEFAULT_MAX_MOSAIC_PIXELS, PATCH_SIZE, Slide, find_patient_folders, folder_name, inputs_sha256,
                      load_slide, named_patient)
 from .models import Calibration, load_model
@@ -388,8 +388,10 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
     if options.shard is not None:
         index, count = options.shard
         folders, names = folders[index::count], names[index::count]
-    if out.exists() and not out.is_dir():  # every output place is checked before anything is written
-        raise OutputError(f"{out}: a file, not a folder; choose another -o")
+    blocking = file_in_the_way(out)  # every output place is checked before anything is written
+    if blocking is not None:
+        where = "" if blocking == out else f" lies below {blocking},"
+        raise OutputError(f"{out}:{where} a file, not a folder; choose another -o")
     summary = out / summary_name(options.shard)
     overview_path(summary)
     for name in names:

@@ -127,6 +127,33 @@ def test_int8_backend_without_an_int8_network_via_main(tmp_path, monkeypatch, ca
     assert "no int8 patch network" in line and "idcmap quantize" in line and "--backend onnx" in line
 
 
+
+def test_a_path_the_system_refuses_is_one_line_naming_it(tmp_path, monkeypatch, capsys, tiny_weights):
+    """A path part over 255 bytes: Path.exists() itself raises (ENAMETOOLONG), in any command."""
+    folder, long = _patient(tmp_path / "in"), str(tmp_path / ("a" * 300))
+    assert _run_main(["render", str(folder), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights), "--device",
+                      "cpu"], monkeypatch, capsys)[0] == 0
+    for args in (["render", long], ["render", str(folder), "-o", long, "--weights", str(tiny_weights)],
+                 ["export", str(tmp_path / "out"), "-o", long + ".csv"]):
+        code, out, err = _run_main(args, monkeypatch, capsys)
+        assert code == 2, args
+        line = _one_line_error(err)
+        assert long in line and "File name too long" in line, args
+
+
+def test_an_output_below_a_file_is_named_before_any_work(tmp_path, monkeypatch, capsys, tiny_weights):
+    folder = _patient(tmp_path / "in")
+    (tmp_path / "afile").write_text("mine")
+    render = ["render", str(folder), "--weights", str(tiny_weights), "--device", "cpu", "-o"]
+    code, out, err = _run_main([*render, str(tmp_path / "afile" / "sub")], monkeypatch, capsys)
+    assert code == 2 and f"lies below {tmp_path / 'afile'}, a file" in _one_line_error(err)
+    assert _run_main([*render, str(tmp_path / "out")], monkeypatch, capsys)[0] == 0
+    code, out, err = _run_main(["export", str(tmp_path / "out"), "-o", str(tmp_path / "afile" / "x.csv")],
+                               monkeypatch, capsys)
+    assert code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in _one_line_error(err)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
     code, out, err = _run_main(["render", str(tmp_path), "--threshold", "1.5"], monkeypatch, capsys)
     assert code == 2 and "Traceback" not in err and "--threshold" in err
