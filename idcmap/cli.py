@@ -324,7 +324,7 @@ def calibrate(obj: dict, data_root: Path, model: str | None, weights: Path | Non
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Split JSON [default: the one beside the first model's weights].")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("evaluation"), show_default=True,
-              help="Folder for metrics.json and the figures.")
+              help="Folder for metrics.json, models.md and the figures.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True,
               help="Patch network runtime, as for render (auto: int8 where a model ships an int8 network).")

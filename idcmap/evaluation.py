@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, patient_ids  # noqa: E402
-from .errors import IdcmapError, OptionError  # noqa: E402
+from .errors import IdcmapError, OptionError, SplitError  # noqa: E402
 from .export import atomic_paths, json_text, writable_folder  # noqa: E402
 from .loader import Slide  # noqa: E402
 from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
@@ -97,7 +97,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
             raise OptionError("--weights evaluates one weights file: pass at most one --model with it")
         loaded = [load_model(models[0] if models else None, weights)]
     else:
-        models = models or [name for name, spec in REGISTRY.items() if spec.weights_path.is_file()]
+        models = list(dict.fromkeys(models)) or [name for name, spec in REGISTRY.items() if spec.weights_path.is_file()]
         if not models:
             raise IdcmapError("no model has weights in weights/; train one or pass --model")
         loaded = [load_model(name) for name in models]
@@ -105,10 +105,13 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     split_file = Path(split_file) if split_file else loaded[0].path.with_suffix(".split.json")
     split = load_split(split_file, folders)
     test_ids = split["test"]
+    if not test_ids:
+        raise SplitError(f"{split_file}: no test patients; pass a --split that holds some")
     for model in loaded:
         check_unseen(test_ids, "test", split_file, model.path, ("train", "val"), "trained or validated",
                      "so its test figures would overstate; evaluate it on its own split (leave out --split) or on "
                      "patients it never saw")
+    scorers = [Scorer(model, device, backend=backend) for model in loaded]  # --device, --backend checked
     writable_folder(out)  # before the scoring, not after it
     labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test", progress)) if s.has_labels]
     if len(labelled) < len(test_ids):
@@ -122,8 +125,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     report: dict = {"data_root": str(data_root), "split_file": str(split_file), "test_patients": [pid for pid, _ in labelled],
                     "models": {}, "summary": {}}
     curves = {}
-    for model in loaded:
-        scorer = Scorer(model, device, backend=backend)
+    for model, scorer in zip(loaded, scorers):
         started = time.perf_counter()
         scored = [scorer.score(slide) for slide in slides]
         seconds = time.perf_counter() - started

@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 
 from conftest import make_patient, textured, write_tiny_weights
+from idcmap import evaluation
 from idcmap import models as models_module
 from idcmap.dataset import make_split, patient_ids, save_split
 from idcmap.colour import ColourReference
 from idcmap.evaluation import evaluate_models, models_table
-from idcmap.errors import OptionError, OutputError, SplitError
+from idcmap.errors import IdcmapError, OptionError, OutputError, SplitError
 from idcmap.loader import load_slide
 from idcmap.models import build_model, card_path, load_model, sha256_of
 from idcmap.scoring import Scorer
@@ -424,6 +425,37 @@ def test_an_unwritable_output_is_refused_before_any_scoring(tmp_path, monkeypatc
     with pytest.raises(OutputError, match="a file: exists and is not a folder; choose a writable -o"):
         evaluate_models(root, ["cancernet"], taken, split_file=tmp_path / "split.json", device="cpu")
     assert taken.read_text() == "mine"
+
+
+
+@pytest.mark.parametrize("option, error", [({"device": "foo"}, "--device foo"),
+                                           ({"backend": "onnx-int8"}, "no int8 patch network")])
+def test_device_and_backend_are_checked_before_loading_or_writing(tmp_path, monkeypatch, option, error):
+    root, _ = _one_patient_setup(tmp_path, monkeypatch)
+
+    def never(*args, **kwargs):
+        raise AssertionError("test slides loaded before the options were checked")
+
+    monkeypatch.setattr(evaluation, "load_slides", never)
+    with pytest.raises(IdcmapError, match=error):
+        evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json",
+                        **{"device": "cpu", **option})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_without_test_patients_says_so(tmp_path, monkeypatch):
+    root, _ = _one_patient_setup(tmp_path, monkeypatch)
+    save_split({"seed": 0, "train": ["patients/w1"], "val": ["patients/w0"], "test": []}, tmp_path / "none.json")
+    with pytest.raises(SplitError, match=r"none.json: no test patients; pass a --split"):
+        evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "none.json", device="cpu")
+
+
+def test_a_model_named_twice_is_evaluated_once(tmp_path, monkeypatch):
+    root, _ = _one_patient_setup(tmp_path, monkeypatch)
+    report = evaluate_models(root, ["cancernet", "cancernet"], tmp_path / "out", split_file=tmp_path / "split.json",
+                             device="cpu")
+    assert list(report["models"]) == ["cancernet"]
+    assert (tmp_path / "out" / "models.md").read_text().count("| `cancernet` |") == 1
 
 
 def test_test_patients_that_trained_the_model_are_refused(tmp_path, monkeypatch):
