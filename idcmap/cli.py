@@ -187,10 +187,10 @@ def render(obj: dict, folder: Path, out: Path, model: str | None, weights: Path 
 def export(obj: dict, out: Path, output: Path | None) -> None:
     """Merge the per-patient summaries below OUT (for example of sharded renders) into one CSV and
     its overview page."""
-    from .pipeline import collect_summaries, write_run_summary
+    from .pipeline import collect_summaries, export_target, write_run_summary
 
     rows = collect_summaries(out)
-    target = output or out / "summary.csv"
+    target = export_target(out, output)
     page = write_run_summary(out, rows, target)
     failed = sum(row["status"] == "failed" for row in rows)
     if failed:

@@ -513,6 +513,22 @@ def summary_row(summary: dict, path: Path) -> dict:
     return row
 
 
+def export_target(out: Path, output: Path | None) -> Path:
+    """The summary CSV `export` writes: `output`, or out/summary.csv. OutputError where it has no
+    file name, or where it or its overview page would land in a patient's output folder below
+    `out` (replacing that patient's summary.json, or leaving a file that blocks its next render)."""
+    target = output if output is not None else out / "summary.csv"
+    if target.name in ("", ".", ".."):
+        raise OutputError(f"-o {str(output)!r}: not a file name; name the CSV, e.g. -o {out / 'merged.csv'}")
+    patients = {(out / folder).resolve(): folder for folder, _ in _summary_paths(out)}
+    here = target.resolve().parent
+    inside = next((patients[p] for p in (here, *here.parents) if p in patients), None)
+    if inside is not None:
+        raise OutputError(f"{target}: inside the output folder of patient {inside}, whose files idcmap manages; "
+                          f"write it elsewhere, e.g. -o {out / 'merged.csv'}")
+    return target
+
+
 def collect_summaries(out: str | Path) -> list[dict]:
     """Summary rows of every rendered patient below `out` (from their summary.json), sorted by folder."""
     out = Path(out)

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,6 +368,14 @@ def test_export_merges_summaries(tmp_path, tiny_weights):
     result = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "merged.html")])
     assert result.exit_code != 0 and "overview page" in str(result.exception)  # main() makes it one line, exit 2
     assert 'href="out/B/overlay.png"' in (tmp_path / "merged.html").read_text()  # the page, not overwritten
+    before = (out / "A" / "summary.json").read_bytes()
+    for target, error in ((out / "A" / "summary.json", "inside the output folder of patient A"),
+                          (out / "A" / "x" / "m.csv", "inside the output folder of patient A"),
+                          ("", "not a file name")):
+        result = CliRunner().invoke(cli, ["export", str(out), "-o", str(target)])
+        assert result.exit_code != 0 and error in str(result.exception), target
+    assert (out / "A" / "summary.json").read_bytes() == before and sorted(p.name for p in (out / "A").iterdir()) == \
+        sorted(PATIENT_FILES)
 
 
 def test_console_script_target_is_main():
