@@ -129,7 +129,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
                    "count towards a hole's size but are never filled) [default: the model's].")
 @click.option("--max-mosaic-pixels", type=click.IntRange(1), default=DEFAULT_MAX_MOSAIC_PIXELS, show_default=True,
               help="Refuse a slide whose mosaic would exceed this many pixels.")
-@click.option("--jobs", type=click.IntRange(1), default=None,
+@click.option("--jobs", type=click.IntRange(1, 1024), default=None,
               help="CPU threads for scoring on the CPU [default: every core]. PNGs are decoded in one thread "
                    "(faster than a thread pool for 50 x 50 px patches). Patients are rendered one after another; "
                    "to run several at once, use --shard.")

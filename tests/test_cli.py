@@ -168,7 +168,7 @@ def test_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
     ["render", ".", "--threshold", "nan"], ["render", ".", "--smoothing", "nan"],
     ["render", ".", "--threshold", "inf"], ["train", ".", "-o", "w.pt", "--lr", "nan"],
     ["train", ".", "-o", "w.pt", "--lr", "-1"], ["train", ".", "-o", "w.pt", "--val-fraction", "nan"],
-    ["quantize", ".", "--seed", "-1"],
+    ["quantize", ".", "--seed", "-1"], ["render", ".", "--jobs", "2147483648"],
 ])
 def test_not_finite_or_out_of_range_numbers_exit_2(tmp_path, monkeypatch, capsys, args):
     monkeypatch.chdir(tmp_path)
