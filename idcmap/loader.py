@@ -203,7 +203,8 @@ def list_patch_files(folder: Path) -> tuple[list[Path], list[str]]:
     """Patch files of a patient folder (directly in it, or in 0/ and 1/), and why other files were skipped.
 
     Skipped, each as "<path>: <reason>": files that are not PNGs, PNGs whose names are not patch
-    names, hidden PNGs (names starting with '.', e.g. macOS `._*` files), and patch PNGs in any
+    names, hidden PNGs (names starting with '.', e.g. macOS `._*` files), pipes and other special
+    files named like PNGs, and patch PNGs in any
     other subfolder (one level down, e.g. `2/`, `extra/`), which idcmap does not read. Other
     hidden files (.DS_Store) are ignored without a note.
     """
@@ -223,6 +224,8 @@ def list_patch_files(folder: Path) -> tuple[list[Path], list[str]]:
                                    "files macOS leaves beside copies), not a patch; ignored, delete it to silence this")
             elif not png:
                 skipped.append(f"{entry.path}: not a .png file")
+            elif not entry.is_file() and os.path.exists(entry.path):  # reading a pipe would wait for ever
+                skipped.append(f"{entry.path}: not a regular file (a pipe, socket or device), not a patch")
             else:
                 try:
                     parse_patch_name(entry.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -254,6 +255,29 @@ def test_working_symlink_is_read(tmp_path):
     target = write_png(tmp_path / "elsewhere.png", solid((7, 8, 9)))
     os.symlink(target, folder / "0" / "P_idx5_x51_y1_class0.png")
     assert load_slide(folder).pixels[1, 0, 0].tolist() == [7, 8, 9]
+
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX matter")
+def test_a_pipe_named_like_a_patch_is_skipped_not_read(tmp_path):
+    """Opening a named pipe waits until something writes to it: the load would hang for ever."""
+    folder = make_patient(tmp_path, "P", ONE)
+    pipe = folder / "0" / "P_idx5_x51_y1_class0.png"
+    os.mkfifo(pipe)
+    os.symlink(pipe, folder / "0" / "P_idx5_x101_y1_class0.png")
+
+    def hung(*args):
+        raise TimeoutError("load_slide opened the pipe and waited")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        slide = load_slide(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(slide) == 1 and len(slide.skipped) == 2
+    assert all(reason.endswith("not a regular file (a pipe, socket or device), not a patch") for reason in slide.skipped)
 
 
 def test_upper_case_extension_is_a_patch(tmp_path):
