@@ -45,7 +45,9 @@ def _ranked_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, 
     order = np.argsort(-np.asarray(scores), kind="stable")
     scores = np.asarray(scores)[order]
     labels = np.asarray(labels).astype(bool)
-    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    if np.isnan(scores).any():
+        raise ValueError("scores hold NaN, which has no rank")
+    distinct = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), len(scores) - 1]  # equal infinities tie too
     return np.cumsum(labels[order])[distinct], distinct + 1, labels
 
 
@@ -81,9 +83,13 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def expected_calibration_error(labels: np.ndarray, probability: np.ndarray, bins: int = 15) -> float:
-    """ECE: mean |accuracy - confidence| over equal-width probability bins, weighted by bin size."""
+    """Calibration error of the IDC probability: |share of IDC labels - mean probability| in each of
+    `bins` equal-width bins of the probability, averaged weighted by bin size (the reliability
+    diagram's gap; the top-label ECE of Guo et al. 2017, over max(p, 1 - p), is smaller)."""
     labels = np.asarray(labels).astype(float)
     probability = np.asarray(probability, dtype=float)
+    if np.isnan(probability).any():
+        raise ValueError("probabilities hold NaN")
     which = np.minimum((probability * bins).astype(int), bins - 1)
     total = 0.0
     for b in range(bins):

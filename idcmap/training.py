@@ -232,10 +232,11 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
                     threshold_rule: str = "fixed") -> tuple[Calibration, dict]:
     """Smoothing, temperatures, threshold and region post-processing fitted on validation patients.
 
-    Every validation patient weighs the same (patches weighted 1/patches of their patient), so
-    one large, atypical slide cannot set the calibration. The patch temperature minimises the
-    weighted log loss of the patch logits; for each smoothing sigma of `sigmas`, the temperature of the
-    final logits minimises that of the patches they refine. Smoothing, threshold, speck and hole
+    Patches are weighted 1/patches of their patient, so one large, atypical slide cannot set the
+    calibration. The patch temperature minimises the weighted log loss of the patch logits, to which
+    every validation patient contributes the same; for each smoothing sigma of `sigmas`, the
+    temperature of the final logits minimises that of the patches they refine (the same weights:
+    a scattered patient with few refined patches counts that much less). Smoothing, threshold, speck and hole
     sizes are chosen together on the whole validation slides (all slides when none is whole) to
     maximise mean Dice minus mean area-fraction error: regions that overlap the labelled ones
     and have their size. `left_out`: the choice also records `left_one_slide_out` (see there),

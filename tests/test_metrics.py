@@ -100,13 +100,27 @@ def test_pr_curve_by_hand():
 def test_expected_calibration_error_by_hand():
     labels = np.array([0, 1, 1, 1])
     probability = np.array([0.1, 0.1, 0.9, 0.9])
-    # bin of 0.1: accuracy 0.5, confidence 0.1 -> 0.4 x 2; bin of 0.9: 1.0 vs 0.9 -> 0.1 x 2
+    # bin of 0.1: share of IDC 0.5, mean probability 0.1 -> 0.4 x 2; bin of 0.9: 1.0 vs 0.9 -> 0.1 x 2
     assert metrics.expected_calibration_error(labels, probability, bins=10) == pytest.approx((0.8 + 0.2) / 4)
     # perfectly calibrated bins give zero; probability 1.0 falls in the last bin
     assert metrics.expected_calibration_error([0, 1, 1, 1], [0.5, 0.5, 1.0, 1.0], bins=10) == pytest.approx(0.0)
     assert metrics.expected_calibration_error([1, 0], [1.0, 0.0]) == pytest.approx(0.0)
     assert metrics.expected_calibration_error([0, 0], [1.0, 1.0]) == pytest.approx(1.0)
 
+    # the IDC probability's gap, not the top-label one: [0.3, 0.7] both IDC -> 0.7 and 0.3 off (top-label: 0.2)
+    assert metrics.expected_calibration_error([1, 1], [0.3, 0.7], bins=10) == pytest.approx(0.5)
+
+
+def test_equal_infinite_scores_tie_and_nan_is_refused():
+    assert metrics.roc_auc([1, 0], [math.inf, math.inf]) == pytest.approx(0.5)
+    assert metrics.roc_auc([0, 1], [math.inf, math.inf]) == pytest.approx(0.5)
+    assert metrics.roc_auc([1, 0, 1], [-math.inf, -math.inf, 0.0]) == pytest.approx(0.75)
+    assert metrics.average_precision([1, 0, 1], [-math.inf, -math.inf, 0.0]) == pytest.approx(1 / 2 + 1 / 2 * 2 / 3)
+    for call in (lambda: metrics.roc_auc([0, 1, 1, 0], [math.nan, math.nan, 0.2, 0.1]),
+                 lambda: metrics.average_precision([0, 1], [math.nan, 0.2]),
+                 lambda: metrics.expected_calibration_error([1, 0], [math.nan, 0.2])):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
 
 def test_log_loss_by_hand():
     assert metrics.log_loss([1, 0], [0.0, 0.0]) == pytest.approx(math.log(2))
