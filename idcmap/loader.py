@@ -517,10 +517,16 @@ def _only_patients(folder: Path, patients: set[str]) -> bool:
         return False
 
 
+def _has_class_folders(folder: Path) -> bool:
+    """True when `folder` has a 0/ or 1/ subfolder: laid out as a patient folder of the data set."""
+    return any((folder / name).is_dir() for name in CLASS_FOLDERS)
+
+
 def _refuse_patients_beside_patches(folder: Path, dirnames: list[str]) -> None:
     """FolderLayoutError when `folder` holds patch files (directly or in its 0/ and 1/) and, in its
-    other subfolders, a patient folder naming another patient: taken as one patient, `folder`
-    would hide it. Subfolders holding more patches of `folder`'s own patient are the loader's to skip."""
+    other subfolders, a patient folder: taken as one patient, `folder` would hide it (a patch copied
+    into a dataset root, beside other patients' folders or its own patient's). A subfolder holding
+    only more patches of `folder`'s own patient, directly in it, is the loader's to skip (and list)."""
     others = [name for name in sorted(dirnames) if name not in CLASS_FOLDERS and not name.startswith(".")]
     if not others:
         return
@@ -533,11 +539,13 @@ def _refuse_patients_beside_patches(folder: Path, dirnames: list[str]) -> None:
             below = find_patient_folders(folder / name)
         except (EmptyFolderError, FolderLayoutError):
             continue
-        hidden = next((patient for patient in below if not _only_patients(patient, own)), None)
+        hidden = next((patient for patient in below if patient != folder / name or _has_class_folders(patient)
+                       or not _only_patients(patient, own)), None)
         if hidden is not None:
             raise FolderLayoutError(
                 f"{folder}: holds patch files itself (e.g. {files[0].relative_to(folder)}) and patient folders below "
-                f"(e.g. {hidden}); move the stray patch files into their patient folder, or pass one patient folder")
+                f"(e.g. {hidden}); a folder holds one patient's patches or patient folders, not both: move the "
+                "patch files into their patient's folder (its 0/ and 1/), or pass one patient folder")
 
 
 def find_patient_folders(root: str | Path) -> list[Path]:

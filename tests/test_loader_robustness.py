@@ -65,9 +65,28 @@ def test_stray_patch_in_a_class_folder_of_a_data_set_root_does_not_hide_the_pati
     make_patient(tmp_path, "A", ONE)
     make_patient(tmp_path / "g", "B", ONE)
     write_png(tmp_path / "1" / "S_idx5_x1_y1_class1.png", solid((9, 9, 9)))  # taken alone: a one-patch patient S
-    with pytest.raises(FolderLayoutError, match="stray") as info:
+    with pytest.raises(FolderLayoutError, match="patient folders below") as info:
         find_patient_folders(tmp_path)
     assert "1/S_idx5_x1_y1_class1.png" in str(info.value) and str(tmp_path / "A") in str(info.value)
+
+
+@pytest.mark.parametrize("below", ["A", "patients/A"])
+def test_a_patch_copied_beside_its_own_patients_folder_does_not_hide_it(tmp_path, below):
+    """The copy names the same patient as the folder below, which holds its patches in 0/ and 1/:
+    taken as one patient, the root would be a one-patch slide and the real one never read."""
+    make_patient(tmp_path / Path(below).parent, "A", {(1, 1): (0, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))})
+    write_png(tmp_path / "A_idx5_x1_y1_class0.png", solid((1, 1, 1)))
+    with pytest.raises(FolderLayoutError, match="patient folders below") as info:
+        find_patient_folders(tmp_path)
+    assert str(tmp_path / below) in str(info.value)
+
+
+def test_patches_nested_two_levels_down_in_a_patient_folder_are_not_passed_over(tmp_path):
+    folder = make_patient(tmp_path, "P", ONE)
+    write_png(folder / "extra" / "more" / "P_idx5_x51_y1_class1.png", solid((4, 4, 4)))
+    with pytest.raises(FolderLayoutError, match="patient folders below") as info:
+        find_patient_folders(tmp_path)
+    assert str(folder / "extra" / "more") in str(info.value)
 
 
 def test_flat_patient_folder_with_more_of_its_patches_in_a_subfolder_is_one_patient(tmp_path):
