@@ -96,7 +96,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
-              help="Output folder; each patient gets out/<patient>/.")
+              help="Output folder; each patient folder gets out/<its path below FOLDER>/ (out/<its name> when "
+                   "FOLDER is one patient).")
 @click.option("--model", type=MODEL_CHOICE, default=None,
               help=f"Model from the registry [default: {DEFAULT_MODEL}, or the model a --weights file holds]."
                    + UNSHIPPED_NOTE)
