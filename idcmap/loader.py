@@ -237,18 +237,22 @@ def list_patch_files(folder: Path) -> tuple[list[Path], list[str]]:
 
 
 def _misplaced_patches(sub: Path, folder: Path) -> list[str]:
-    """Skip reasons for the patch PNGs directly in `sub`, a subfolder of `folder` idcmap does not read."""
+    """Skip reasons for the patch PNGs in `sub`, a subfolder of `folder` idcmap does not read, and in
+    the (not hidden) folders below it."""
     try:
         entries = _entries(sub)
     except FolderLayoutError as err:
         return [f"{err}; patches in it, if any, are not read"]
     where = sub.relative_to(folder).as_posix()
-    return [
-        f"{entry.path}: patch in {where}/, a subfolder idcmap does not read (only the patient folder itself "
-        "and its 0/ and 1/); move it into 0/ or 1/ by its class, or delete it"
-        for entry in entries
-        if not entry.is_dir() and _looks_like_patch(entry.name)
-    ]
+    reasons = []
+    for entry in entries:
+        if entry.is_dir():
+            if not entry.name.startswith("."):
+                reasons += _misplaced_patches(Path(entry.path), folder)
+        elif _looks_like_patch(entry.name):
+            reasons.append(f"{entry.path}: patch in {where}/, a subfolder idcmap does not read (only the patient "
+                           "folder itself and its 0/ and 1/); move it into 0/ or 1/ by its class, or delete it")
+    return reasons
 
 
 def _missing_file(path: Path) -> str:
@@ -509,24 +513,12 @@ def _patients_named(folder: Path) -> tuple[set[str], list[Path]]:
     return {parse_patch_name(path.name).patient for path in files}, files
 
 
-def _only_patients(folder: Path, patients: set[str]) -> bool:
-    """True when every patch file of patient folder `folder` names one of `patients` (False when it cannot be listed)."""
-    try:
-        return _patients_named(folder)[0] <= patients
-    except FolderLayoutError:
-        return False
-
-
-def _has_class_folders(folder: Path) -> bool:
-    """True when `folder` has a 0/ or 1/ subfolder: laid out as a patient folder of the data set."""
-    return any((folder / name).is_dir() for name in CLASS_FOLDERS)
-
-
 def _refuse_patients_beside_patches(folder: Path, dirnames: list[str]) -> None:
     """FolderLayoutError when `folder` holds patch files (directly or in its 0/ and 1/) and, in its
-    other subfolders, a patient folder: taken as one patient, `folder` would hide it (a patch copied
-    into a dataset root, beside other patients' folders or its own patient's). A subfolder holding
-    only more patches of `folder`'s own patient, directly in it, is the loader's to skip (and list)."""
+    other subfolders, a patient folder that `folder`, taken as one patient, would hide: one naming
+    another patient, or one of `folder`'s own patient with more patches, or named after it (a
+    patch copied into a dataset root beside its patient's folder). A collection, no larger, of
+    `folder`'s own patches below it (a backup/ or extra/) is the loader's to skip and list."""
     others = [name for name in sorted(dirnames) if name not in CLASS_FOLDERS and not name.startswith(".")]
     if not others:
         return
@@ -539,13 +531,21 @@ def _refuse_patients_beside_patches(folder: Path, dirnames: list[str]) -> None:
             below = find_patient_folders(folder / name)
         except (EmptyFolderError, FolderLayoutError):
             continue
-        hidden = next((patient for patient in below if patient != folder / name or _has_class_folders(patient)
-                       or not _only_patients(patient, own)), None)
-        if hidden is not None:
-            raise FolderLayoutError(
-                f"{folder}: holds patch files itself (e.g. {files[0].relative_to(folder)}) and patient folders below "
-                f"(e.g. {hidden}); a folder holds one patient's patches or patient folders, not both: move the "
-                "patch files into their patient's folder (its 0/ and 1/), or pass one patient folder")
+        for patient in below:
+            try:
+                named, theirs = _patients_named(patient)
+            except FolderLayoutError:
+                named, theirs = set(), []
+            if not named or not named <= own:
+                raise FolderLayoutError(
+                    f"{folder}: holds patch files itself (e.g. {files[0].relative_to(folder)}) and patient folders "
+                    f"below (e.g. {patient}); move the stray patch files into their patient folder, or pass one "
+                    "patient folder")
+            if len(theirs) > len(files) or patient.name in own:
+                raise FolderLayoutError(
+                    f"{folder}: holds {len(files)} patch file(s) itself (e.g. {files[0].relative_to(folder)}) and, "
+                    f"below, {patient} with {len(theirs)} of the same patient: patches copied beside their patient's "
+                    f"folder? move or delete those in {folder} (and its 0/ and 1/), or pass {patient}")
 
 
 def find_patient_folders(root: str | Path) -> list[Path]:

@@ -70,23 +70,31 @@ def test_stray_patch_in_a_class_folder_of_a_data_set_root_does_not_hide_the_pati
     assert "1/S_idx5_x1_y1_class1.png" in str(info.value) and str(tmp_path / "A") in str(info.value)
 
 
-@pytest.mark.parametrize("below", ["A", "patients/A"])
-def test_a_patch_copied_beside_its_own_patients_folder_does_not_hide_it(tmp_path, below):
-    """The copy names the same patient as the folder below, which holds its patches in 0/ and 1/:
-    taken as one patient, the root would be a one-patch slide and the real one never read."""
-    make_patient(tmp_path / Path(below).parent, "A", {(1, 1): (0, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))})
+@pytest.mark.parametrize("below, layout", [("A", "class"), ("patients/A", "class"), ("A", "flat"), ("B", "flat")])
+def test_a_patch_copied_beside_its_own_patients_folder_does_not_hide_it(tmp_path, below, layout):
+    """The copy names the same patient as the folder below, which holds more of its patches (or is
+    named after it): taken as one patient, the root would be a one-patch slide, the real one unread."""
+    make_patient(tmp_path / Path(below).parent, Path(below).name,
+                 {(1, 1): (0, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))}, layout=layout)
+    if Path(below).name != "A":  # patch files named A in a folder B
+        for path in (tmp_path / below).iterdir():
+            path.rename(path.with_name(path.name.replace("B_", "A_", 1)))
     write_png(tmp_path / "A_idx5_x1_y1_class0.png", solid((1, 1, 1)))
-    with pytest.raises(FolderLayoutError, match="patient folders below") as info:
+    with pytest.raises(FolderLayoutError, match="of the same patient: patches copied beside") as info:
         find_patient_folders(tmp_path)
     assert str(tmp_path / below) in str(info.value)
 
 
-def test_patches_nested_two_levels_down_in_a_patient_folder_are_not_passed_over(tmp_path):
-    folder = make_patient(tmp_path, "P", ONE)
-    write_png(folder / "extra" / "more" / "P_idx5_x51_y1_class1.png", solid((4, 4, 4)))
-    with pytest.raises(FolderLayoutError, match="patient folders below") as info:
-        find_patient_folders(tmp_path)
-    assert str(folder / "extra" / "more") in str(info.value)
+def test_a_few_of_a_patients_patches_nested_in_its_folder_are_listed_not_passed_over(tmp_path):
+    """A backup/ inside a patient folder with fewer of its patches, at any depth, also below 0/:
+    the patient is rendered from its own patches, and each nested one is listed as skipped."""
+    folder = make_patient(tmp_path, "P", {(1, 1): (0, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))})
+    deep = write_png(folder / "backup" / "0" / "P_idx5_x1_y1_class0.png", solid((1, 1, 1)))
+    deeper = write_png(folder / "0" / "extra" / "more" / "P_idx5_x51_y1_class0.png", solid((4, 4, 4)))
+    assert find_patient_folders(tmp_path) == [folder]
+    slide = load_slide(folder)
+    assert len(slide) == 2
+    assert sorted(reason.split(": ")[0] for reason in slide.skipped) == sorted([str(deep), str(deeper)])
 
 
 def test_flat_patient_folder_with_more_of_its_patches_in_a_subfolder_is_one_patient(tmp_path):
