@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from . import metrics  # noqa: E402
 from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, patient_ids  # noqa: E402
 from .errors import IdcmapError, OptionError, SplitError  # noqa: E402
-from .export import atomic_paths, json_text, writable_folder  # noqa: E402
+from .export import atomic_paths, atomic_write_bytes, json_text, writable_folder  # noqa: E402
 from .loader import Slide  # noqa: E402
 from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
 from .regions import dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
@@ -195,9 +195,10 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
     earlier = _earlier_files(out)
     with atomic_paths(*outputs) as temps:  # all or nothing: metrics, table, figures and cards agree
         for tmp, data in zip(temps, outputs.values()):
-            tmp.write_bytes(data)
+            atomic_write_bytes(tmp, data)  # synced to disk before the renames
     for name in sorted(earlier - set(files)):  # an earlier evaluation's figures of models not evaluated now
-        (out / name).unlink(missing_ok=True)
+        if (out / name).is_file():
+            (out / name).unlink()
     return report
 
 
@@ -207,7 +208,8 @@ def _earlier_files(out: Path) -> set[str]:
         listed = json.loads((out / "metrics.json").read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
         return set()
-    return {name for name in listed if isinstance(name, str) and name == Path(name).name and not name.startswith(".")}
+    return {name for name in listed
+            if isinstance(name, str) and name and name == Path(name).name and not name.startswith(".")}
 
 
 def models_table(report: dict, loaded: list, split: dict) -> str:

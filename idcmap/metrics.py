@@ -85,7 +85,7 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 def expected_calibration_error(labels: np.ndarray, probability: np.ndarray, bins: int = 15) -> float:
     """Calibration error of the IDC probability: |share of IDC labels - mean probability| in each of
     `bins` equal-width bins of the probability, averaged weighted by bin size (the reliability
-    diagram's gap; the top-label ECE of Guo et al. 2017, over max(p, 1 - p), is smaller)."""
+    diagram's gap; not the top-label ECE of Guo et al. 2017, over max(p, 1 - p))."""
     labels = np.asarray(labels).astype(float)
     probability = np.asarray(probability, dtype=float)
     if np.isnan(probability).any():

@@ -128,10 +128,9 @@ def check_output_folder(out: Path, name: str, inputs: InputFolders) -> None:
         raise OutputError(f"{out_dir}: the patient folder's name is too long for idcmap's outputs "
                           f"({len(os.fsencode(out_dir.name))} bytes, at most {MAX_PATIENT_NAME_BYTES}); "
                           "rename the patient folder")
-    for above in list(Path(name).parents)[:-1]:  # the folders between out and out/<name> (name: a/b/patient)
-        if os.path.lexists(out / above) and not (out / above).is_dir():
-            raise OutputError(f"{out / above}: a file where idcmap writes the folder of {name}; move it or choose "
-                              "another -o")
+    blocking = file_in_the_way(out_dir.parent)  # out itself is checked once per run
+    if blocking is not None and blocking != out:
+        raise OutputError(f"{blocking}: a file where idcmap writes the folder of {name}; move it or choose another -o")
     target = out_dir.resolve()
     if target in inputs.above or target in inputs.folders or not inputs.folders.isdisjoint(target.parents):
         source = min(f for f in inputs.folders if f == target or f in target.parents or target in f.parents)
@@ -390,8 +389,12 @@ def render_folder(folder: str | Path, out: str | Path, options: RenderOptions) -
         folders, names = folders[index::count], names[index::count]
     blocking = file_in_the_way(out)  # every output place is checked before anything is written
     if blocking is not None:
-        where = "" if blocking == out else f" lies below {blocking},"
-        raise OutputError(f"{out}:{where} a file, not a folder; choose another -o")
+        where = "exists" if blocking == out else f"lies below {blocking}, which exists"
+        raise OutputError(f"{out}: {where} and is not a folder; choose another -o")
+    rendered = patient_output_around(out)
+    if rendered is not None:
+        raise OutputError(f"{out}: inside {rendered}, the output folder of a rendered patient, whose files idcmap "
+                          "manages; choose an -o outside it")
     summary = out / summary_name(options.shard)
     overview_path(summary)
     for name in names:
@@ -513,13 +516,25 @@ def summary_row(summary: dict, path: Path) -> dict:
     return row
 
 
+def patient_output_around(path: Path) -> Path | None:
+    """The patient output folder (one holding a summary.json idcmap wrote) that `path` is or lies
+    in, if any: writing there would mix outputs into that patient's and block its next render."""
+    for folder in (path, *path.resolve().parents):
+        try:
+            read_summary(folder / "summary.json", folder.name)
+            return folder
+        except OutputError:
+            continue
+    return None
+
+
 def export_target(out: Path, output: Path | None) -> Path:
     """The summary CSV `export` writes: `output`, or out/summary.csv. OutputError where it has no
     file name, or where it or its overview page would land in a patient's output folder below
     `out` (replacing that patient's summary.json, or leaving a file that blocks its next render)."""
     target = output if output is not None else out / "summary.csv"
     if target.name in ("", ".", ".."):
-        raise OutputError(f"-o {str(output)!r}: not a file name; name the CSV, e.g. -o {out / 'merged.csv'}")
+        raise OutputError(f"-o: {str(output)!r} is not a file name; name the CSV, e.g. -o {out / 'merged.csv'}")
     patients = {(out / folder).resolve(): folder for folder, _ in _summary_paths(out)}
     here = target.resolve().parent
     inside = next((patients[p] for p in (here, *here.parents) if p in patients), None)

@@ -147,8 +147,13 @@ def test_an_output_below_a_file_is_named_before_any_work(tmp_path, monkeypatch, 
     (tmp_path / "afile").write_text("mine")
     render = ["render", str(folder), "--weights", str(tiny_weights), "--device", "cpu", "-o"]
     code, out, err = _run_main([*render, str(tmp_path / "afile" / "sub")], monkeypatch, capsys)
-    assert code == 2 and f"lies below {tmp_path / 'afile'}, a file" in _one_line_error(err)
+    assert code == 2 and f"lies below {tmp_path / 'afile'}, which exists and is not a folder" in _one_line_error(err)
     assert _run_main([*render, str(tmp_path / "out")], monkeypatch, capsys)[0] == 0
+    for inside in (tmp_path / "out" / "P", tmp_path / "out" / "P" / "sub"):  # a rendered patient's output folder
+        code, out, err = _run_main([*render, str(inside)], monkeypatch, capsys)
+        assert code == 2 and f"inside {tmp_path / 'out' / 'P'}, the output folder of a rendered patient" in \
+            _one_line_error(err)
+    assert sorted(p.name for p in (tmp_path / "out" / "P").iterdir()) == sorted(PATIENT_FILES)
     code, out, err = _run_main(["export", str(tmp_path / "out"), "-o", str(tmp_path / "afile" / "x.csv")],
                                monkeypatch, capsys)
     assert code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in _one_line_error(err)
