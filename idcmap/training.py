@@ -153,9 +153,12 @@ class BatchMaker:
             yield group
 
     def batches(self, windows: list[Window]):
-        """Yield (x, labels, index, k): one augmented batch per group of `window_groups`."""
+        """Yield (x, labels, index, k): one augmented batch per group of `window_groups`, but for one
+        that cell dropout left with a single patch (batch norm cannot train on it)."""
         for group in self.window_groups(windows):
-            yield self._make(group)
+            batch = self._make(group)
+            if len(batch[1]) > 1:
+                yield batch
 
     def _make(self, group: list[Window]):
         size, rng = self.config.window, self.rng

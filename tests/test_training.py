@@ -15,8 +15,8 @@ from idcmap.errors import IdcmapError
 from idcmap.loader import load_slide
 from idcmap.models import build_model, card_path, load_model, read_weights, sha256_of
 from idcmap.scoring import Scorer
-from idcmap.training import (TrainConfig, int8_agreement, pixel_statistics, quantize, recalibrate, train,
-                             training_precision)
+from idcmap.training import (BatchMaker, TrainConfig, Window, int8_agreement, pixel_statistics, quantize, recalibrate,
+                             train, training_precision)
 
 MODEL = "cancernet-context"
 
@@ -847,3 +847,16 @@ def test_a_split_file_without_val_patients_is_named(trained, tmp_path):
     no_val.write_text(json.dumps({"train": own["train"], "val": [], "test": own["test"] + own["val"]}))
     with pytest.raises(SplitError, match=r"no-val\.split\.json: its train and val lists must each name a patient"):
         train(root, MODEL, tmp_path / "w" / out.name, TrainConfig(epochs=1, device="cpu"), split_file=no_val)
+
+
+def test_a_batch_that_cell_dropout_leaves_with_one_patch_is_not_trained_on(trained):
+    """A last group of two patches, one dropped: batch norm raises on a batch of one, and --resume
+    would replay the same batch (its RNG state is checkpointed)."""
+    root, _, _ = trained
+    slide = load_slide(next(p for p in sorted(root.rglob("*")) if p.is_dir() and list(p.glob("[01]/*.png"))))
+    config = TrainConfig(window=2, batch_patches=1000, cell_dropout=0.9, device="cpu")
+    maker = BatchMaker([slide], config, torch.zeros(3), torch.ones(3), np.random.default_rng(0))
+    pair = Window(0, np.array([0, 1]), np.array([0, 0]), np.array([0, 1]))
+    assert 1 in [len(maker._make([pair])[1]) for _ in range(50)]  # dropout does leave single patches
+    kept = [len(y) for _ in range(50) for _, y, _, _ in maker.batches([pair])]
+    assert 0 < len(kept) < 50 and set(kept) == {2}
