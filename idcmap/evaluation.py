@@ -25,7 +25,7 @@ from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, patient_
 from .errors import IdcmapError, OptionError, SplitError  # noqa: E402
 from .export import atomic_paths, atomic_write_bytes, json_text, writable_folder  # noqa: E402
 from .loader import Slide  # noqa: E402
-from .models import DEFAULT_MODEL, REGISTRY, card_path, load_model  # noqa: E402
+from .models import DEFAULT_MODEL, REGISTRY, card_path, get_spec, load_model  # noqa: E402
 from .regions import dice, idc_area_fraction, predicted_mask, slide_threshold  # noqa: E402
 from .scoring import Scorer  # noqa: E402
 
@@ -256,10 +256,12 @@ def models_table(report: dict, loaded: list, split: dict) -> str:
             "--threshold-rule otsu": model.calibration.threshold_rule == "otsu",
         }
         calibrate_flags = [flag for flag, given in given_by_calibrate.items() if given]
+        shipped = model.path is None or model.path.resolve() == get_spec(model.name).weights_path.resolve()
+        which = f"--model {model.name}" if shipped else f"--weights {model.path}"  # a file outside weights/: that one
         if calibrate_flags:
-            command += f" && idcmap calibrate {data_root} --model {model.name} {' '.join(calibrate_flags)}"
+            command += f" && idcmap calibrate {data_root} {which} {' '.join(calibrate_flags)}"
         if summary.get("backend") == "onnx-int8":
-            command += f" && idcmap quantize {data_root} --model {model.name}"
+            command += f" && idcmap quantize {data_root} {which}"
         cells += [f"{summary['scoring_patches_per_s']:,.0f} ({summary.get('backend', '?')})", f"`{command}`"]
         lines.append("| " + " | ".join(cells) + " |")
     for group, paired in report.get("paired", {}).items():

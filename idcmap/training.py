@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import metrics
 from .colour import ColourReference, colour_reference, normalise_slide
 from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, make_split, patient_ids, save_split
-from .errors import IdcmapError, OptionError, OutputError, SplitError, TrainingError, WeightsError
+from .errors import OptionError, OutputError, SplitError, TrainingError, WeightsError
 from .export import atomic_paths, atomic_write_bytes, write_json
 from .loader import Slide
 from .models import (THRESHOLD_RULES, Calibration, LoadedModel, ModelSpec, PatchClassifier, build_model, card_path,
@@ -584,9 +584,10 @@ def split_fractions(split: dict, split_file: str | Path | None) -> dict:
 def check_outputs(out: Path) -> None:
     """OutputError before any training when `out`, its card, split or checkpoint could not be written:
     one of them is a folder, or the folder they go in is not writable (or not a folder)."""
+    if out.suffix != ".pt":  # m.seed1 and m.seed2 would share m.json, m.split.json and m.ckpt
+        raise OutputError(f"{out}: name the weights file <name>.pt (its card, split and checkpoint are named after "
+                          "it: <name>.json, <name>.split.json, <name>.ckpt)")
     written = [out, card_path(out), out.with_suffix(".split.json"), out.with_suffix(".ckpt")]
-    if len(set(written)) < len(written):
-        raise OutputError(f"{out}: its model card or split would overwrite it; name the weights file <name>.pt")
     for path in written:
         if path.is_dir():
             raise OutputError(f"{path}: is a folder, not a file training can write; move it away or pass another -o")
@@ -681,8 +682,12 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
     if split_file and (not split["train"] or not split["val"]):
         raise SplitError(f"{split_file}: its train and val lists must each name a patient; add them, or leave out "
                          "--split to draw one")
-    if not split["train"] or not split["val"]:
-        raise IdcmapError(f"{data_root}: too few patients for a train/val split ({len(folders)} found)")
+    empty = [] if split_file else [name for name in SPLIT_SETS if not split[name]]
+    if empty:  # of the split drawn here (a given --split may leave test empty: its patients, its choice)
+        sizes = ", ".join(f"{len(split[name])} {name}" for name in SPLIT_SETS)
+        raise OptionError(f"--test-fraction {config.test_fraction}, --val-fraction {config.val_fraction}: leave no "
+                          f"{' and no '.join(empty)} patient among the {len(folders)} of {data_root} ({sizes}); "
+                          "change the fractions, or use more patients")
     train_slides = [s for s in load_slides(split["train"], folders, "load train", progress) if s.has_labels]
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     remedy = "pass a --split whose val patients include one" if split_file else "use more patients or another --seed"

@@ -291,9 +291,10 @@ def test_single_class_group_still_gives_strict_json(tmp_path, monkeypatch):
     _strict_json((tmp_path / "out" / "metrics.json").read_text())
 
 
-def test_models_table_gives_the_commands_that_reproduce_each_row(tmp_path):
+def test_models_table_gives_the_commands_that_reproduce_each_row(tmp_path, monkeypatch):
     """A model that `calibrate --colour-normalise` gave a colour reference, and one quantised to
-    int8: the reproduce command repeats those steps after its training command."""
+    int8: the reproduce command repeats those steps after its training command, on the weights
+    file evaluated where it lies outside weights/ (on the registry's own file otherwise)."""
     figures = {"balanced_accuracy": 0.9, "f1_idc": 0.8, "roc_auc": 0.95}
     slides = {"area_fraction_mae": 0.05, "area_fraction_mae_ci95": [0.01, 0.1], "dice": 0.8, "dice_ci95": [0.7, 0.9]}
     report = {"test_patients": ["patients/p0"], "summary": {}}
@@ -307,13 +308,20 @@ def test_models_table_gives_the_commands_that_reproduce_each_row(tmp_path):
         report["summary"][name] = {"patch_patients": figures, "slides_patients": slides, "backend": backend,
                                    "scoring_patches_per_s": 1000.0}
         loaded.append(model)
-    table = models_table(report, loaded, {"train": ["a"], "val": ["b"], "test": ["patients/p0"]})
-    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| `")}
-    assert rows["| `cancernet`"].endswith("| `idcmap train D --model cancernet` |")
-    assert rows["| `cancernet-context`"].endswith(
+    def rows():
+        table = models_table(report, loaded, {"train": ["a"], "val": ["b"], "test": ["patients/p0"]})
+        return {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| `")}
+
+    outside = f"--weights {tmp_path / 'cancernet-context.pt'}"
+    assert rows()["| `cancernet-context`"].endswith(
+        f"| `idcmap train D --model cancernet-context && idcmap calibrate D {outside} --colour-normalise && "
+        f"idcmap quantize D {outside}` |")
+    monkeypatch.setattr(models_module, "WEIGHTS_DIR", tmp_path)  # now the registry's own files
+    assert rows()["| `cancernet`"].endswith("| `idcmap train D --model cancernet` |")
+    assert rows()["| `cancernet-context`"].endswith(
         "| `idcmap train D --model cancernet-context && idcmap calibrate D --model cancernet-context "
         "--colour-normalise && idcmap quantize D --model cancernet-context` |")
-    assert "0.900 / 0.800 / 0.950 | 0.050 [0.01, 0.10] | 0.800 [0.70, 0.90]" in rows["| `cancernet`"]
+    assert "0.900 / 0.800 / 0.950 | 0.050 [0.01, 0.10] | 0.800 [0.70, 0.90]" in rows()["| `cancernet`"]
 
 
 def test_paired_differences_against_the_reference_model(evaluated):

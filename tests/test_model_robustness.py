@@ -297,9 +297,12 @@ def test_output_in_a_folder_the_user_cannot_write_is_refused(unread, tmp_path, m
     assert list(folder.iterdir()) == []
 
 
-def test_output_whose_card_would_overwrite_it_is_refused(unread, tmp_path):
-    with pytest.raises(OutputError, match="would overwrite it"):
-        train(unread, MODEL_NAME, tmp_path / "cn.json", TrainConfig(**FAST))
+@pytest.mark.parametrize("name", ["cn.json", "m.seed1", "m"])
+def test_weights_not_named_pt_are_refused(unread, tmp_path, name):
+    """Card, split and checkpoint are named after the weights: cn.json would overwrite itself, and
+    m.seed1 and m.seed2 would share m.json and m.split.json."""
+    with pytest.raises(OutputError, match=r"name the weights file <name>.pt"):
+        train(unread, MODEL_NAME, tmp_path / name, TrainConfig(**FAST))
 
 
 def test_refused_training_leaves_no_split(tmp_path):

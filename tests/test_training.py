@@ -11,7 +11,7 @@ import torch
 from conftest import make_patient, textured
 from idcmap.colour import colour_reference, normalise_slide
 from idcmap.dataset import SPLIT_SETS, make_split, patient_ids
-from idcmap.errors import IdcmapError
+from idcmap.errors import IdcmapError, OptionError
 from idcmap.loader import load_slide
 from idcmap.models import build_model, card_path, load_model, read_weights, sha256_of
 from idcmap.scoring import Scorer
@@ -274,8 +274,16 @@ def test_recalibrate_rewrites_weights_and_card(trained, tmp_path):
 
 def test_too_few_patients(tmp_path):
     root = _synthetic_root(tmp_path / "data", patients=2)
-    with pytest.raises(IdcmapError, match=r"too few patients for a train/val split \(2 found\)"):
+    with pytest.raises(OptionError, match=r"leave no val and no test patient among the 2 of .*\(2 train, 0 val, 0 test\)"):
         train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"))
+
+
+def test_fractions_that_draw_no_test_patient_are_refused_before_training(tmp_path):
+    root = _synthetic_root(tmp_path / "data", patients=4)
+    with pytest.raises(OptionError, match=r"--test-fraction 0.1, --val-fraction 0.1: leave no test patient"):
+        train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu",
+                                                                 test_fraction=0.1))
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
 
 
 def test_calibration_smooths_noisy_logits_of_a_coherent_region(tmp_path):
