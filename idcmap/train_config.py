@@ -77,7 +77,7 @@ class Limit:
 LIMITS: dict[str, Limit] = {
     "epochs": Limit("--epochs", whole=True, low=1),
     "batch_patches": Limit("--batch-patches", whole=True, low=8),  # batch norm needs more than 1 patch
-    "window": Limit("--window", whole=True, low=1),
+    "window": Limit("--window", whole=True, low=1, high=256),  # cells a side; slides span some 100
     "learning_rate": Limit("--lr", whole=False, low=0, low_open=True),
     "weight_decay": Limit("--weight-decay", whole=False, low=0),
     "patience": Limit("--patience", whole=True, low=1),

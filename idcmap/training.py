@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -210,9 +210,10 @@ def pixel_statistics(slides: list[Slide]) -> tuple[list[float], list[float]]:
     return mean.round(4).tolist(), np.sqrt(total_sq / count - mean**2).round(4).tolist()
 
 
-def collect_scores(scorer: Scorer, slides: list[Slide]) -> list[tuple[Slide, SlideScores]]:
-    """(slide, its scores under the scorer's model) for each slide."""
-    return [(slide, scorer.score(slide)) for slide in slides]
+def collect_scores(scorer: Scorer, slides: list[Slide], progress: bool = False,
+                   what: str = "score val") -> list[tuple[Slide, SlideScores]]:
+    """(slide, its scores under the scorer's model) for each slide; a bar (`what`) with `progress`."""
+    return [(slide, scorer.score(slide)) for slide in progress_bar(slides, progress, desc=what, unit="patient")]
 
 
 def mean_patient_auc(scored: list[tuple[Slide, SlideScores]], patch_only: bool = False) -> float:
@@ -232,8 +233,9 @@ HOLE_CELLS = (0, 1, 2, 4, 8)
 
 def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
                     sigmas: tuple[float, ...] = SMOOTHING_SIGMAS, left_out: bool = True,
-                    threshold_rule: str = "fixed") -> tuple[Calibration, dict]:
-    """Smoothing, temperatures, threshold and region post-processing fitted on validation patients.
+                    threshold_rule: str = "fixed", progress: bool = False) -> tuple[Calibration, dict]:
+    """Smoothing, temperatures, threshold and region post-processing fitted on validation patients
+    (with `progress`, a bar counts the fits: on all slides, then one per slide left out).
 
     Patches are weighted 1/patches of their patient, so one large, atypical slide cannot set the
     calibration. The patch temperature minimises the weighted log loss of the patch logits, to which
@@ -252,19 +254,24 @@ def fit_calibration(scored: list[tuple[Slide, SlideScores]], context_reach: int,
     scattered samples too, the scattered samples get their own threshold (`scattered_threshold_fit`;
     recorded as `scattered_samples`).
     """
-    best, choice = whole_slide_calibration(scored, context_reach, sigmas, threshold_rule)
     whole = whole_slides(scored)
-    if not whole[0][0].is_whole:
-        log.warning("no validation patient is a whole slide, so smoothing, threshold and post-processing are fitted "
-                    "on scattered samples; for a calibration that suits whole slides, validate on whole ones (--split)")
-    if len(whole) < len(scored):  # whole slides and scattered samples: the latter get a threshold of their own
-        scattered = [(s, r) for s, r in scored if not s.is_whole]
-        best, choice["scattered_samples"] = scattered_threshold_fit(scattered, context_reach, best)
-    if left_out:
-        choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas, threshold_rule)
-        if choice["left_one_slide_out"] is not None:
-            log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each "
-                     "left out of the fit", choice["value"], len(whole), choice["left_one_slide_out"]["value"])
+    with progress_bar(None, progress, total=1 + (len(whole) if left_out and len(whole) > 1 else 0),
+                      desc="fit calibration", unit="fit") as bar:
+        best, choice = whole_slide_calibration(scored, context_reach, sigmas, threshold_rule)
+        bar.update()
+        if not whole[0][0].is_whole:
+            log.warning("no validation patient is a whole slide, so smoothing, threshold and post-processing are "
+                        "fitted on scattered samples; for a calibration that suits whole slides, validate on whole "
+                        "ones (--split)")
+        if len(whole) < len(scored):  # whole slides and scattered samples: the latter get a threshold of their own
+            scattered = [(s, r) for s, r in scored if not s.is_whole]
+            best, choice["scattered_samples"] = scattered_threshold_fit(scattered, context_reach, best)
+        if left_out:
+            choice["left_one_slide_out"] = left_one_slide_out(scored, whole, context_reach, sigmas, threshold_rule,
+                                                              after_each=bar.update)
+    if left_out and choice["left_one_slide_out"] is not None:
+        log.info("calibration: objective %.4f on the %d validation slides it was fitted on, %.4f on each left out "
+                 "of the fit", choice["value"], len(whole), choice["left_one_slide_out"]["value"])
     return best, choice
 
 
@@ -388,17 +395,20 @@ def left_out_fits(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Sl
 
 
 def left_one_slide_out(scored: list[tuple[Slide, SlideScores]], judged: list[tuple[Slide, SlideScores]],
-                       context_reach: int, sigmas: tuple[float, ...], threshold_rule: str = "fixed") -> dict | None:
+                       context_reach: int, sigmas: tuple[float, ...], threshold_rule: str = "fixed",
+                       after_each: Callable[[], object] | None = None) -> dict | None:
     """How the calibration carries over to a slide it was not fitted on: each `judged` slide under
     the calibration fitted on all the other validation patients, and the objective (mean Dice
     minus mean area-fraction error) over them; None with fewer than 2 judged slides. The
     in-sample objective overstates, since the grid choices are fitted on the slides they are
-    judged on."""
+    judged on. `after_each`: called after each slide's fit (a progress bar's update)."""
     if len(judged) < 2:
         return None
-    figures = {slide.patient: region_figures(slide, probability, calibration)
-               for slide, probability, calibration in left_out_fits(scored, judged, context_reach, sigmas,
-                                                                    threshold_rule)}
+    figures = {}
+    for slide, probability, calibration in left_out_fits(scored, judged, context_reach, sigmas, threshold_rule):
+        figures[slide.patient] = region_figures(slide, probability, calibration)
+        if after_each is not None:
+            after_each()
     objective, dice_mean, error_mean = mean_figures(list(figures.values()))
     return {"value": objective, "val_dice": dice_mean, "val_area_fraction_mae": error_mean,
             "per_slide": {p: {"dice": d, "area_fraction_error": e} for p, (d, e) in figures.items()}}
@@ -443,9 +453,10 @@ def recalibrate(data_root: str | Path, model_name: str | None, weights: str | Pa
         log.info("%s: keeps the colour reference it has", path)
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     require_mixed_validation(val_slides, split_path, "pass a --split whose val patients include one")
-    calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides),
+    calibration, choice = fit_calibration(collect_scores(Scorer(model, device, backend="torch"), val_slides, progress),
                                           model.network.context_reach, smoothing_sigmas(spec),
-                                          threshold_rule=threshold_rule or model.calibration.threshold_rule)
+                                          threshold_rule=threshold_rule or model.calibration.threshold_rule,
+                                          progress=progress)
     int8 = model.card.get("int8")  # kept as is where it is of other weights (unused, see scoring)
     same_network = int8 and int8.get("weights_sha256") == model.sha256 and not new_reference
     if same_network and "validation" in int8 and model.int8_path.is_file():  # its figures under the new calibration
@@ -688,7 +699,15 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         raise OptionError(f"--test-fraction {config.test_fraction}, --val-fraction {config.val_fraction}: leave no "
                           f"{' and no '.join(empty)} patient among the {len(folders)} of {data_root} ({sizes}); "
                           "change the fractions, or use more patients")
-    train_slides = [s for s in load_slides(split["train"], folders, "load train", progress) if s.has_labels]
+    loaded = load_slides(split["train"], folders, "load train", progress)
+    train_slides = [s for s in loaded if s.has_labels]
+    if len(train_slides) < len(loaded):
+        unlabelled = [pid for pid, s in zip(split["train"], loaded) if not s.has_labels]
+        log.warning("%d training patients left out: not every file name carries a class (_class0/_class1, or 0/ and "
+                    "1/ folders), e.g. %s", len(unlabelled), ", ".join(unlabelled[:5]))
+    if not train_slides:
+        raise SplitError(f"{split_file or data_root}: no training patient carries labels (_class0/_class1 in its file "
+                         "names, or 0/ and 1/ folders); training needs labelled patches")
     val_slides = [s for s in load_slides(split["val"], folders, "load val", progress) if s.has_labels]
     remedy = "pass a --split whose val patients include one" if split_file else "use more patients or another --seed"
     require_mixed_validation(val_slides, split_file or data_root, remedy)
@@ -793,8 +812,8 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         })
     evaluated.load_state_dict(stored_precision(best_state))  # calibrated as shipped: bfloat16 weights
     evaluated.eval()
-    calibration, choice = fit_calibration(collect_scores(scorer, val_slides), network.context_reach,
-                                          smoothing_sigmas(spec))
+    calibration, choice = fit_calibration(collect_scores(scorer, val_slides, progress), network.context_reach,
+                                          smoothing_sigmas(spec), progress=progress)
     # weights, card and split replace earlier ones together, once the run succeeded: a failed run
     # leaves the earlier weights with their own split, which `evaluate` reads to know what they saw
     with atomic_paths(out, card_path(out), split_path) as (weights_file, card_file, split_file_written):

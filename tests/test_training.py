@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 
 from conftest import make_patient, textured
 from idcmap.colour import colour_reference, normalise_slide
-from idcmap.dataset import SPLIT_SETS, make_split, patient_ids
-from idcmap.errors import IdcmapError, OptionError
+from idcmap.dataset import SPLIT_SETS, make_split, patient_ids, save_split
+from idcmap.errors import IdcmapError, OptionError, SplitError
 from idcmap.loader import load_slide
 from idcmap.models import build_model, card_path, load_model, read_weights, sha256_of
 from idcmap.scoring import Scorer
@@ -868,3 +869,19 @@ def test_a_batch_that_cell_dropout_leaves_with_one_patch_is_not_trained_on(train
     assert 1 in [len(maker._make([pair])[1]) for _ in range(50)]  # dropout does leave single patches
     kept = [len(y) for _ in range(50) for _, y, _, _ in maker.batches([pair])]
     assert 0 < len(kept) < 50 and set(kept) == {2}
+
+
+def test_training_patients_without_labels_are_named_and_none_left_is_refused(tmp_path, caplog):
+    root = _synthetic_root(tmp_path / "data", patients=3)
+    for name in ("u0", "u1"):  # flat folders, names without _class: no labels
+        make_patient(root / "group", name, {(1, 1): (None, textured(1)), (51, 1): (None, textured(2))}, layout="flat")
+    split = {"seed": 0, "train": ["group/u0", "group/u1"], "val": ["group/p0"], "test": ["group/p1"]}
+    save_split(split, tmp_path / "split.json")
+    with pytest.raises(SplitError, match=r"split.json: no training patient carries labels"):
+        train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"),
+              split_file=tmp_path / "split.json")
+    save_split({**split, "train": ["group/u0", "group/p2"]}, tmp_path / "split.json")
+    with caplog.at_level(logging.WARNING, logger="idcmap"):
+        train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"),
+              split_file=tmp_path / "split.json")
+    assert "1 training patients left out" in caplog.text and "group/u0" in caplog.text
