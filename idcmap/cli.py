@@ -25,9 +25,9 @@ UNSHIPPED = ", ".join(name for name, spec in sorted(REGISTRY.items()) if not spe
 UNSHIPPED_NOTE = f" Without shipped weights (train them, then pass --weights): {UNSHIPPED}." if UNSHIPPED else ""
 DEVICE_HELP = "auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N."
 THRESHOLD_RULE_HELP = ("fixed: one threshold for every whole slide (scattered samples keep their own where the "
-                       "model has one; --threshold sets one for all); otsu: each whole slide's own Otsu threshold of its "
-                       "probabilities, never below half the fixed one (follows a slide scored higher or lower than "
-                       "usual, but can over-call a slide with little IDC; scattered samples keep the fixed one, or "
+                       "model has one; --threshold sets one for all); otsu: each whole slide's own Otsu threshold "
+                       "of its probabilities, never below half the fixed one (follows a slide scored higher or lower "
+                       "than usual, but can over-call a slide with little IDC; scattered samples keep the fixed one, or "
                        "their own where the model has one)")
 
 

@@ -304,7 +304,8 @@ def test_a_pipe_named_like_a_patch_is_skipped_not_read(tmp_path):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert len(slide) == 1 and len(slide.skipped) == 2
-    assert all(reason.endswith("not a regular file (a pipe, socket or device), not a patch") for reason in slide.skipped)
+    assert all(reason.endswith("not a regular file (a pipe, socket or device), not a patch")
+               for reason in slide.skipped)
 
 
 def test_upper_case_extension_is_a_patch(tmp_path):

@@ -74,8 +74,9 @@ def test_outlines_reach_the_slides_right_and_bottom_edges(tmp_path):
     scale = min(PANEL_MAX_SIZE[0] / width, PANEL_MAX_SIZE[1] / height)
     top, left = HEADER + CAPTION + (max(round(height * scale), MIN_PANEL_HEIGHT) - round(height * scale)) // 2, MARGIN
     bottom, right = top + round(height * scale) - 1, left + round(width * scale) - 1
-    for edge in (cyan[top:bottom + 1, left:left + 2].any(axis=1), cyan[top:bottom + 1, right - 1:right + 1].any(axis=1),
-                 cyan[top:top + 2, left:right + 1].any(axis=0), cyan[bottom - 1:bottom + 1, left:right + 1].any(axis=0)):
+    rows, cols = slice(top, bottom + 1), slice(left, right + 1)
+    for edge in (cyan[rows, left:left + 2].any(axis=1), cyan[rows, right - 1:right + 1].any(axis=1),
+                 cyan[top:top + 2, cols].any(axis=0), cyan[bottom - 1:bottom + 1, cols].any(axis=0)):
         assert edge.mean() > 0.95  # each side of the rectangle drawn, within the panel's 2 edge pixels
     assert not cyan[top + 5:bottom - 5, left + 5:right - 5].any()  # one region, no inner lines
 
