@@ -177,28 +177,26 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path):
     assert "does not fit a 'cancernet-context' training run" in str(error)
 
 
-def test_checkpoint_with_a_malformed_run_record_is_refused(data_root, tmp_path, monkeypatch):
+def _interrupted_checkpoint(data_root, out, monkeypatch) -> dict:
+    """The checkpoint a run of MODEL_NAME into `out` leaves when killed after its epoch (in calibration)."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    first = tmp_path / "first" / "m.pt"
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(training, "fit_calibration", interrupted)  # killed after its epoch's checkpoint
-        train(data_root, MODEL_NAME, first, TrainConfig(**FAST))
-    state = torch.load(first.with_suffix(".ckpt"), weights_only=True)  # a real checkpoint needs no pickled code
+        patch.setattr(training, "fit_calibration", interrupted)
+        train(data_root, MODEL_NAME, out, TrainConfig(**FAST))
+    return torch.load(out.with_suffix(".ckpt"), weights_only=True)  # a real checkpoint needs no pickled code
+
+
+def test_checkpoint_with_a_malformed_run_record_is_refused(data_root, tmp_path, monkeypatch):
+    state = _interrupted_checkpoint(data_root, tmp_path / "first" / "m.pt", monkeypatch)
     _resume_against(data_root, tmp_path / "w" / "m.pt", {**state, "history": "not a list"})
 
 
 def test_checkpoint_of_another_model_with_the_same_network_is_refused(data_root, tmp_path, monkeypatch):
     """cancernet and cancernet-smooth share one network, so the state fits; the recorded model name decides."""
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
     out = tmp_path / "w" / "m.pt"
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(training, "fit_calibration", interrupted)  # killed after its epoch's checkpoint
-        train(data_root, MODEL_NAME, out, TrainConfig(**FAST))
-    state = torch.load(out.with_suffix(".ckpt"), weights_only=True)
+    state = _interrupted_checkpoint(data_root, out, monkeypatch)
     assert state["model"] == MODEL_NAME
     save_checkpoint(out.with_suffix(".ckpt"), {**state, "model": "other-model"})
     with pytest.raises(OptionError) as info:
