@@ -238,7 +238,7 @@ def list_patch_files(folder: Path) -> tuple[list[Path], list[str]]:
 
 def _misplaced_patches(sub: Path, folder: Path) -> list[str]:
     """Skip reasons for the patch PNGs in `sub`, a subfolder of `folder` idcmap does not read, and in
-    the (not hidden) folders below it."""
+    the (not hidden) folders below it; links to folders are not followed (a link loop would not end)."""
     try:
         entries = _entries(sub)
     except FolderLayoutError as err:
@@ -247,7 +247,7 @@ def _misplaced_patches(sub: Path, folder: Path) -> list[str]:
     reasons = []
     for entry in entries:
         if entry.is_dir():
-            if not entry.name.startswith("."):
+            if not entry.name.startswith(".") and not entry.is_symlink():
                 reasons += _misplaced_patches(Path(entry.path), folder)
         elif _looks_like_patch(entry.name):
             reasons.append(f"{entry.path}: patch in {where}/, a subfolder idcmap does not read (only the patient "

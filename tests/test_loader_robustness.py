@@ -97,6 +97,15 @@ def test_a_few_of_a_patients_patches_nested_in_its_folder_are_listed_not_passed_
     assert sorted(reason.split(": ")[0] for reason in slide.skipped) == sorted([str(deep), str(deeper)])
 
 
+
+def test_a_link_loop_inside_a_patient_folder_ends(tmp_path):
+    """Subfolders are searched for misplaced patches at any depth, but links below the first level
+    are not followed: `0/up -> ..` would otherwise nest for ever (ELOOP)."""
+    folder = make_patient(tmp_path, "P", {(1, 1): (0, solid((1, 1, 1))), (51, 1): (1, solid((2, 2, 2)))})
+    os.symlink("..", folder / "0" / "up")
+    slide = load_slide(folder)
+    assert len(slide) == 2 and len(slide.skipped) == 2  # its own two patches, seen once through the link
+
 def test_flat_patient_folder_with_more_of_its_patches_in_a_subfolder_is_one_patient(tmp_path):
     folder = make_patient(tmp_path, "P", ONE, layout="flat")
     extra = write_png(folder / "extra" / "P_idx5_x51_y1.png", solid((4, 4, 4)))
