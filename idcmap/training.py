@@ -210,10 +210,9 @@ def pixel_statistics(slides: list[Slide]) -> tuple[list[float], list[float]]:
     return mean.round(4).tolist(), np.sqrt(total_sq / count - mean**2).round(4).tolist()
 
 
-def collect_scores(scorer: Scorer, slides: list[Slide], progress: bool = False,
-                   what: str = "score val") -> list[tuple[Slide, SlideScores]]:
-    """(slide, its scores under the scorer's model) for each slide; a bar (`what`) with `progress`."""
-    return [(slide, scorer.score(slide)) for slide in progress_bar(slides, progress, desc=what, unit="patient")]
+def collect_scores(scorer: Scorer, slides: list[Slide], progress: bool = False) -> list[tuple[Slide, SlideScores]]:
+    """(slide, its scores under the scorer's model) for each slide; a bar with `progress`."""
+    return [(slide, scorer.score(slide)) for slide in progress_bar(slides, progress, desc="score", unit="patient")]
 
 
 def mean_patient_auc(scored: list[tuple[Slide, SlideScores]], patch_only: bool = False) -> float:
