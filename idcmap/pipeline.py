@@ -485,11 +485,19 @@ def warn_copies(rows: list[dict]) -> None:
 
 def _summary_paths(out: Path) -> Iterator[tuple[str, Path]]:
     """(folder below `out`, its summary.json) of every rendered patient below `out`, sorted; hidden
-    folders (staging, trash) left out."""
-    for path in sorted(out.rglob("summary.json")):
-        folder = path.parent.relative_to(out)
-        if folder.parts and not any(part.startswith(".") for part in folder.parts):
-            yield folder.as_posix(), path
+    folders (staging, trash) left out, links to folders not followed, and a folder that cannot be
+    listed named in a warning (its patients are missing from the summary)."""
+    def unreadable(err: OSError) -> None:
+        log.warning("%s: cannot list this folder (%s); patients rendered into it are left out of the summary",
+                    err.filename, err.strerror)
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out, onerror=unreadable):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        if "summary.json" in filenames and Path(dirpath) != out:
+            found.append(Path(dirpath) / "summary.json")
+    for path in sorted(found):
+        yield path.parent.relative_to(out).as_posix(), path
 
 
 def read_summary(path: Path, folder: str) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -905,6 +906,25 @@ def test_names_that_are_not_utf8_render_resume_and_export(tmp_path, tiny_weights
     assert 'href="caf%E9/overlay.png"' in (out / "summary.html").read_text()
     assert render_folder(root, out, _options(tiny_weights, resume=True)) == rows  # unchanged inputs: kept
     assert [row["status"] for row in collect_summaries(out)] == ["ok"]
+
+
+
+def test_an_output_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, tiny_weights, monkeypatch, caplog):
+    """Permissions on out/B (simulated: tests may run as root): the summary lacks B, and says so."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A", "B"])
+    render_folder(root, out, _options(tiny_weights))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == out / "B":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="idcmap"):
+        assert [row["patient"] for row in collect_summaries(out)] == ["A"]
+    assert f"{out / 'B'}: cannot list this folder (Permission denied)" in caplog.text
 
 
 def test_hidden_files_in_a_patients_output_folder_survive_a_new_render(tmp_path, tiny_weights):
