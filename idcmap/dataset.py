@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from .errors import SplitError
 from .export import atomic_write_text
 from .loader import Slide, find_patient_folders, load_slide
 from .progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 SPLIT_SETS = ("train", "val", "test")
 
@@ -120,3 +123,16 @@ def load_split(path: str | Path, available: dict[str, Path]) -> dict:
 def load_slides(ids: list[str], folders: dict[str, Path], desc: str, progress: bool = True) -> list[Slide]:
     """Load the named patients' slides, with a progress bar unless `progress` is False."""
     return [load_slide(folders[pid]) for pid in progress_bar(ids, progress, desc=desc, unit="patient")]
+
+
+def load_labelled_slides(ids: list[str], folders: dict[str, Path], role: str, desc: str,
+                         progress: bool = True) -> list[tuple[str, Slide]]:
+    """(id, slide) of the named patients whose patches all carry labels; the others are named in a
+    warning as `role` patients left out (training and evaluation need the labels)."""
+    loaded = list(zip(ids, load_slides(ids, folders, desc, progress)))
+    labelled = [(pid, slide) for pid, slide in loaded if slide.has_labels]
+    if len(labelled) < len(loaded):
+        left_out = sorted(pid for pid, slide in loaded if not slide.has_labels)
+        log.warning("%d %s patients left out: not every file name carries a class (_class0/_class1, or 0/ and 1/ "
+                    "folders), e.g. %s", len(left_out), role, ", ".join(left_out[:5]))
+    return labelled

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import metrics  # noqa: E402
-from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, patient_ids  # noqa: E402
+from .dataset import SPLIT_SETS, check_unseen, load_labelled_slides, load_split, patient_ids  # noqa: E402
 from .errors import IdcmapError, OptionError, SplitError  # noqa: E402
 from .export import atomic_paths, atomic_write_bytes, json_text, writable_folder  # noqa: E402
 from .loader import Slide  # noqa: E402
@@ -113,11 +113,7 @@ def evaluate_models(data_root: str | Path, models: list[str], out: str | Path, s
                      "patients it never saw")
     scorers = [Scorer(model, device, backend=backend) for model in loaded]  # --device, --backend checked
     writable_folder(out)  # before the scoring, not after it
-    labelled = [(pid, s) for pid, s in zip(test_ids, load_slides(test_ids, folders, "load test", progress)) if s.has_labels]
-    if len(labelled) < len(test_ids):
-        left_out = sorted(set(test_ids) - {pid for pid, _ in labelled})
-        log.warning("%d test patients left out: not every file name carries a class (_class0/_class1), e.g. %s",
-                    len(left_out), ", ".join(left_out[:5]))
+    labelled = load_labelled_slides(test_ids, folders, "test", "load test", progress)
     if not labelled:
         raise IdcmapError(f"{split_file}: no test patient carries labels (_class0/_class1 in its file names)")
     slides = [s for _, s in labelled]

@@ -538,17 +538,15 @@ def patient_output_around(path: Path) -> Path | None:
 
 def export_target(out: Path, output: Path | None) -> Path:
     """The summary CSV `export` writes: `output`, or out/summary.csv. OutputError where it has no
-    file name, or where it or its overview page would land in a patient's output folder below
-    `out` (replacing that patient's summary.json, or leaving a file that blocks its next render)."""
+    file name, or where it or its overview page would land in a rendered patient's output folder
+    (`patient_output_around`: replacing its summary.json, or leaving a file that blocks its next render)."""
     target = output if output is not None else out / "summary.csv"
     if target.name in ("", ".", ".."):
         raise OutputError(f"-o: {str(output)!r} is not a file name; name the CSV, e.g. -o {out / 'merged.csv'}")
-    patients = {(out / folder).resolve(): folder for folder, _ in _summary_paths(out)}
-    here = target.resolve().parent
-    inside = next((patients[p] for p in (here, *here.parents) if p in patients), None)
+    inside = patient_output_around(target.parent)
     if inside is not None:
-        raise OutputError(f"{target}: inside the output folder of patient {inside}, whose files idcmap manages; "
-                          f"write it elsewhere, e.g. -o {out / 'merged.csv'}")
+        raise OutputError(f"{target}: inside the output folder of patient {inside.name} ({inside}), whose files "
+                          f"idcmap manages; write it elsewhere, e.g. -o {out / 'merged.csv'}")
     return target
 
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from . import metrics
 from .colour import ColourReference, colour_reference, normalise_slide
-from .dataset import SPLIT_SETS, check_unseen, load_slides, load_split, make_split, patient_ids, save_split
+from .dataset import (SPLIT_SETS, check_unseen, load_labelled_slides, load_slides, load_split, make_split,
+                      patient_ids, save_split)
 from .errors import OptionError, OutputError, SplitError, TrainingError, WeightsError
 from .export import atomic_paths, atomic_write_bytes, write_json
 from .loader import Slide
@@ -698,12 +699,7 @@ def train(data_root: str | Path, model_name: str, out: str | Path, config: Train
         raise OptionError(f"--test-fraction {config.test_fraction}, --val-fraction {config.val_fraction}: leave no "
                           f"{' and no '.join(empty)} patient among the {len(folders)} of {data_root} ({sizes}); "
                           "change the fractions, or use more patients")
-    loaded = load_slides(split["train"], folders, "load train", progress)
-    train_slides = [s for s in loaded if s.has_labels]
-    if len(train_slides) < len(loaded):
-        unlabelled = [pid for pid, s in zip(split["train"], loaded) if not s.has_labels]
-        log.warning("%d training patients left out: not every file name carries a class (_class0/_class1, or 0/ and "
-                    "1/ folders), e.g. %s", len(unlabelled), ", ".join(unlabelled[:5]))
+    train_slides = [s for _, s in load_labelled_slides(split["train"], folders, "training", "load train", progress)]
     if not train_slides:
         raise SplitError(f"{split_file or data_root}: no training patient carries labels (_class0/_class1 in its file "
                          "names, or 0/ and 1/ folders); training needs labelled patches")

@@ -444,7 +444,7 @@ def test_device_and_backend_are_checked_before_loading_or_writing(tmp_path, monk
     def never(*args, **kwargs):
         raise AssertionError("test slides loaded before the options were checked")
 
-    monkeypatch.setattr(evaluation, "load_slides", never)
+    monkeypatch.setattr(evaluation, "load_labelled_slides", never)
     with pytest.raises(IdcmapError, match=error):
         evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json",
                         **{"device": "cpu", **option})
