@@ -1,8 +1,8 @@
 """PNG decode rates of the ways to spread it over the cores, side by side in one run.
 
-    python benchmarks/bench_decode.py [--patients 4] [--rounds 4] [--workers 2]
+    python benchmarks/bench_decode.py [--patients 4] [--rounds 4] [--workers 2] [--data ../shared/data/patients]
 
-On the first --patients real patients of ../shared/data/patients (files read once before timing,
+On the first --patients patients of --data (files read once before timing,
 so the page cache serves every round), decode every patch with idcmap's own per-file decoder
 (`loader._decode`: open, check, to an RGB array):
   one thread       `loader.decode_patches`, what `load_slide` runs
@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_ROOT, patient_folders, run
 
 from idcmap import loader  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "patients"
 CHUNK = 256
 
 
@@ -40,11 +36,10 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DATA_ROOT / "patients", help="folder of patient folders")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        sys.exit(f"skipped: {DATA} is absent (the real patches live in ../shared/data)")
-    folders = loader.find_patient_folders(DATA)[: args.patients]
-    paths = [path for folder in folders for path in sorted(folder.glob("*/*.png"))]
+    folders = patient_folders(args.data, args.patients)
+    paths = [path for folder in folders for path in loader.list_patch_files(folder)[0]]
     for path in paths:
         path.read_bytes()
     with ThreadPoolExecutor(args.workers) as threads, ProcessPoolExecutor(args.workers) as processes:
@@ -68,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,31 +21,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import DATA_ROOT, patient_folders, run
 
 from idcmap.colour import normalise_slide  # noqa: E402
-from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
+from idcmap.loader import load_slide  # noqa: E402
 from idcmap.models import load_model  # noqa: E402
 from idcmap.scoring import to_input  # noqa: E402
 
 BATCH = 1024
+SETTINGS = ("pin", "pad", "fp16", "ieee")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "patients")
+    parser.add_argument("--data", type=Path, default=DATA_ROOT / "patients", help="folder of patient folders")
     parser.add_argument("settings", nargs="*", help="pin=1 pad=1 fp16=1 ieee=1")
     args = parser.parse_args()
+    opts = dict(setting.partition("=")[::2] for setting in args.settings)
+    if set(opts) - set(SETTINGS) or set(opts.values()) - {"0", "1"}:
+        parser.error(f"settings are {'=0|1 '.join(SETTINGS)}=0|1, not {' '.join(args.settings)}")
     if not torch.cuda.is_available():
         sys.exit("skipped: no CUDA GPU visible")
-    if not args.data.is_dir():
-        sys.exit(f"skipped: {args.data} is absent")
-    opts = dict(a.split("=") for a in args.settings)
-    pin, pad, fp16, ieee = (opts.get(k, "0") == "1" for k in ("pin", "pad", "fp16", "ieee"))
+    pin, pad, fp16, ieee = (opts.get(k, "0") == "1" for k in SETTINGS)
     if ieee:
         torch.backends.cudnn.conv.fp32_precision = "ieee"
     dev = torch.device("cuda")
-    slides = [load_slide(f) for f in find_patient_folders(args.data)]
+    slides = [load_slide(f) for f in patient_folders(args.data)]
     for name in ("cancernet", "resnet18-context"):
         model = load_model(name)
         cpu_net = copy.deepcopy(model.network).eval()
@@ -103,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

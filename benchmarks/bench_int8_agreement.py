@@ -5,7 +5,8 @@
 The comparison `idcmap quantize` records in the card (`int8.validation`), computed again here with
 the int8 file as shipped, and printed beside the card's figures: int8 arithmetic differs between
 CPUs (AVX2, AVX-512 VNNI), so equal figures show that the shipped network decides the same on this
-one. Also prints the scoring time of each runtime, measured one after the other on the same slides.
+one. Also prints the seconds the comparison took (both runtimes set up and scoring the slides; not a
+speed comparison: `bench_render.py` times the runtimes side by side).
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_ROOT, require_folder, run
 
 from idcmap.dataset import load_slides, load_split, patient_ids  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -27,10 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help=f"registry name [default: {DEFAULT_MODEL}]")
     parser.add_argument("--weights", type=Path, default=None, help="weights file (its .int8.onnx beside it)")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=DATA_ROOT, help="data root (patients/, sparse/)")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        sys.exit(f"{args.data}: no data root; this benchmark reads the validation patients of ../shared/data")
+    require_folder(args.data)
     model = load_model(args.model, args.weights)
     if model.int8_path is None or not model.int8_path.is_file():
         sys.exit(f"{model.path}: no int8 network beside it; run `idcmap quantize` first")
@@ -45,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

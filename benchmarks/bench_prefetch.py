@@ -1,9 +1,9 @@
 """Rendering several patients one after another, against decoding the next patient in a worker
 process while the current one is scored and written (an option tried for `render`, not adopted).
 
-    python benchmarks/bench_prefetch.py [--patients 8] [--model cancernet] [--rounds 5]
+    python benchmarks/bench_prefetch.py [--patients 8] [--model cancernet] [--rounds 5] [--data ../shared/data/patients]
 
-On the first --patients real patients of ../shared/data/patients (page cache warmed first), each
+On the first --patients patients of --data (page cache warmed first), each
 round times, alternating:
   sequential   render_patient for each patient in turn, as `idcmap render` runs (it decodes)
   prefetched   the same, but each patient's load_slide runs in a forked worker process while the
@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from unittest import mock
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_ROOT, patient_folders, run
 
 from idcmap import pipeline  # noqa: E402
-from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
+from idcmap.loader import list_patch_files, load_slide  # noqa: E402
 from idcmap.models import load_model  # noqa: E402
 from idcmap.pipeline import RenderOptions, render_patient  # noqa: E402
 from idcmap.scoring import Scorer  # noqa: E402
@@ -33,18 +31,16 @@ from idcmap.scoring import Scorer  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=DATA_ROOT / "patients", help="folder of patient folders")
     parser.add_argument("--patients", type=int, default=8)
     parser.add_argument("--model", default="cancernet")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    if not (args.data / "patients").is_dir():
-        sys.exit(f"skipped: {args.data / 'patients'} is absent (the real patches live in ../shared/data)")
-    folders = find_patient_folders(args.data / "patients")[:args.patients]
-    patches = sum(len(list(f.rglob("*.png"))) for f in folders)
-    for folder in folders:  # warm the page cache
-        for path in folder.rglob("*.png"):
-            path.read_bytes()
+    folders = patient_folders(args.data, args.patients)
+    files = [path for folder in folders for path in list_patch_files(folder)[0]]
+    for path in files:  # warm the page cache
+        path.read_bytes()
+    patches = len(files)
     model = load_model(args.model)
     scorer = Scorer(model, "cpu")
     options = RenderOptions(model=args.model, progress=False)
@@ -65,13 +61,13 @@ def main() -> None:
 
     print(f"{len(folders)} patients, {patches:,} patches, model {args.model} ({scorer.backend})")
     for round_ in range(1, args.rounds + 1):
-        for name, run in (("sequential", sequential), ("prefetched", prefetched)):
+        for name, render_all in (("sequential", sequential), ("prefetched", prefetched)):
             with tempfile.TemporaryDirectory() as out:
                 started = time.perf_counter()
-                run(Path(out))
+                render_all(Path(out))
                 seconds = time.perf_counter() - started
             print(f"round {round_}  {name:<11} {seconds:6.2f} s  {patches / seconds:6.0f} patches/s", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

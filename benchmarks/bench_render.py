@@ -13,9 +13,9 @@ Stages, each over the same real patients of ../shared/data/patients:
                    see the same machine state
   3. score         idcmap's Scorer on the decoded slides, as render runs it (batched,
                    inference_mode; ONNX Runtime on the CPU, in int8 where the model has an int8
-                   network, PyTorch on the GPU), and beside it PyTorch eager channels_last, on the
-                   CPU PyTorch under bfloat16 autocast and, for an int8 model, fp32 ONNX Runtime,
-                   on the GPU fp16 autocast (--mixed-precision), on the same slides
+                   network, PyTorch on the GPU), and beside it on the same slides: on the CPU
+                   PyTorch eager channels_last, PyTorch under bfloat16 autocast and, for an int8
+                   model, fp32 ONNX Runtime; on the GPU fp16 autocast (--mixed-precision)
   4. render        render_patient end to end: decode, score, mosaic/overlay PNGs, CSV/NPY/GeoJSON/JSON
 Prints patches/s, the ratios score/naive, score/decode and render/decode, peak RSS, and per-patient
 time and RSS as patients accumulate (time per patch should stay flat, RSS should not grow).
@@ -38,16 +38,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_ROOT, patient_folders, run
 
 from idcmap.colour import normalise_slide  # noqa: E402
-from idcmap.loader import find_patient_folders, load_slide  # noqa: E402
+from idcmap.loader import list_patch_files, load_slide  # noqa: E402
 from idcmap.models import DEFAULT_MODEL, load_model  # noqa: E402
 from idcmap.pipeline import RenderOptions, completed_summary, effective_calibration, render_patient  # noqa: E402
 from idcmap.scoring import Scorer, calibrated_scores  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "patients"
 
 
 def peak_rss_mb() -> float:
@@ -65,7 +62,7 @@ def naive_loop(model) -> Callable[[list[Path]], float]:
     """The per-patch loop of the tutorials, on the CPU with its own copy of the network: open,
     resize, to tensor, normalise, model on one patch, read the probability back. The returned
     function runs it over `paths` and returns the seconds it took."""
-    network = copy.deepcopy(model.network).cpu().eval()
+    network = copy.deepcopy(model.network).cpu().eval().to(memory_format=torch.contiguous_format)  # as built
     transform = transforms.Compose([transforms.Resize((50, 50)), transforms.ToTensor(),
                                     transforms.Normalize(model.mean, model.std)])
 
@@ -119,17 +116,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--weights", type=Path, default=None, help="weights file [default: the model's shipped weights]")
-    parser.add_argument("--data", type=Path, default=DATA, help="folder of patient folders")
+    parser.add_argument("--data", type=Path, default=DATA_ROOT / "patients", help="folder of patient folders")
     parser.add_argument("--repeat-largest", type=int, default=0, metavar="N",
                         help="then render the largest patient N more times, printing RSS after each")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
-    folders = find_patient_folders(args.data)
-    folders = folders[: args.patients] if args.patients else folders
+    folders = patient_folders(args.data, args.patients)
     model = load_model(args.model, args.weights)
     scorer = Scorer(model, args.device, args.batch_size)
-    others = {"torch eager": Scorer(model, args.device, args.batch_size, backend="torch")}
+    others = {}  # on a GPU the scorer itself is PyTorch eager
+    if scorer.backend != "torch":
+        others["torch eager"] = Scorer(model, args.device, args.batch_size, backend="torch")
     if scorer.device.type == "cpu":
         others["torch bf16"] = Scorer(model, args.device, args.batch_size, backend="torch")
         others["torch bf16"].backbone = under_bf16_autocast(others["torch bf16"].backbone)
@@ -140,14 +136,17 @@ def main() -> None:
     calibration = effective_calibration(model.calibration, RenderOptions())
     options = RenderOptions(model=args.model, weights=args.weights, device=args.device, progress=False)
     for folder in folders:  # every stage reads from the page cache, so decode is timed, not the disk
-        for path in folder.rglob("*.png"):
+        for path in list_patch_files(folder)[0]:
             path.read_bytes()
     warm = load_slide(folders[0])
     for warming in (scorer, *others.values()):  # warm-up: first-call allocations and kernels
         warming.score(warm)
-    reference = others["torch eager"].score(warm).probability
+    naive = naive_loop(model)
+    naive(list_patch_files(folders[0])[0][:8])
+    eager = others.get("torch eager", scorer)
+    reference = eager.score(warm).probability
     differences = {name: float(np.abs(other.score(warm).probability - reference).max())
-                   for name, other in [(scorer.backend, scorer), *others.items()] if name != "torch eager"}
+                   for name, other in [(scorer.backend, scorer), *others.items()] if other is not eager}
     del warm
 
     print(f"device {scorer.device}, backend {scorer.backend}, batch {scorer.batch_size}, "
@@ -156,7 +155,6 @@ def main() -> None:
     other_s = dict.fromkeys(others, 0.0)
     patches = 0
     per_patient = []
-    naive = naive_loop(model)
     naive_share = math.ceil(args.naive_patches / len(folders))
     naive_s, naive_patches = 0.0, 0
     with tempfile.TemporaryDirectory() as out:
@@ -173,7 +171,7 @@ def main() -> None:
                 other.score(slide)
                 sync(other.device)
                 other_s[name] += time.perf_counter() - started
-            naive_paths = sorted(folder.glob("*/*.png"))[:naive_share]
+            naive_paths = list_patch_files(folder)[0][:naive_share]
             naive_s += naive(naive_paths)
             naive_patches += len(naive_paths)
             started = time.perf_counter()
@@ -238,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_ROOT, require_folder, run
 
 from idcmap.export import encode_png, json_text  # noqa: E402
 from idcmap.loader import inputs_sha256, load_slide  # noqa: E402
@@ -36,8 +34,6 @@ from idcmap.pipeline import RenderOptions, _probability_rows, effective_calibrat
 from idcmap.regions import predicted_mask  # noqa: E402
 from idcmap.render import overlay_png  # noqa: E402
 from idcmap.scoring import Scorer  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "patients"
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -53,9 +49,8 @@ def main() -> None:
     parser.add_argument("--model", default="cancernet")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    folder = Path(args.patient) if Path(args.patient).is_dir() else DATA / args.patient
-    if not folder.is_dir():
-        sys.exit(f"skipped: {folder} is absent (the real patches live in ../shared/data)")
+    folder = Path(args.patient) if Path(args.patient).is_dir() else DATA_ROOT / "patients" / args.patient
+    require_folder(folder)
 
     model = load_model(args.model)
     scorer = Scorer(model)
@@ -112,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,21 +6,19 @@ One step as `idcmap train` runs it (`idcmap.training.training_step`): a 16 x 16-
 through the patch network and its context head, both losses, backward, AdamW. Random pixels: the
 time of a step does not depend on what the patches show. Prints seconds per step (best and mean of
 --steps after one warm-up) for each precision, alternating them --rounds times, and the ratio, then
-an approximate time of the training steps of a whole run (--epochs x one step per 256 training
-patches; decoding and validation left out). On a GPU, "fp32" runs cuDNN convolutions in PyTorch's
+an approximate time of the training steps of a whole run (--epochs x at least one step per 256
+patches of an epoch; decoding and validation left out). On a GPU, "fp32" runs cuDNN convolutions in PyTorch's
 default TF32, as training does.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run
 
 from idcmap.models import build_model  # noqa: E402
 from idcmap.scoring import resolve_device  # noqa: E402
@@ -55,8 +53,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--epochs", type=int, default=12, help="for the extrapolation (the shipped recipe: 12)")
-    parser.add_argument("--train-patches", type=int, default=29_020,
-                        help="for the extrapolation (the shipped default's training patches)")
+    parser.add_argument("--epoch-patches", type=int, default=26_712 + 4 * 2_308,
+                        help="for the extrapolation: patches an epoch trains on [default: the shipped default's "
+                             "recipe, 26,712 of whole slides and 4 x 2,308 of scattered samples (--scattered-repeat 4)]")
     args = parser.parse_args()
     device = resolve_device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -70,11 +69,12 @@ def main() -> None:
             print(f"round {round_ + 1} {precision}: best {min(times):.3f} s, mean {means[precision][-1]:.3f} s per step")
     fp32, bf16 = (sum(v) / len(v) for v in means.values())
     print(f"bf16 autocast: {fp32 / bf16:.2f}x the fp32 step rate ({fp32:.3f} s vs {bf16:.3f} s per step)")
-    steps = args.epochs * math.ceil(args.train_patches / (WINDOW * WINDOW))
-    print(f"{args.epochs} epochs over {args.train_patches:,} training patches (about {steps} steps): "
+    steps = args.epochs * math.ceil(args.epoch_patches / (WINDOW * WINDOW))
+    print(f"{args.epochs} epochs of {args.epoch_patches:,} patches (at least {steps} steps, batches being whole "
+          "windows): "
           f"about {steps * min(fp32, bf16) / 60:.1f} min of training steps at the faster precision "
           "(decoding and validation not included)")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

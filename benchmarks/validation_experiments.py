@@ -93,8 +93,7 @@ import numpy as np
 import torch
 from skimage import filters
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_ROOT, require_folder, run
 
 from idcmap import metrics  # noqa: E402
 from idcmap.colour import (ColourReference, colour_reference, matched_pixels, normalised_pixels,  # noqa: E402
@@ -742,7 +741,7 @@ def _seconds(scorer: Scorer, slide) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=DATA_ROOT, help="data root (patients/, sparse/)")
     parser.add_argument("--skip-tta", action="store_true", help="skip the slowest experiment (about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="resnet18-context weights to experiment on [default: the shipped ones]")
@@ -752,8 +751,7 @@ def main() -> None:
     args = parser.parse_args()
     if 7 in (args.only or []) and args.other is None:
         parser.error("experiment 7 needs --other W2 [W3 ...] (other resnet18-context weights files)")
-    if not args.data.is_dir():
-        sys.exit(f"skipped: {args.data} is absent (the real patches live in ../shared/data)")
+    require_folder(args.data)
     folders = patient_ids(args.data)
     split = load_split((args.weights or get_spec(DEFAULT).weights_path).with_suffix(".split.json"), folders)
     slides = [s for s in load_slides(split["val"], folders, "load val") if s.has_labels]
@@ -803,4 +801,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
