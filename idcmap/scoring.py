@@ -65,17 +65,43 @@ class OnnxBackbone:
     for CancerNet, 1.3x for ResNet-18, and 3.4x more for ResNet-18 in int8 (benchmarks/RESULTS.md).
     Returns (features, logits) like the torch module."""
 
-    def __init__(self, onnx_model: bytes, threads: int | None = None) -> None:
+    def __init__(self, onnx_model: bytes, threads: int | None = None, source: str = "the ONNX patch network",
+                 remedy: str = "use --backend torch") -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or usable_cores()
         options.log_severity_level = 3
-        self.session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's own classes (InvalidProtobuf, Fail, ...) derive from Exception
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise WeightsError(f"{source}: ONNX Runtime {onnxruntime.__version__} cannot load it ({reason}); "
+                               f"{remedy}") from error
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.session.run(None, {"x": x.contiguous().numpy()})
         return torch.from_numpy(features), torch.from_numpy(logits)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a container's
+    cpuset), not every core of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's CPU threads set to `threads` (None: left as they are) while inside, then restored:
+    one scorer's --jobs does not stay behind for the rest of the process."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
 
 
 def onnx_available() -> bool:
@@ -264,14 +290,15 @@ class Scorer:
         if mixed_precision and not self.autocast:
             log.warning("--mixed-precision applies on a GPU only; scoring on the %s in fp32", self.device.type)
         self.network = model.network.to(self.device).to(memory_format=torch.channels_last).eval()
-        if threads is not None:
-            if threads < 1:
-                raise OptionError(f"--jobs {threads}: must be at least 1")
-            torch.set_num_threads(threads)
+        if threads is not None and threads < 1:
+            raise OptionError(f"--jobs {threads}: must be at least 1")
+        self.threads = threads
         if backend == "onnx":
-            self.backbone = OnnxBackbone(export_onnx(self.network.backbone), threads)
+            self.backbone = OnnxBackbone(export_onnx(self.network.backbone), threads, f"{model.name} exported to ONNX",
+                                         "use --backend torch")
         elif backend == "onnx-int8":
-            self.backbone = OnnxBackbone(int8, threads)
+            self.backbone = OnnxBackbone(int8, threads, str(model.int8_path or "the int8 network"),
+                                         "run `idcmap quantize` again with this ONNX Runtime, or use --backend onnx")
         else:
             self.backbone = self.network.backbone
         self.mean = torch.tensor(model.mean, device=self.device)
@@ -291,7 +318,7 @@ class Scorer:
         patches = torch.from_numpy(pixels).to(self.device)
         features, logits = [], []
         starts = range(0, len(patches), self.batch_size)
-        with ieee_fp32_convolutions(self.device.type == "cuda" and not self.autocast):
+        with ieee_fp32_convolutions(self.device.type == "cuda" and not self.autocast), torch_threads(self.threads):
             for start in progress_bar(starts, progress_label is not None, desc=f"score {progress_label}", unit="batch",
                                       leave=False):
                 x = to_input(patches[start : start + self.batch_size], self.mean, self.std,
@@ -312,7 +339,7 @@ class Scorer:
             return patch_logits
         cells = torch.from_numpy(slide.cells).to(self.device)
         index = torch.cat([torch.zeros_like(cells[:, :1]), cells], dim=1)
-        with ieee_fp32_convolutions(self.device.type == "cuda"):
+        with ieee_fp32_convolutions(self.device.type == "cuda"), torch_threads(self.threads):
             return self.network.context(features, patch_logits, index, (1, *slide.grid_shape))
 
     def score(self, slide: Slide, progress: bool = False) -> SlideScores:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import MODEL_NAME, grid_patches, make_patient, textured, write_tiny_weights
-from idcmap.errors import IdcmapError, OptionError
+from idcmap.errors import IdcmapError, OptionError, WeightsError
 from idcmap.loader import load_slide
 from idcmap.models import REGISTRY, load_model
 from idcmap.scoring import Scorer, ieee_fp32_convolutions, onnx_available, padded_batch, resolve_device
@@ -24,6 +24,21 @@ def _block(rows=5, cols=6, label_of=lambda r, c: (r + c) % 2, offset=(0, 0)):
 @pytest.fixture
 def slide(tmp_path):
     return load_slide(make_patient(tmp_path, "P", _block()))
+
+
+TRAINED = "cancernet-context-wide"  # shipped weights: a tiny random network scores all patches nearly alike
+
+
+def _trained(**options) -> Scorer:
+    """A CPU scorer of the shipped, trained `TRAINED` weights, whose scores tell `_block`'s patches
+    apart (a spread of about 0.2 in probability), so that a mix-up of patches shows."""
+    return Scorer(load_model(TRAINED), device="cpu", **options)
+
+
+def _assert_same_scores(got, expected, atol=1e-5):
+    assert np.ptp(expected.patch_probability) > 0.1 and np.ptp(expected.probability) > 0.05
+    np.testing.assert_allclose(got.probability, expected.probability, atol=atol, rtol=0)
+    np.testing.assert_allclose(got.patch_probability, expected.patch_probability, atol=atol, rtol=0)
 
 
 def test_scores_shapes_and_ranges(cpu_scorer, slide):
@@ -55,20 +70,13 @@ def test_fresh_scorer_gives_same_scores(tiny_weights, cpu_scorer, slide):
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
-def test_batch_size_does_not_change_scores(tiny_weights, cpu_scorer, slide, batch_size):
-    reference = cpu_scorer.score(slide)
-    small = Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", batch_size=batch_size,
-                   backend=cpu_scorer.backend).score(slide)
-    np.testing.assert_allclose(small.probability, reference.probability, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(small.patch_probability, reference.patch_probability, atol=1e-5, rtol=0)
+def test_batch_size_does_not_change_scores(slide, batch_size):
+    _assert_same_scores(_trained(batch_size=batch_size).score(slide), _trained().score(slide))
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
-def test_onnx_and_torch_backends_agree(tiny_weights, slide):
-    onnx = Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", backend="onnx").score(slide)
-    eager = Scorer(load_model(MODEL_NAME, tiny_weights), device="cpu", backend="torch").score(slide)
-    np.testing.assert_allclose(onnx.probability, eager.probability, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(onnx.patch_probability, eager.patch_probability, atol=1e-5, rtol=0)
+def test_onnx_and_torch_backends_agree(slide):
+    _assert_same_scores(_trained(backend="onnx").score(slide), _trained(backend="torch").score(slide))
 
 
 def test_labels_cannot_reach_the_inputs(cpu_scorer, tmp_path):
@@ -116,12 +124,14 @@ def test_neighbours_within_reach_do_change_the_score(cpu_scorer, tmp_path):
     assert scores.logit[far] == scores.patch_logit[far]
 
 
-def test_patch_scores_do_not_depend_on_other_patches(cpu_scorer, tmp_path):
+def test_patch_scores_do_not_depend_on_other_patches(tmp_path):
     patches = _block()
     full = load_slide(make_patient(tmp_path / "a", "P", patches))
     keep = dict(list(patches.items())[:5])
     part = load_slide(make_patient(tmp_path / "b", "P", keep))
-    full_scores, part_scores = cpu_scorer.score(full), cpu_scorer.score(part)
+    scorer = _trained()
+    full_scores, part_scores = scorer.score(full), scorer.score(part)
+    assert np.ptp(part_scores.patch_logit) > 0.1
     index = {tuple(xy): i for i, xy in enumerate(full.xy.tolist())}
     for j, xy in enumerate(part.xy.tolist()):
         assert part_scores.patch_logit[j] == pytest.approx(full_scores.patch_logit[index[tuple(xy)]], abs=1e-5)
@@ -277,16 +287,14 @@ def test_padded_batch_keeps_the_patches_and_adds_zero_ones():
 
 
 @pytest.mark.parametrize("batch_size", [4, 7, 512])
-def test_padded_last_batch_gives_the_same_scores(tiny_weights, slide, batch_size):
+def test_padded_last_batch_gives_the_same_scores(slide, batch_size):
     """The GPU path pads each slide's last batch to the batch size; the real patches' scores stay
     as they were (the network scores each patch on its own in eval mode)."""
-    plain = Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", batch_size=batch_size, backend="torch")
-    padded = Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", batch_size=batch_size, backend="torch")
+    plain = _trained(batch_size=batch_size, backend="torch")
+    padded = _trained(batch_size=batch_size, backend="torch")
     padded.fixed_batch_shape = True
     assert len(slide) % batch_size or batch_size == 512  # a short last batch to pad
-    expected, got = plain.score(slide), padded.score(slide)
-    np.testing.assert_allclose(got.probability, expected.probability, atol=1e-5)
-    np.testing.assert_allclose(got.patch_logit, expected.patch_logit, atol=1e-5)
+    _assert_same_scores(padded.score(slide), plain.score(slide))
 
 
 def test_ieee_fp32_convolutions_restores_the_setting():
@@ -311,3 +319,25 @@ def test_device_errors_name_the_device_as_given(device, message):
     with pytest.raises(OptionError) as err:
         resolve_device(device)
     assert message in str(err.value)
+
+
+def test_jobs_set_torch_threads_while_scoring_only(tiny_weights, slide):
+    """--jobs N runs PyTorch on N threads while the scorer scores, and leaves the process's setting
+    as it was: a later scorer without --jobs gets every thread again."""
+    before = torch.get_num_threads()
+    seen = []
+    one = Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", backend="torch", threads=1)
+    backbone = one.backbone
+    one.backbone = lambda x: (seen.append(torch.get_num_threads()), backbone(x))[1]
+    one.score(slide)
+    assert seen == [1] and torch.get_num_threads() == before
+    every = Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", backend="torch")
+    every.backbone = lambda x: (seen.append(torch.get_num_threads()), backbone(x))[1]
+    every.score(slide)
+    assert seen == [1, before]
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_network_onnx_runtime_cannot_load_is_one_clear_error(tiny_weights):
+    with pytest.raises(WeightsError, match=r"int8\.onnx: ONNX Runtime .* cannot load it .*idcmap quantize"):
+        Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", backend="onnx-int8", int8_network=b"not an onnx model")
