@@ -137,7 +137,8 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
 @click.option("--resume", is_flag=True, help="Skip patients whose outputs are complete and valid.")
 @click.option("--shard", default=None, metavar="I/N|env",
               help="Render only patients I, I+N, I+2N, ... (0-based); `env` takes RANK/WORLD_SIZE from "
-                   "torchrun. Each shard writes summary-I-of-N.csv; `idcmap export` merges them.")
+                   "torchrun. Each shard writes summary-I-of-N.csv; `idcmap export` merges them. Shards split the "
+                   "sorted patient folders by position: run all N on the same folder contents.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-patient summary as JSON on stdout.")
 @verbosity_options
 @click.pass_obj

@@ -282,6 +282,10 @@ def record_failure(out_dir: Path, row: dict) -> None:
         write_json(staging / "summary.json", row)
 
 
+TRASH = re.compile(r"\.(.+)\.old\.[0-9a-f]{8}")
+"""A patient output folder's earlier outputs, moved aside while new ones are moved in (`_swap_into_place`)."""
+
+
 @contextmanager
 def _staged(out_dir: Path) -> Iterator[Path]:
     """A hidden staging folder beside `out_dir`, swapped into its place if the block succeeds."""
@@ -297,6 +301,7 @@ def _staged(out_dir: Path) -> Iterator[Path]:
         _swap_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _remove_leftovers(out_dir)  # a killed render's trash, kept while it held the only outputs
 
 
 def _remove_leftovers(out_dir: Path) -> None:
@@ -306,9 +311,9 @@ def _remove_leftovers(out_dir: Path) -> None:
     if not out_dir.parent.is_dir():
         return
     staging = re.compile(rf"\.{re.escape(out_dir.name)}\.[0-9a-f]{{8}}\.tmp")
-    trash = re.compile(rf"\.{re.escape(out_dir.name)}\.old\.[0-9a-f]{{8}}")
     for leftover in out_dir.parent.iterdir():
-        if staging.fullmatch(leftover.name) or (trash.fullmatch(leftover.name) and out_dir.is_dir()):
+        trash = TRASH.fullmatch(leftover.name)
+        if staging.fullmatch(leftover.name) or (trash and trash[1] == out_dir.name and out_dir.is_dir()):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -322,7 +327,7 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
             out_dir.rename(trash)
         try:
             staging.rename(out_dir)
-        except OSError:
+        except BaseException:  # an OSError, or Ctrl-C between the two renames: the earlier outputs go back
             if trash is not None:
                 trash.rename(out_dir)
             raise
@@ -349,17 +354,18 @@ def completed_summary(out_dir: Path, input_folder: Path, sha256: str, calibratio
     and settings, whose output files are all there as written (sizes and sha256 match)."""
     try:
         summary = json.loads((out_dir / "summary.json").read_text())
-        if not isinstance(summary, dict) or summary.get("status") != "ok":
+        if not isinstance(summary, dict) or summary.get("status") != "ok" or not isinstance(
+                summary.get("calibration"), dict):
             return None
         recorded = {"threshold_rule": "fixed", "scattered_threshold": None,  # summaries written before either
-                    **(summary.get("calibration") or {})}
+                    **summary["calibration"]}
         same = (summary.get("weights_sha256") == sha256 and recorded == asdict(calibration)
                 and summary.get("runtime") == runtime and summary.get("inputs_sha256") == inputs_sha256(input_folder))
         files = summary.get("files")
         intact = isinstance(files, dict) and all(
             files.get(name) == _file_record(out_dir / name) for name in RECORDED_FILES)
         return summary_row(summary, out_dir / "summary.json") if same and intact else None
-    except (OSError, ValueError, IdcmapError):
+    except (OSError, ValueError, RecursionError, IdcmapError):  # RecursionError: JSON nested absurdly deep
         return None
 
 
@@ -483,21 +489,33 @@ def warn_copies(rows: list[dict]) -> None:
                         "in summary.csv", patient, len(places), ", ".join(places))
 
 
+def folder_order(folder: str) -> tuple[str, ...]:
+    """Sort key of a patient's output folder below OUT ("a/b"): folder by folder, as a tree lists
+    them (so `batch/8916` comes before `batch-2/9035`), the same in every summary."""
+    return tuple(folder.split("/"))
+
+
 def _summary_paths(out: Path) -> Iterator[tuple[str, Path]]:
-    """(folder below `out`, its summary.json) of every rendered patient below `out`, sorted; hidden
-    folders (staging, trash) left out, links to folders not followed, and a folder that cannot be
-    listed named in a warning (its patients are missing from the summary)."""
+    """(folder below `out`, its summary.json) of every rendered patient below `out`, sorted
+    (`folder_order`); hidden folders (staging, trash) left out, links to folders not followed, and
+    a folder that cannot be listed named in a warning (its patients are missing from the summary),
+    as is the trash of a render killed between its two renames (the only copy of that patient's outputs)."""
     def unreadable(err: OSError) -> None:
         log.warning("%s: cannot list this folder (%s); patients rendered into it are left out of the summary",
                     err.filename, err.strerror)
 
-    found = []
+    found = {}
     for dirpath, dirnames, filenames in os.walk(out, onerror=unreadable):
+        for name in dirnames:
+            trash = TRASH.fullmatch(name)
+            if trash and trash[1] not in dirnames:
+                log.warning("%s: the outputs of %s, left there by a render that was killed; render that patient "
+                            "again, or rename the folder back to %s", Path(dirpath) / name, trash[1], trash[1])
         dirnames[:] = [name for name in dirnames if not name.startswith(".")]
         if "summary.json" in filenames and Path(dirpath) != out:
-            found.append(Path(dirpath) / "summary.json")
-    for path in sorted(found):
-        yield path.parent.relative_to(out).as_posix(), path
+            found[Path(dirpath).relative_to(out).as_posix()] = Path(dirpath) / "summary.json"
+    for folder in sorted(found, key=folder_order):
+        yield folder, found[folder]
 
 
 def read_summary(path: Path, folder: str) -> dict:
@@ -505,11 +523,18 @@ def read_summary(path: Path, folder: str) -> dict:
     where the file lies. OutputError when it is unreadable or not idcmap's."""
     try:
         summary = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise OutputError(f"{path}: unreadable summary ({err}); render that patient again") from err
+    except (OSError, ValueError, RecursionError) as err:
+        raise OutputError(f"{path}: unreadable summary ({str(err)[:200]}); render that patient again") from err
     if not isinstance(summary, dict) or summary.get("status") not in ("ok", "failed"):
         raise OutputError(f"{path}: not a summary idcmap wrote (no ok/failed status); render that patient again")
     return {**summary_row(summary, path), "folder": folder}
+
+
+REQUIRED_FIELDS = {"ok": ("patient", "predicted_idc_area_fraction", "model"), "failed": ("patient", "error")}
+"""The summary fields that a patient's summary.json holds for each status, in every idcmap version
+(the others may be null, or absent from the summaries of earlier versions)."""
+UNIT_FIELDS = ("predicted_idc_area_fraction", "labelled_idc_area_fraction", "dice", "threshold")
+"""Summary fields whose values lie in [0, 1]."""
 
 
 def summary_row(summary: dict, path: Path) -> dict:
@@ -517,9 +542,15 @@ def summary_row(summary: dict, path: Path) -> dict:
     OutputError naming the file where one holds a value of another type than idcmap writes."""
     row = {field: summary.get(field) for field in SUMMARY_FIELDS}
     wrong = next((f for f, v in row.items()  # bool is an int to Python, never one in a summary
-                  if isinstance(v, bool) or (v is not None and not isinstance(v, SUMMARY_TYPES[f]))), None)
+                  if isinstance(v, bool) or (v is not None and not isinstance(v, SUMMARY_TYPES[f]))
+                  or (f in UNIT_FIELDS and v is not None and not 0 <= v <= 1)  # NaN fails too
+                  or (SUMMARY_TYPES[f] is int and v is not None and v < 0)), None)
     if wrong is not None:
         raise OutputError(f"{path}: {wrong} is {json.dumps(row[wrong])[:40]}, not what idcmap writes there "
+                          "(edited by hand?); render that patient again")
+    missing = [f for f in REQUIRED_FIELDS.get(row["status"], ()) if row[f] is None]
+    if missing:
+        raise OutputError(f"{path}: a summary of status {row['status']} without {', '.join(missing)} "
                           "(edited by hand?); render that patient again")
     return row
 
@@ -554,9 +585,42 @@ def collect_summaries(out: str | Path) -> list[dict]:
     """Summary rows of every rendered patient below `out` (from their summary.json), sorted by folder."""
     out = Path(out)
     rows = [read_summary(path, folder) for folder, path in _summary_paths(out)]
+    if not rows and (out / "summary.json").is_file():
+        raise IdcmapError(f"{out}: the output folder of one patient; export the folder it lies in ({out.parent})")
     if not rows:
         raise IdcmapError(f"{out}: no rendered patient (no */summary.json); run `idcmap render` first")
+    warn_copies(rows)
+    warn_mixed_models(rows)
+    warn_missing_shards(out)
     return rows
+
+
+def warn_mixed_models(rows: list[dict]) -> None:
+    """Warn where the summaries come from more than one model or weights file: their area fractions
+    and thresholds are not comparable (shards run with different --model or --weights?)."""
+    used: dict[tuple, int] = {}
+    for row in rows:
+        key = (row["model"], (row["weights_sha256"] or "")[:12])
+        used[key] = used.get(key, 0) + 1
+    if len(used) > 1:
+        log.warning("the summaries come from %d models or weights files (%s): their figures are not comparable; "
+                    "render them again with one", len(used),
+                    ", ".join(f"{model} {sha}: {n} patients" for (model, sha), n in sorted(used.items(), key=str)))
+
+
+def warn_missing_shards(out: Path) -> None:
+    """Warn where OUT holds the summaries of some shards of a `--shard I/N` run but not of all N
+    (a shard not run yet, still running, or failed before its first patient)."""
+    seen: dict[int, set[int]] = {}
+    for path in out.glob("summary-*-of-*.csv"):
+        shard = re.fullmatch(r"summary-(\d+)-of-(\d+)\.csv", path.name)
+        if shard:
+            seen.setdefault(int(shard[2]), set()).add(int(shard[1]))
+    for count, shards in sorted(seen.items()):
+        missing = sorted(set(range(count)) - shards)
+        if missing:
+            log.warning("%s: no summary of shard %s of %d (not run, still running, or failed before its first "
+                        "patient): its patients are missing", out, ", ".join(map(str, missing)), count)
 
 
 def merged_summaries(out: Path, rows: list[dict], folders: set[str] | None = None) -> list[dict]:
@@ -570,4 +634,4 @@ def merged_summaries(out: Path, rows: list[dict], folders: set[str] | None = Non
                 by_folder[folder] = read_summary(path, folder)
             except OutputError as err:
                 log.warning("%s; left out of %s", err, out / "summary.csv")
-    return [by_folder[folder] for folder in sorted(by_folder)]
+    return [by_folder[folder] for folder in sorted(by_folder, key=folder_order)]

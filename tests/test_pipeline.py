@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from shapely.geometry import shape
 
-from conftest import MODEL_NAME, grid_patches, make_patient, real_patient_folder, solid, textured
+from conftest import (MODEL_NAME, grid_patches, make_patient, real_patient_folder, solid, textured,
+                      write_tiny_weights)
 from idcmap.errors import EmptyFolderError, FolderLayoutError, IdcmapError, OutputError
 from idcmap.export import SUMMARY_FIELDS
 from idcmap.loader import load_slide
@@ -351,14 +352,38 @@ def test_leftovers_of_a_killed_render_are_removed(tmp_path, tiny_weights):
     assert sorted(p.name for p in (out / "P").iterdir()) == sorted(PATIENT_FILES)
 
 
-def test_trash_holding_the_only_earlier_render_is_kept(tmp_path, tiny_weights):
+def test_trash_holding_the_only_earlier_render_is_named_then_removed(tmp_path, tiny_weights, caplog):
     folder = make_patient(tmp_path / "in", "P", _patches())
     out = tmp_path / "out"
     (out / ".P.old.0badc0de").mkdir(parents=True)  # killed between the two renames of a swap
-    render_folder(folder, out, _options(tiny_weights))
-    assert [p.name for p in _hidden(out)] == [".P.old.0badc0de"]
-    render_folder(folder, out, _options(tiny_weights))  # now out/P exists: the trash goes
+    (out / ".P.old.0badc0de" / "summary.json").write_text("{}")
+    (out / "Q").mkdir()
+    (out / "Q" / "summary.json").write_text(json.dumps({"patient": "Q", "status": "failed", "error": "x"}))
+    with caplog.at_level(logging.WARNING, logger="idcmap"):
+        collect_summaries(out)  # export names the only copy of P's earlier outputs
+    assert ".P.old.0badc0de: the outputs of P, left there by a render that was killed" in caplog.text
+    render_folder(folder, out, _options(tiny_weights, resume=True))  # now out/P exists: the trash goes
     assert _hidden(out) == []
+    caplog.clear()
+    collect_summaries(out)
+    assert "killed" not in caplog.text
+
+
+def test_ctrl_c_between_the_renames_of_a_swap_keeps_the_earlier_outputs(tmp_path, tiny_weights, monkeypatch):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    out = tmp_path / "out"
+    render_folder(folder, out, _options(tiny_weights))
+    before = {p.name: p.read_bytes() for p in (out / "P").iterdir()}
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name.endswith(".tmp"):  # the staging folder moving into place, after out/P moved aside
+            raise KeyboardInterrupt
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        render_folder(folder, out, _options(tiny_weights, threshold=0.9))
+    assert {p.name: p.read_bytes() for p in (out / "P").iterdir()} == before and _hidden(out) == []
 
 
 def test_unwritable_output_is_an_error_not_a_failed_patient(tmp_path, tiny_weights):
@@ -501,15 +526,80 @@ def test_resume_renders_again_a_patient_whose_summary_was_edited(tmp_path, tiny_
     assert json.loads(path.read_text())["dice"] == first[0]["dice"]
 
 
-@pytest.mark.parametrize("field, value", [("dice", "high"), ("patches", 2.5), ("threshold", True), ("model", 3)])
+@pytest.mark.parametrize("field, value", [("dice", "high"), ("patches", 2.5), ("threshold", True), ("model", 3),
+                                          ("dice", math.nan), ("dice", -99), ("labelled_idc_area_fraction", 1.5),
+                                          ("patches", -1)])
 def test_export_refuses_a_summary_value_of_the_wrong_type(tmp_path, tiny_weights, field, value):
     folder = make_patient(tmp_path / "in", "P", _patches())
     render_folder(folder, tmp_path / "out", _options(tiny_weights))
     path = tmp_path / "out" / "P" / "summary.json"
     assert len(collect_summaries(tmp_path / "out")) == 1  # as written, it is read
     path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
-    with pytest.raises(OutputError, match=rf"summary.json: {field} is {json.dumps(value)}, not what idcmap writes"):
+    with pytest.raises(OutputError, match=rf"summary.json: {field} is {re.escape(json.dumps(value))}, not what idcmap "
+                                          "writes"):
         collect_summaries(tmp_path / "out")
+
+
+@pytest.mark.parametrize("summary, missing", [({"status": "ok"}, "patient, predicted_idc_area_fraction, model"),
+                                              ({"status": "failed", "patient": "P"}, "error")])
+def test_export_refuses_a_summary_without_the_fields_idcmap_always_writes(tmp_path, summary, missing):
+    (tmp_path / "out" / "P").mkdir(parents=True)
+    (tmp_path / "out" / "P" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(OutputError, match=f"P/summary.json: a summary of status {summary['status']} without {missing}"):
+        collect_summaries(tmp_path / "out")
+
+
+@pytest.mark.parametrize("calibration", ['"otsu"', "[0.3]", "1", "[" * 100_000 + "]" * 100_000],
+                         ids=["text", "list", "number", "nested-100000-deep"])
+def test_resume_renders_again_a_patient_whose_summary_is_garbled(tmp_path, tiny_weights, calibration):
+    folder = make_patient(tmp_path / "in", "P", _patches())
+    first = render_folder(folder, tmp_path / "out", _options(tiny_weights))
+    path = tmp_path / "out" / "P" / "summary.json"
+    written = path.read_text()
+    path.write_text(json.dumps({**json.loads(written), "calibration": "here"}).replace('"here"', calibration))
+    if len(calibration) > 100:
+        with pytest.raises(OutputError, match="unreadable summary"):
+            collect_summaries(tmp_path / "out")
+    assert render_folder(folder, tmp_path / "out", _options(tiny_weights, resume=True)) == first
+    assert path.read_text() == written
+
+
+def test_export_warns_about_mixed_models_and_missing_shards(tmp_path, tiny_weights, caplog):
+    root = tmp_path / "in"
+    _small_patients(root, ["A", "B", "C"])
+    out = tmp_path / "out"
+    render_folder(root, out, _options(tiny_weights, shard=(0, 3)))
+    other = write_tiny_weights(tmp_path / "other.pt", seed=1)
+    render_folder(root, out, _options(other, shard=(1, 3)))
+    with caplog.at_level(logging.WARNING, logger="idcmap"):
+        assert len(collect_summaries(out)) == 2
+    assert "no summary of shard 2 of 3" in caplog.text
+    assert "the summaries come from 2 models or weights files" in caplog.text
+    caplog.clear()
+    render_folder(root, out, _options(other, shard=(2, 3)))
+    render_folder(root, out, _options(other, shard=(0, 3)))
+    with caplog.at_level(logging.WARNING, logger="idcmap"):
+        assert len(collect_summaries(out)) == 3
+    assert caplog.text == ""
+
+
+def test_export_of_one_patients_output_folder_points_at_the_folder_above(tmp_path, tiny_weights):
+    render_folder(make_patient(tmp_path / "in", "P", _patches()), tmp_path / "out", _options(tiny_weights))
+    with pytest.raises(IdcmapError, match=rf"the output folder of one patient; export the folder it lies in "
+                                          rf"\({re.escape(str(tmp_path / 'out'))}\)"):
+        collect_summaries(tmp_path / "out" / "P")
+
+
+def test_render_and_export_list_nested_folders_in_one_order(tmp_path, tiny_weights):
+    root = tmp_path / "in"
+    _small_patients(root / "batch", ["A"])
+    _small_patients(root / "batch-2", ["B"])
+    out = tmp_path / "out"
+    render_folder(root, out, _options(tiny_weights))
+    rendered = (out / "summary.csv").read_bytes()
+    assert [r["folder"] for r in _read_csv(out / "summary.csv")] == ["batch/A", "batch-2/B"]
+    write_run_summary(out, collect_summaries(out), out / "summary.csv")
+    assert (out / "summary.csv").read_bytes() == rendered
 
 
 def test_a_stray_patch_one_level_down_is_an_error_too(tmp_path, tiny_weights):
