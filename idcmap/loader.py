@@ -125,8 +125,8 @@ class Slide:
 
     @property
     def is_whole(self) -> bool:
-        """True for a whole slide (most patches have a grid neighbour), False for scattered samples
-        such as the `sparse/` folders."""
+        """True for a whole slide (at least half its patches have a grid neighbour), False for
+        scattered samples such as the `sparse/` folders."""
         occupied = self.grid_values(np.ones(len(self)), fill=0.0) > 0
         padded = np.pad(occupied, 1)
         neighbours = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]

@@ -94,6 +94,26 @@ def test_reference_is_the_mean_of_slide_statistics(tmp_path, slide):
         colour_reference([])
 
 
+def test_reference_is_the_mean_not_the_median_of_three_slides(tmp_path):
+    slides = [load_slide(make_patient(tmp_path, name, grid_patches(
+        2, 2, pixels_of=lambda r, c, base=base: textured(r + c, base=base, spread=40))))
+        for name, base in (("A", 60), ("B", 80), ("C", 180))]
+    means = np.array([slide_colour_statistics(s)[0] for s in slides])
+    np.testing.assert_allclose(colour_reference(slides).mean, means.mean(axis=0), atol=1e-3)
+    assert np.abs(means.mean(axis=0) - np.median(means, axis=0)).min() > 10  # the two differ here
+
+
+def test_mapping_keeps_the_order_of_levels_past_the_ends_of_the_range(tmp_path):
+    """Levels mapped beyond 0-255 are clipped, never wrapped around (bright tissue turned dark)."""
+    slide = load_slide(make_patient(tmp_path, "P", grid_patches(2, 2, pixels_of=lambda r, c: textured(
+        r * 2 + c, base=100, spread=90))))
+    pixels = matched_pixels(slide, ColourReference((200.0, 200.0, 200.0), (80.0, 80.0, 80.0)))
+    for channel in range(3):
+        order = np.argsort(slide.pixels[..., channel], axis=None, kind="stable")
+        mapped = pixels[..., channel].ravel()[order].astype(int)
+        assert (np.diff(mapped) >= 0).all() and mapped.max() == 255
+
+
 def test_normalise_slide_without_reference_is_the_slide(slide):
     assert normalise_slide(slide, None) is slide
 

@@ -21,8 +21,9 @@ def _leftovers(folder, keep):
 
 
 def test_json_is_strict_nan_and_infinities_become_null(tmp_path):
-    data = {"auc": float("nan"), "x": [float("inf"), -float("inf"), 0.5], "n": {"y": np.float64("nan")}}
-    expected = {"auc": None, "x": [None, None, 0.5], "n": {"y": None}}
+    data = {"auc": float("nan"), "x": [float("inf"), -float("inf"), 0.5], "n": {"y": np.float64("nan")},
+            "interval": (float("nan"), 1.0)}  # bootstrap intervals are tuples
+    expected = {"auc": None, "x": [None, None, 0.5], "n": {"y": None}, "interval": [None, 1.0]}
     assert json.loads(export.json_text(data)) == expected
     export.write_json(tmp_path / "m.json", data)
     assert "NaN" not in (tmp_path / "m.json").read_text()
@@ -114,6 +115,25 @@ def test_atomic_paths_put_back_what_they_renamed_when_a_later_rename_fails(tmp_p
             new_card.write_text("new card")
     assert (weights.read_text(), card.read_text()) == ("old weights", "old card")
     assert _leftovers(tmp_path, {"m.pt", "m.json"}) == []
+
+
+def test_atomic_paths_remove_a_new_file_that_had_no_earlier_one_when_a_later_rename_fails(tmp_path, monkeypatch):
+    """New weights must not stay beside the old card when the card cannot be replaced."""
+    weights, card = tmp_path / "m.pt", tmp_path / "m.json"
+    card.write_text("old card")
+    real_replace = os.replace
+
+    def full_at_the_card(source, target):
+        if Path(target) == card and Path(source).name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+    monkeypatch.setattr(os, "replace", full_at_the_card)
+    with pytest.raises(OutputError):
+        with export.atomic_paths(weights, card) as (new_weights, new_card):
+            new_weights.write_text("new weights")
+            new_card.write_text("new card")
+    assert not weights.exists() and card.read_text() == "old card"
+    assert _leftovers(tmp_path, {"m.json"}) == []
 
 
 def test_atomic_paths_put_back_what_they_renamed_on_ctrl_c_between_renames(tmp_path, monkeypatch):

@@ -108,6 +108,16 @@ def test_mosaic_places_every_pixel(patient_factory):
     assert mosaic[59, 183].tolist() == [255, 255, 255]  # below the edge patch: nothing
 
 
+@pytest.mark.parametrize("cells, whole", [
+    ([(0, 0), (0, 1), (3, 3), (0, 5)], True),  # half the patches have a neighbour: a whole slide
+    ([(0, 0), (0, 1), (3, 3), (0, 5), (5, 0)], False),  # 2 of 5: scattered samples
+    ([(0, 0)], False),
+])
+def test_a_slide_is_whole_when_at_least_half_its_patches_have_a_neighbour(patient_factory, cells, whole):
+    patches = {(c * 50 + 1, r * 50 + 1): (0, solid((r, c, 0))) for r, c in cells}
+    assert load_slide(patient_factory("P", patches)).is_whole is whole
+
+
 def test_mosaic_relative_to_origin_when_slide_does_not_start_at_zero(patient_factory):
     patches = {(501, 1001): (0, solid((1, 2, 3))), (551, 1051): (1, solid((4, 5, 6), width=34))}
     slide = load_slide(patient_factory("P", patches))

@@ -85,7 +85,8 @@ def test_render_one_patient_writes_consistent_files(tmp_path, tiny_weights, cpu_
     # probabilities.csv: one row per patch, in the slide's order
     table = _read_csv(patient_dir / "probabilities.csv")
     assert len(table) == n
-    assert list(table[0]) == PROBABILITY_FIELDS
+    assert list(table[0]) == PROBABILITY_FIELDS == [  # the README's columns, in order: scripts read them by place
+        "file", "x", "y", "width", "height", "label", "patch_probability", "probability", "predicted_idc"]
     assert {r["file"] for r in table} == {p.name for p in folder.rglob("*.png")}
     for row, path, (x, y), (h, w), label, p, m in zip(table, slide.paths, slide.xy.tolist(), slide.sizes.tolist(),
                                                       slide.labels.tolist(), scores.probability, predicted):
@@ -153,6 +154,9 @@ def test_render_one_patient_writes_consistent_files(tmp_path, tiny_weights, cpu_
     # summary.csv: the returned row
     summary_rows = _read_csv(out / "summary.csv")
     assert len(summary_rows) == 1 and list(summary_rows[0]) == SUMMARY_FIELDS
+    assert (out / "summary.csv").read_text().splitlines()[0] == (  # the README's columns, in order
+        "patient,folder,status,error,patches,skipped_files,tissue_area_px,predicted_idc_area_fraction,"
+        "labelled_idc_area_fraction,dice,threshold,min_region_cells,max_hole_cells,model,weights_sha256")
     assert summary_rows[0]["patient"] == "P" and summary_rows[0]["status"] == "ok"
     assert float(summary_rows[0]["predicted_idc_area_fraction"]) == rows[0]["predicted_idc_area_fraction"]
     assert int(summary_rows[0]["patches"]) == n

@@ -328,8 +328,10 @@ HUGE = [pytest.param(10**20, id="x-beyond-int64"), pytest.param(2**63 - 10, id="
 
 
 @pytest.mark.parametrize("x", HUGE)
-def test_huge_coordinate_is_reported_and_skipped(tmp_path, x):
-    folder, odd = _write_case(tmp_path, f"{PATIENT}_idx5_x{x}_y1_class0.png", "0", VALID_BYTES)
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_huge_coordinate_is_reported_and_skipped(tmp_path, x, axis):
+    name = f"{PATIENT}_idx5_x{x}_y1_class0.png" if axis == "x" else f"{PATIENT}_idx5_x1_y{x}_class0.png"
+    folder, odd = _write_case(tmp_path, name, "0", VALID_BYTES)
     slide = load_slide(folder)
     assert len(slide) == 1 and slide.mosaic().shape == (50, 50, 3)  # origin at the patch's own x, y
     assert len(slide.skipped) == 1 and str(odd) in slide.skipped[0] and "larger than any slide" in slide.skipped[0]

@@ -63,6 +63,20 @@ def test_otsu_rule_follows_a_slide_scored_low(patient_factory):
     np.testing.assert_array_equal(predicted_mask(slide, probability, otsu), slide.cells[:, 1] < 2)
 
 
+def test_otsu_threshold_weighs_patches_by_their_area(patient_factory):
+    """Edge patches (a 2 px last column and row) scored 0.9 are 11 of 36 patches but 1.6% of the
+    tissue: by area the slide is two groups, 0.1 and 0.5, and Otsu splits between them (unweighted,
+    it would split between 0.5 and 0.9)."""
+    patches = {(c * 50 + 1, r * 50 + 1): (0, solid((r, c, 0), height=2 if r == 5 else 50, width=2 if c == 5 else 50))
+               for r in range(6) for c in range(6)}
+    slide = load_slide(patient_factory("P", patches))
+    assert slide.is_whole and (slide.areas < 2500).sum() == 11
+    edge = (slide.cells[:, 0] == 5) | (slide.cells[:, 1] == 5)
+    probability = np.where(edge, 0.9, np.where((slide.cells[:, 0] == 0) & ~edge, 0.1, 0.5))
+    threshold, source = slide_threshold(slide, probability, Calibration(threshold=0.4, threshold_rule="otsu"))
+    assert 0.1 < threshold <= 0.5 and source == "otsu"
+
+
 def test_otsu_rule_keeps_the_fixed_threshold_where_it_cannot_split(patient_factory):
     whole = _grid_slide(patient_factory, 3, 3, name="W")
     otsu = Calibration(threshold=0.4, threshold_rule="otsu")

@@ -46,6 +46,41 @@ def test_heat_colours_sit_on_their_cells(tmp_path):
         np.testing.assert_allclose(picture[_cell_centre(slide, row, col)], _blend(cold, HEAT_ALPHA), atol=3)
 
 
+def _panel_pixel(slide, picture, row: float, col: float) -> np.ndarray:
+    """The first panel's colour at grid position (row, col), in cells from the mosaic's top left
+    (fractions allowed), wherever the panel sits (letterboxed or not)."""
+    height, width = slide.mosaic().shape[:2]
+    scale = min(PANEL_MAX_SIZE[0] / width, PANEL_MAX_SIZE[1] / height)
+    offset = (max(round(height * scale), MIN_PANEL_HEIGHT) - round(height * scale)) // 2
+    return picture[HEADER + CAPTION + offset + int(row * 50 * scale), MARGIN + int(col * 50 * scale)]
+
+
+def test_heat_colours_stay_on_their_cells_when_edge_patches_end_the_slide(tmp_path):
+    """The last column and row are 20 px edge patches: the heat layer ends inside their cells
+    (cropped), it is not squeezed onto the shorter slide."""
+    patches = {(c * 50 + 1, r * 50 + 1): (None, solid((GREY,) * 3, height=20 if r == 3 else 50,
+                                                         width=20 if c == 5 else 50))
+               for r in range(4) for c in range(6)}
+    slide = load_slide(make_patient(tmp_path, "P", patches, layout="flat"))
+    hot = np.array([tuple(cell) == (1, 3) for cell in slide.cells])
+    picture = np.asarray(Image.open(io.BytesIO(overlay_png(slide, slide.mosaic(), hot.astype(float), hot & False, "P", "")))
+                         .convert("RGB")).astype(int)
+    cold_colour, hot_colour = _heat_colours()[0], _heat_colours()[255]
+    np.testing.assert_allclose(_panel_pixel(slide, picture, 1.5, 3.85), _blend(hot_colour, HEAT_ALPHA), atol=3)
+    np.testing.assert_allclose(_panel_pixel(slide, picture, 1.5, 4.15), _blend(cold_colour, HEAT_ALPHA), atol=3)
+    np.testing.assert_allclose(_panel_pixel(slide, picture, 3.2, 5.2), _blend(cold_colour, HEAT_ALPHA), atol=3)
+
+
+def test_cells_without_a_patch_get_no_heat(tmp_path):
+    patches = grid_patches(4, 6, label_of=lambda r, c: None, pixels_of=lambda r, c: solid((GREY,) * 3), skip={(2, 2)})
+    slide = load_slide(make_patient(tmp_path, "P", patches, layout="flat"))
+    cold = np.zeros(len(slide))
+    picture = np.asarray(Image.open(io.BytesIO(overlay_png(slide, slide.mosaic(), cold, cold > 0, "P", "")))
+                         .convert("RGB")).astype(int)
+    np.testing.assert_allclose(_panel_pixel(slide, picture, 2.5, 2.5), [255, 255, 255], atol=3)  # the white gap
+    np.testing.assert_allclose(_panel_pixel(slide, picture, 2.5, 3.5), _blend(_heat_colours()[0], HEAT_ALPHA), atol=3)
+
+
 def test_predicted_region_is_outlined(tmp_path):
     slide, picture = _overlay(tmp_path)
     y, x = _cell_centre(slide, 1, 4)
