@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
 
-from conftest import make_patient, solid
-from idcmap.dataset import SPLIT_SETS, load_slides, load_split, make_split, patient_ids, save_split
+from conftest import grid_patches, make_patient, solid
+from idcmap.dataset import (SPLIT_SETS, load_labelled_slides, load_slides, load_split, make_split, patient_ids,
+                            save_split)
 from idcmap.errors import SplitError
 
 IDS = [f"patients/p{i:02d}" for i in range(10)] + [f"sparse/s{i:02d}" for i in range(20)]
@@ -142,3 +144,15 @@ def test_load_split_rejects_a_patient_listed_twice(tmp_path):
     split = {"train": ["g/1", "g/2", "g/1"], "val": ["g/3"], "test": ["g/4"]}
     with pytest.raises(SplitError, match=r"\['g/1'\] listed more than once in train"):
         load_split(_write(tmp_path, split), {f"g/{i}": tmp_path for i in range(1, 5)})
+
+
+def test_a_partly_labelled_patient_is_left_out_of_labelled_slides(tmp_path, caplog):
+    """D11: a patient whose file names carry a class only in part is not a labelled slide."""
+    patches = grid_patches(2, 3, label_of=lambda r, c: None if c == 2 else r % 2)
+    make_patient(tmp_path / "root", "half", patches, layout="flat")
+    make_patient(tmp_path / "root", "full", grid_patches(2, 3, label_of=lambda r, c: r % 2), layout="flat")
+    folders = patient_ids(tmp_path / "root")
+    with caplog.at_level(logging.WARNING):
+        labelled = load_labelled_slides(sorted(folders), folders, "test", "load", progress=False)
+    assert [pid for pid, _ in labelled] == ["full"]
+    assert "half" in caplog.text

@@ -499,3 +499,66 @@ def test_one_patient_in_two_folders_is_refused_for_a_split(tmp_path):
         make_patient(tmp_path / group, "8864", {(1, 1): (0, _patch(0, 0))})
     with pytest.raises(SplitError, match=r"copies/8864 and patients/8864 are folders of one patient \(8864\)"):
         patient_ids(tmp_path)
+
+
+def test_patch_figures_use_each_slides_own_threshold(tmp_path, monkeypatch):
+    """E4: scattered samples are judged at the calibration's scattered threshold, as render predicts."""
+    from test_evaluation import _build_root
+
+    from idcmap.evaluation import evaluate_models
+
+    root = tmp_path / "data"
+    _build_root(root)
+    weights = tmp_path / "weights"
+    write_tiny_weights(weights / "cancernet.pt", model="cancernet",
+                       calibration={"threshold": 1.0, "scattered_threshold": 0.0})
+    monkeypatch.setattr(models_module, "WEIGHTS_DIR", weights)
+    split = make_split(sorted(patient_ids(root)), seed=0, test_fraction=0.4)
+    save_split(split, tmp_path / "split.json")
+    report = evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json", device="cpu",
+                             progress=False)
+    (tn, fp), (fn, tp) = report["models"]["cancernet"]["patch"]["sparse"]["confusion_matrix"]
+    assert tn == fn == 0 and fp + tp > 0  # threshold 0 on scattered samples: every patch predicted IDC
+    (tn, fp), (fn, tp) = report["models"]["cancernet"]["patch"]["patients"]["confusion_matrix"]
+    assert fp == tp == 0  # threshold 1 on whole slides: none
+
+
+def test_paired_differences_are_against_the_default_model_when_it_is_evaluated(tmp_path, monkeypatch):
+    """E6: the default model is the reference whatever the order of --model."""
+    from test_evaluation import _build_root
+
+    from idcmap.evaluation import evaluate_models
+
+    root = tmp_path / "data"
+    _build_root(root)
+    weights = tmp_path / "weights"
+    names = ["cancernet", models_module.DEFAULT_MODEL]
+    for seed, name in enumerate(names):
+        write_tiny_weights(weights / f"{name}.pt", model=name, seed=seed)
+    monkeypatch.setattr(models_module, "WEIGHTS_DIR", weights)
+    split = make_split(sorted(patient_ids(root)), seed=0, test_fraction=0.4)
+    save_split(split, tmp_path / "split.json")
+    report = evaluate_models(root, names, tmp_path / "out", split_file=tmp_path / "split.json", device="cpu",
+                             progress=False)
+    assert report["paired"]["patients"]["reference"] == models_module.DEFAULT_MODEL
+    assert list(report["paired"]["patients"]["against"]) == ["cancernet"]
+
+
+def test_unlabelled_test_patients_are_not_counted_as_evaluated(tmp_path, monkeypatch):
+    """E7 (metrics.json's test_patients) and E8 (the card's test patients) count the evaluated ones."""
+    from test_evaluation import _unlabelled_root
+
+    from idcmap.evaluation import evaluate_models
+    from idcmap.models import card_path
+
+    root = tmp_path / "data"
+    _unlabelled_root(root)
+    weights = tmp_path / "weights"
+    write_tiny_weights(weights / "cancernet.pt", model="cancernet")
+    monkeypatch.setattr(models_module, "WEIGHTS_DIR", weights)
+    split = {"seed": 0, "train": [], "val": [], "test": ["patients/u0", "patients/w0", "sparse/s0"]}
+    save_split(split, tmp_path / "split.json")
+    report = evaluate_models(root, ["cancernet"], tmp_path / "out", split_file=tmp_path / "split.json", device="cpu",
+                             record=True, progress=False)
+    assert report["test_patients"] == ["patients/w0", "sparse/s0"]
+    assert json.loads(card_path(weights / "cancernet.pt").read_text())["test"]["patients"] == 2

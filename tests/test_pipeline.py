@@ -29,6 +29,7 @@ from idcmap.pipeline import (
     RenderOptions,
     collect_summaries,
     parse_shard,
+    regions_geojson,
     render_folder,
     summary_name,
     write_run_summary,
@@ -1041,3 +1042,45 @@ def test_a_shard_stopped_early_keeps_its_other_patients_in_its_summary(tmp_path,
         render_folder(root, out, _options(tiny_weights, shard=(0, 2), threshold=0.1))
     rows = _read_csv(out / summary_name((0, 2)))
     assert {row["patient"]: float(row["threshold"]) for row in rows} == {"A": 0.1, "C": 0.9}  # not B or D
+
+
+def test_regions_geojson_gives_each_region_its_own_figures(tmp_path):
+    """P23 (max over every predicted patch), and the per-region patches and mean."""
+    slide = load_slide(make_patient(tmp_path, "P", grid_patches(1, 5)))
+    probability = np.array([0.6, 0.7, 0.1, 0.8, 0.95])
+    predicted = probability >= 0.5
+    features = regions_geojson(slide, probability, predicted)["features"]
+    figures = [(f["properties"]["patches"], f["properties"]["mean_probability"], f["properties"]["max_probability"])
+               for f in features]
+    assert figures == [(2, 0.65, 0.7), (2, 0.875, 0.95)]
+
+
+def test_probabilities_csv_patch_probability_is_the_patch_networks(tmp_path, tiny_weights, cpu_scorer):
+    """P7 (the patch_probability column repeats the final probability)."""
+    folder = make_patient(tmp_path / "in", "P", grid_patches(4, 5, label_of=lambda r, c: int(c >= 3)))
+    scores = cpu_scorer.score(load_slide(folder))
+    assert np.abs(scores.patch_probability - scores.probability).max() > 1e-5  # the context head changes them
+    render_folder(folder, tmp_path / "out", _options(tiny_weights))
+    table = _read_csv(tmp_path / "out" / "P" / "probabilities.csv")
+    np.testing.assert_allclose([float(r["patch_probability"]) for r in table], scores.patch_probability, atol=1e-6)
+
+
+def test_a_shards_summary_lists_its_own_patients_only(tmp_path, tiny_weights):
+    """P16: summary-I-of-N.csv lists shard I's patients, not those another shard rendered into OUT."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A", "B", "C"])
+    render_folder(root, out, _options(tiny_weights, shard=(0, 2)))  # A and C
+    render_folder(root, out, _options(tiny_weights, shard=(1, 2)))  # B
+    assert [r["patient"] for r in _read_csv(out / "summary-1-of-2.csv")] == ["B"]
+    assert [r["patient"] for r in _read_csv(out / "summary-0-of-2.csv")] == ["A", "C"]
+
+
+def test_resume_renders_again_with_other_weights_of_the_same_model(tmp_path, tiny_weights):
+    """P20: --resume keeps an earlier render only when it came from the same weights."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _small_patients(root, ["A"])
+    render_folder(root, out, _options(tiny_weights))
+    other = write_tiny_weights(tmp_path / "other" / f"{MODEL_NAME}.pt", seed=1)
+    rows = render_folder(root, out, _options(other, resume=True))
+    summary = json.loads((out / "A" / "summary.json").read_text())
+    assert summary["weights_sha256"] == rows[0]["weights_sha256"] == sha256_of(other)

@@ -330,3 +330,13 @@ def test_region_outlines_take_edge_patches_at_their_size_and_include_holes(patie
     outer, hole = region_outlines(ring, centre)
     assert (outer.min(axis=0).tolist(), outer.max(axis=0).tolist()) == ([0, 0], [150, 150])
     assert (hole.min(axis=0).tolist(), hole.max(axis=0).tolist()) == ([50, 50], [100, 100])
+
+
+def test_a_speck_touching_negative_tissue_only_diagonally_is_a_speck(patient_factory):
+    """G3 (touch by 4-neighbourhood): the negative patch at (1, 1) touches (0, 0) at a corner."""
+    slide = load_slide(patient_factory("P", grid_patches(6, 6, skip={(r, c) for r in range(6) for c in range(6)}
+                                                       - {(0, 0), (1, 1), (5, 5)})))
+    cells = [tuple(rc) for rc in slide.cells.tolist()]
+    probability = np.array([1.0 if rc in {(0, 0), (5, 5)} else 0.0 for rc in cells])
+    mask = predicted_mask(slide, probability, Calibration(min_region_cells=2))
+    assert {rc for rc, m in zip(cells, mask) if m} == {(5, 5)}  # (5, 5): alone on glass, no speck

@@ -10,7 +10,8 @@ from conftest import MODEL_NAME, grid_patches, make_patient, textured, write_tin
 from idcmap.errors import IdcmapError, OptionError, WeightsError
 from idcmap.loader import load_slide
 from idcmap.models import REGISTRY, load_model
-from idcmap.scoring import Scorer, ieee_fp32_convolutions, onnx_available, padded_batch, resolve_device
+from idcmap.scoring import (Scorer, ieee_fp32_convolutions, onnx_available, padded_batch, resolve_device,
+                            smooth_on_grid, smoothing_reach, to_input)
 
 
 def _block(rows=5, cols=6, label_of=lambda r, c: (r + c) % 2, offset=(0, 0)):
@@ -341,3 +342,52 @@ def test_jobs_set_torch_threads_while_scoring_only(tiny_weights, slide):
 def test_int8_network_onnx_runtime_cannot_load_is_one_clear_error(tiny_weights):
     with pytest.raises(WeightsError, match=r"int8\.onnx: ONNX Runtime .* cannot load it .*idcmap quantize"):
         Scorer(load_model(MODEL_NAME, tiny_weights), "cpu", backend="onnx-int8", int8_network=b"not an onnx model")
+
+
+def test_to_input_normalises_each_channel_by_its_own_statistics_in_nchw_order():
+    """S12 (mean channel order reversed) and S13 (height and width swapped)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 50, 50, 3), dtype=np.uint8)
+    mean, std = torch.tensor([0.8, 0.6, 0.7]), torch.tensor([0.15, 0.22, 0.31])
+    expected = (pixels.astype(np.float64) / 255.0 - mean.numpy()) / std.numpy()  # NHWC
+    expected = expected.transpose(0, 3, 1, 2)  # NCHW: [n, channel, row, column]
+    for channels_last in (True, False):
+        got = to_input(torch.from_numpy(pixels), mean, std, channels_last=channels_last).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_scorer_feeds_the_network_the_normalised_patches(tmp_path, backend):
+    """The patch logits are the network's output on (pixels/255 - mean) / std, channel by channel,
+    patches upright: S12, S13 through the Scorer, for each backend."""
+    if backend == "onnx" and not onnx_available():
+        pytest.skip("onnxruntime not installed")
+    model = load_model("cancernet-context-wide")  # shipped, trained: its patch scores spread out
+    mean, std = list(model.mean), list(model.std)
+    assert len(set(mean)) == 3 and len(set(std)) == 3  # a channel mix-up shows
+    slide = load_slide(make_patient(tmp_path / "in", "P", grid_patches(2, 3, pixels_of=lambda r, c: textured(
+        r * 3 + c, base=100 + 30 * c))))
+    scores = Scorer(model, device="cpu", backend=backend).score(slide)
+    x = (torch.from_numpy(slide.pixels).double() / 255 - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(
+        std, dtype=torch.float64)
+    with torch.inference_mode():
+        _, logit = model.network.backbone.float().eval()(x.permute(0, 3, 1, 2).float().contiguous())
+    assert np.ptp(scores.patch_logit) > 0.1
+    np.testing.assert_allclose(scores.patch_logit, logit.numpy(), atol=2e-4, rtol=0)
+
+
+def test_smoothing_is_a_gaussian_mean_over_existing_patches_up_to_the_grid_edges(tmp_path):
+    """S10 (mode "nearest"): cells on the grid's edge are weighted like any other."""
+    cells = [(r, c) for r in range(4) for c in range(5) if (r, c) not in {(1, 2), (3, 0)}]
+    slide = _cells_slide(tmp_path, cells)
+    values = np.random.default_rng(3).normal(size=len(slide)).astype(np.float32)
+    sigma = 1.0
+    reach = smoothing_reach(sigma)
+    rc = slide.cells
+    expected = []
+    for r, c in rc:
+        d = np.abs(rc - [r, c])
+        near = (d <= reach).all(axis=1)
+        w = np.exp(-((d[near] ** 2).sum(axis=1)) / (2 * sigma ** 2))
+        expected.append((w * values[near]).sum() / w.sum())
+    np.testing.assert_allclose(smooth_on_grid(slide, values, sigma), expected, atol=1e-5, rtol=0)

@@ -885,3 +885,27 @@ def test_training_patients_without_labels_are_named_and_none_left_is_refused(tmp
         train(root, MODEL, tmp_path / "w" / "m.pt", TrainConfig(epochs=1, batch_patches=32, device="cpu"),
               split_file=tmp_path / "split.json")
     assert "1 training patients left out" in caplog.text and "group/u0" in caplog.text
+
+
+def test_train_draws_its_split_with_its_seed(tmp_path, monkeypatch):
+    """T4: `idcmap train --seed S` draws the split by patient with seed S (not always seed 0)."""
+    from idcmap import training
+    from idcmap.train_config import TrainConfig
+
+    root = tmp_path / "data"
+    for i in range(12):
+        make_patient(root / "group", f"p{i}", {(1, 1): (i % 2, textured(i))})
+    ids = sorted(patient_ids(root))
+    assert make_split(ids, 7)["train"] != make_split(ids, 0)["train"]  # the seed matters on these patients
+
+    class Drawn(Exception):
+        pass
+
+    def stop(ids, *args, **kwargs):
+        raise Drawn(sorted(ids))
+
+    monkeypatch.setattr(training, "load_labelled_slides", stop)
+    with pytest.raises(Drawn) as drawn:
+        training.train(root, "cancernet", tmp_path / "w" / "m.pt",
+                       TrainConfig(epochs=1, device="cpu", seed=7, precision="fp32"), progress=False)
+    assert drawn.value.args[0] == make_split(ids, 7)["train"]
